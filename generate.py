@@ -1,0 +1,460 @@
+"""Text generation: prefill, then token-by-token decode over a static KV cache, optionally torch.compile'd.
+
+    python generate.py --compile --checkpoint_path checkpoints/<repo>/model.pth --prompt "Hello, my name is"
+"""
+import argparse
+import contextlib
+import json
+import os
+import resource
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+from model import ModelArgs, Transformer
+from tokenizer import StreamDecoder, TokenizerError, load_tokenizer
+
+CONFIG_NAME = "model_config.json"  # ModelArgs beside every checkpoint, written by scripts/convert_hf_checkpoint.py
+PRECISIONS = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+
+
+# ---------------------------------------------------------------------------------------------------- loading
+
+def default_device() -> str:
+    if torch.cuda.is_available():
+        return "cuda"
+    return "mps" if torch.backends.mps.is_available() else "cpu"
+
+
+def load_model(checkpoint_path, device="cpu", precision=torch.bfloat16) -> Transformer:
+    """Build the model described by model_config.json beside the checkpoint and load its weights (no pickled
+    code is executed: torch.load runs with weights_only=True, or the file is safetensors)."""
+    path = Path(checkpoint_path)
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint not found: {path}")
+    config_path = path.parent / CONFIG_NAME
+    if not config_path.is_file():
+        raise FileNotFoundError(f"{config_path} not found: convert the model with scripts/convert_hf_checkpoint.py")
+    try:
+        config = ModelArgs.load(config_path)
+    except (ValueError, TypeError) as e:
+        raise ValueError(f"invalid {config_path}: {e}") from None
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors.torch import load_file
+            state = load_file(str(path))
+        else:
+            state = torch.load(path, map_location="cpu", mmap=True, weights_only=True)
+    except Exception as e:  # truncated, corrupt or not a checkpoint at all: say so in one line
+        raise ValueError(f"cannot read checkpoint {path}: {str(e).splitlines()[0][:200]}") from None
+    if not isinstance(state, dict):
+        raise ValueError(f"cannot read checkpoint {path}: not a state dict")
+    if config.tie_embeddings:
+        state.setdefault("output.weight", state.get("tok_embeddings.weight"))
+    with torch.device("meta"):
+        model = Transformer(config)
+    try:
+        model.load_state_dict(state, assign=True)
+    except RuntimeError as e:
+        raise ValueError(f"checkpoint {path} does not match {config_path}: "
+                         f"{' '.join(str(e).split())[:300]}") from None
+    if config.tie_embeddings:
+        model.output.weight = model.tok_embeddings.weight
+    return model.to(device=device, dtype=precision).eval().requires_grad_(False)
+
+
+def weight_bytes(model: torch.nn.Module) -> int:
+    """Bytes of weights read per decode step: every tensor of the state dict once, except the embedding table
+    (one row is read), unless it is tied to the output projection and so read whole."""
+    seen, total = set(), 0
+    for name, t in model.state_dict().items():
+        if name == "tok_embeddings.weight" or t.data_ptr() in seen:
+            continue
+        seen.add(t.data_ptr())
+        total += t.numel() * t.element_size()
+    return total
+
+
+# --------------------------------------------------------------------------------------------------- sampling
+
+@dataclass(frozen=True)
+class SamplingConfig:
+    temperature: float = 0.8  # 0 means greedy
+    top_k: int = 200  # 0 disables
+    top_p: float = 1.0
+    min_p: float = 0.0
+    repetition_penalty: float = 1.0  # over prompt + output tokens, as in HF and vLLM
+    frequency_penalty: float = 0.0  # over output tokens, as in OpenAI and vLLM
+    presence_penalty: float = 0.0
+
+    def __post_init__(self):
+        checks = [(self.temperature >= 0, "temperature must be >= 0"), (self.top_k >= 0, "top_k must be >= 0"),
+                  (0 < self.top_p <= 1, "top_p must be in (0, 1]"), (0 <= self.min_p < 1, "min_p must be in [0, 1)"),
+                  (self.repetition_penalty > 0, "repetition_penalty must be > 0")]
+        for ok, message in checks:
+            if not ok:
+                raise ValueError(message)
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0
+
+    @property
+    def penalized(self) -> bool:
+        return (self.repetition_penalty, self.frequency_penalty, self.presence_penalty) != (1.0, 0.0, 0.0)
+
+
+def apply_penalties(logits: Tensor, cfg: SamplingConfig, seen: Tensor, counts: Tensor) -> Tensor:
+    """logits (B, V); seen (B, V) bool: token occurs in prompt or output; counts (B, V): occurrences in output."""
+    if cfg.repetition_penalty != 1.0:
+        penalized = torch.where(logits > 0, logits / cfg.repetition_penalty, logits * cfg.repetition_penalty)
+        logits = torch.where(seen, penalized, logits)
+    if cfg.frequency_penalty:
+        logits = logits - cfg.frequency_penalty * counts
+    if cfg.presence_penalty:
+        logits = logits - cfg.presence_penalty * (counts > 0)
+    return logits
+
+
+def logits_to_probs(logits: Tensor, cfg: SamplingConfig) -> Tensor:
+    """Temperature, then top-k, top-p and min-p truncation, each on the renormalised distribution."""
+    logits = logits / max(cfg.temperature, 1e-5)
+    if cfg.top_k and cfg.top_k < logits.shape[-1]:
+        kth = torch.topk(logits, cfg.top_k, dim=-1).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, -float("inf"))
+    probs = torch.softmax(logits, dim=-1)
+    if cfg.top_p < 1.0:
+        sorted_probs, order = probs.sort(dim=-1, descending=True)
+        # Drop a token when the tokens ranked above it already hold top_p of the mass.
+        drop_sorted = (sorted_probs.cumsum(-1) - sorted_probs) >= cfg.top_p
+        probs = probs.masked_fill(drop_sorted.scatter(-1, order, drop_sorted), 0.0)
+    if cfg.min_p > 0:
+        probs = probs.masked_fill(probs < cfg.min_p * probs.amax(-1, keepdim=True), 0.0)
+    return probs / probs.sum(-1, keepdim=True)
+
+
+def sample(logits: Tensor, cfg: SamplingConfig) -> Tensor:
+    """(B, V) float logits -> (B, 1) token ids, without a host synchronisation."""
+    if cfg.greedy:
+        return logits.argmax(-1, keepdim=True)
+    probs = logits_to_probs(logits, cfg)
+    # argmax(p / E) with E ~ Exp(1) draws from p (the exponential race) and needs no torch.multinomial sync.
+    return (probs / torch.empty_like(probs).exponential_(1)).argmax(-1, keepdim=True)
+
+
+# ------------------------------------------------------------------------------------------------- generation
+
+def prefill(model, tokens, input_pos, left_pad, cfg, seen, counts):
+    logits = model(tokens, input_pos, left_pad, last_only=True)[:, -1]
+    if cfg.penalized:
+        logits = apply_penalties(logits, cfg, seen, counts)
+    return sample(logits, cfg)
+
+
+def decode_one_token(model, token, input_pos, left_pad, cfg, seen, counts):
+    return prefill(model, token, input_pos, left_pad, cfg, seen, counts)
+
+
+def compile_steps(device: str, compile_prefill: bool = False):
+    """(prefill_fn, decode_fn) for generate(). The decode step always has the same shapes, so it compiles to
+    one graph: with CUDA graphs on CUDA; on CPU with frozen weights and the C++ wrapper, which removes most
+    of the per-step Python overhead."""
+    if device.startswith("cuda"):
+        decode = torch.compile(decode_one_token, mode="reduce-overhead", fullgraph=True)
+    elif device == "cpu":
+        decode = torch.compile(decode_one_token, fullgraph=True, options={"freezing": True, "cpp_wrapper": True})
+    else:
+        decode = torch.compile(decode_one_token, fullgraph=True)
+    return (torch.compile(prefill, fullgraph=True, dynamic=True) if compile_prefill else prefill), decode
+
+
+@dataclass
+class GenerationResult:
+    tokens: list  # per row: the new tokens, ending with the EOS token where one was produced
+    prompt_tokens: list  # per row: prompt length
+    time_to_first_token: float  # seconds: prefill and the first sampled token
+    decode_seconds: float
+    decode_steps: int  # decode forward passes after the first token (the same for every row)
+    stopped: list = field(default_factory=list)  # per row: True if it ended at EOS
+
+    @property
+    def decode_tokens_per_sec(self) -> float:  # per sequence
+        return self.decode_steps / self.decode_seconds if self.decode_seconds > 0 else 0.0
+
+
+def _sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+@torch.inference_mode()
+def generate(model: Transformer, prompts: list, max_new_tokens: int, sampling: SamplingConfig = SamplingConfig(),
+             eos_ids=(), *, start_pos: int = 0, max_seq_len: int = 0, steps=(prefill, decode_one_token),
+             on_token=None, check_every: int = 8) -> GenerationResult:
+    """Generate for a batch of token-id prompts (lists of different lengths are left-padded and masked, so each
+    row produces what it would alone). Each row stops at its own EOS; the loop ends when all rows have (checked
+    every `check_every` steps to avoid a host sync per token) or after max_new_tokens.
+
+    start_pos > 0 continues a single conversation already held in the KV cache (interactive chat).
+    max_seq_len sets the KV cache length (default: just long enough). on_token(step, tokens (B, 1)) streams.
+    """
+    prefill_fn, decode_fn = steps
+    device = model.output.weight.device
+    B, lengths = len(prompts), [len(p) for p in prompts]
+    if min(lengths) == 0:
+        raise ValueError("empty prompt")
+    T = max(lengths)
+    context = model.config.max_seq_len
+    if start_pos + T >= context:
+        raise ValueError(f"prompt of {start_pos + T} tokens does not fit the model's context of {context} tokens")
+    max_new_tokens = min(max_new_tokens, context - start_pos - T)
+    if start_pos:
+        if B != 1 or start_pos + T + max_new_tokens > model.max_seq_len:
+            raise ValueError("continuing from start_pos needs batch size 1 and room in the existing KV cache")
+    else:
+        model.setup_caches(B, max(max_seq_len, T + max_new_tokens))
+
+    tokens = torch.tensor([[0] * (T - len(p)) + list(p) for p in prompts], dtype=torch.long, device=device)
+    left_pad = None
+    if len(set(lengths)) > 1:
+        left_pad = torch.tensor([T - n for n in lengths], device=device)
+    seen = counts = None
+    if sampling.penalized:
+        V = model.config.vocab_size
+        counts = torch.zeros(B, V, device=device)
+        seen = torch.zeros(B, V, dtype=torch.bool, device=device).scatter_(1, tokens, True)
+        if left_pad is not None:  # the padding id is not part of the prompt
+            seen[:, 0] = torch.tensor([0 in p for p in prompts], device=device)
+    eos = torch.tensor(list(eos_ids) or [-1], device=device)
+
+    t0 = time.perf_counter()
+    input_pos = torch.arange(start_pos, start_pos + T, device=device)
+    token = prefill_fn(model, tokens, input_pos, left_pad, sampling, seen, counts).clone()
+    out = torch.empty(B, max_new_tokens, dtype=torch.long, device=device)
+    out[:, :1] = token
+    done = torch.isin(token[:, 0], eos)
+    if on_token:
+        on_token(0, token)
+    _sync(device)
+    ttft = time.perf_counter() - t0
+
+    input_pos = torch.tensor([start_pos + T], device=device)
+    steps_done = 0
+    for i in range(1, max_new_tokens):
+        if sampling.penalized:
+            counts.scatter_add_(1, token, torch.ones_like(token, dtype=counts.dtype))
+            seen.scatter_(1, token, True)
+        token = decode_fn(model, token, input_pos, left_pad, sampling, seen, counts).clone()
+        input_pos += 1
+        out[:, i : i + 1] = token
+        done |= torch.isin(token[:, 0], eos)
+        steps_done = i
+        if on_token:
+            on_token(i, token)
+        if (on_token or i % check_every == 0) and bool(done.all()):
+            break
+    _sync(device)
+    decode_seconds = time.perf_counter() - t0 - ttft
+
+    rows, stopped = [], []
+    for row in out[:, : steps_done + 1].tolist():
+        ends = [j for j, t in enumerate(row) if t in eos_ids]
+        rows.append(row[: ends[0] + 1] if ends else row)
+        stopped.append(bool(ends))
+    return GenerationResult(rows, lengths, ttft, decode_seconds, steps_done, stopped)
+
+
+def peak_memory_bytes(device) -> int:
+    if torch.device(device).type == "cuda":
+        return torch.cuda.max_memory_allocated()
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
+
+
+# ------------------------------------------------------------------------------------------------------- CLI
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description="Generate text with a Llama-family model.")
+    p.add_argument("--checkpoint_path", type=Path, default=Path("checkpoints/meta-llama/Llama-2-7b-chat-hf/model.pth"))
+    p.add_argument("--tokenizer_path", type=Path, help="default: tokenizer.model beside the checkpoint")
+    p.add_argument("--prompt", action="append", help="a prompt; repeat for a batch of different prompts")
+    p.add_argument("--prompt_file", type=Path, help="one prompt per line")
+    p.add_argument("--interactive", action="store_true", help="chat using the tokenizer's chat template")
+    p.add_argument("--system", help="system prompt for --interactive")
+    p.add_argument("--num_samples", type=int, default=5)
+    p.add_argument("--max_new_tokens", type=int, default=200)
+    p.add_argument("--batch_size", type=int, help="default: the number of prompts; prompts are repeated to fill it")
+    p.add_argument("--max_seq_length", type=int, default=0, help="KV cache length (default: prompt + new tokens; "
+                   "the model's context with --interactive)")
+    p.add_argument("--temperature", type=float, default=0.8, help="0 for greedy decoding")
+    p.add_argument("--top_k", type=int, default=200, help="0 disables")
+    p.add_argument("--top_p", type=float, default=1.0)
+    p.add_argument("--min_p", type=float, default=0.0)
+    p.add_argument("--repetition_penalty", type=float, default=1.0)
+    p.add_argument("--frequency_penalty", type=float, default=0.0)
+    p.add_argument("--presence_penalty", type=float, default=0.0)
+    p.add_argument("--seed", type=int, help="makes sampling reproducible")
+    p.add_argument("--ignore_eos", action="store_true", help="always generate max_new_tokens (benchmarks)")
+    p.add_argument("--compile", action="store_true", help="torch.compile the decode step")
+    p.add_argument("--compile_prefill", action="store_true", help="also compile prefill, with dynamic shapes")
+    p.add_argument("--device", default=default_device())
+    p.add_argument("--precision", choices=PRECISIONS, default="bfloat16")
+    p.add_argument("--metrics_json", type=Path, help="write per-sample and mean metrics here")
+    p.add_argument("--profile", type=Path, help="write a torch.profiler trace of the last sample here")
+    return p
+
+
+def read_prompts(args) -> list:
+    prompts = list(args.prompt or [])
+    if args.prompt_file:
+        if not args.prompt_file.is_file():
+            raise FileNotFoundError(f"prompt file not found: {args.prompt_file}")
+        prompts += [line for line in args.prompt_file.read_text().splitlines() if line.strip()]
+    prompts = prompts or ["Hello, my name is"]
+    batch_size = len(prompts) if args.batch_size is None else args.batch_size
+    if batch_size < 1 or batch_size % len(prompts):
+        raise ValueError(f"--batch_size {batch_size} is not a multiple of the {len(prompts)} prompts given")
+    return prompts * (batch_size // len(prompts))
+
+
+def write_json(path: Path, obj):
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    tmp.write_text(json.dumps(obj, indent=2) + "\n")
+    os.replace(tmp, path)
+
+
+def interactive_chat(model, tokenizer, sampling, args, steps):
+    """Keeps the whole conversation in the KV cache; each turn prefills only its new tokens."""
+    max_seq = min(args.max_seq_length or model.config.max_seq_len, model.config.max_seq_len)
+    model.setup_caches(1, max_seq)
+    pos, pending, first = 0, [], True  # pending: the last sampled token, not yet in the cache
+    print(f"Chat ({max_seq}-token context). Empty line or Ctrl-D to quit.", flush=True)
+    while True:
+        try:
+            user = input("\nUser: ").strip()
+        except EOFError:
+            break
+        if not user:
+            break
+        turn = pending + tokenizer.encode_chat_turn(user, args.system if first else None, first=first)
+        if pos + len(turn) + 1 >= max_seq:
+            print(f"[context full: {pos} of {max_seq} tokens used; starting a new conversation]", flush=True)
+            pos, pending, first = 0, [], True
+            turn = tokenizer.encode_chat_turn(user, args.system, first=True)
+            if len(turn) + 1 >= max_seq:
+                print("[message too long for the context]", flush=True)
+                continue
+        stream = StreamDecoder(tokenizer)
+        print("Assistant: ", end="", flush=True)
+
+        def show(step, token):
+            t = token[0, 0].item()
+            if t not in tokenizer.eos_ids:
+                print(stream.push([t]), end="", flush=True)
+
+        result = generate(model, [turn], min(args.max_new_tokens, max_seq - pos - len(turn)), sampling,
+                          tokenizer.eos_ids, start_pos=pos, steps=steps, on_token=show)
+        print(stream.flush(), flush=True)
+        reply = result.tokens[0]
+        pos += len(turn) + len(reply) - 1
+        # The last sampled token is not in the cache yet; close an unfinished reply with the end-of-turn id.
+        pending = [reply[-1]] + ([] if result.stopped[0] else [tokenizer.eos_ids[-1]])
+        first = False
+
+
+def run(args) -> int:
+    sampling = SamplingConfig(args.temperature, args.top_k, args.top_p, args.min_p, args.repetition_penalty,
+                              args.frequency_penalty, args.presence_penalty)
+    if args.max_new_tokens < 1 or args.num_samples < 1:
+        raise ValueError("--max_new_tokens and --num_samples must be >= 1")
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError(f"--device {args.device}: CUDA is not available")
+    if args.seed is not None:
+        torch.manual_seed(args.seed)
+    texts = [] if args.interactive else read_prompts(args)
+    t0 = time.perf_counter()
+    model = load_model(args.checkpoint_path, args.device, PRECISIONS[args.precision])
+    tokenizer = load_tokenizer(args.tokenizer_path or args.checkpoint_path.parent / "tokenizer.model")
+    if tokenizer.vocab_size > model.config.vocab_size:
+        raise ValueError(f"tokenizer has {tokenizer.vocab_size} tokens but the model only {model.config.vocab_size}:"
+                         " wrong --tokenizer_path?")
+    prompts = [tokenizer.encode(t) for t in texts]
+    longest = max(map(len, prompts), default=0)
+    if longest >= model.config.max_seq_len:
+        raise ValueError(f"prompt of {longest} tokens does not fit the model's context of {model.config.max_seq_len}")
+    print(f"Loaded {args.checkpoint_path} in {time.perf_counter() - t0:.2f}s", file=sys.stderr)
+    steps = compile_steps(args.device, args.compile_prefill) if args.compile else (prefill, decode_one_token)
+    if args.interactive:
+        interactive_chat(model, tokenizer, sampling, args, steps)
+        return 0
+
+    eos_ids = () if args.ignore_eos else tokenizer.eos_ids
+    wbytes = weight_bytes(model)
+    compile_seconds = 0.0
+    if args.compile:  # compile (and warm up) outside the measured samples
+        t0 = time.perf_counter()
+        generate(model, prompts, args.max_new_tokens, sampling, eos_ids, max_seq_len=args.max_seq_length, steps=steps)
+        compile_seconds = time.perf_counter() - t0
+        print(f"Compilation time: {compile_seconds:.2f} seconds", file=sys.stderr)
+
+    samples = []
+    for i in range(args.num_samples):
+        profiling = args.profile and i == args.num_samples - 1
+        prof = torch.profiler.profile() if profiling else contextlib.nullcontext()
+        stream = StreamDecoder(tokenizer) if len(prompts) == 1 else None
+
+        def show(step, token):
+            t = token[0, 0].item()
+            if t not in eos_ids:
+                print(stream.push([t]), end="", flush=True)
+
+        if stream:  # the prompt primes the decoder, so the first new word keeps its leading space
+            stream.push(prompts[0])
+            print(texts[0], end="", flush=True)
+        with prof:
+            result = generate(model, prompts, args.max_new_tokens, sampling, eos_ids,
+                              max_seq_len=args.max_seq_length, steps=steps, on_token=show if stream else None)
+        if profiling:
+            prof.export_chrome_trace(str(args.profile))
+        if stream:
+            print(stream.flush())
+        else:
+            for text, prompt, row in zip(texts, prompts, result.tokens):
+                new = [t for t in row if t not in eos_ids]
+                print(f"--- {text}{tokenizer.decode(prompt + new)[len(tokenizer.decode(prompt)):]}")
+        m = {"time_to_first_token_s": result.time_to_first_token, "decode_tokens_per_sec": result.decode_tokens_per_sec,
+             "total_tokens_per_sec": result.decode_tokens_per_sec * len(prompts),
+             "bandwidth_gbps": wbytes * result.decode_tokens_per_sec / 1e9,
+             "new_tokens": [len(r) for r in result.tokens], "prompt_tokens": result.prompt_tokens}
+        samples.append(m)
+        print(f"[sample {i}] time to first token {m['time_to_first_token_s'] * 1000:.1f} ms, "
+              f"{m['decode_tokens_per_sec']:.2f} tokens/s per sequence, {m['bandwidth_gbps']:.2f} GB/s", file=sys.stderr)
+
+    mean = {k: sum(s[k] for s in samples) / len(samples) for k in
+            ("time_to_first_token_s", "decode_tokens_per_sec", "total_tokens_per_sec", "bandwidth_gbps")}
+    summary = {**mean, "peak_memory_bytes": peak_memory_bytes(args.device), "compile_seconds": compile_seconds,
+               "weight_bytes": wbytes, "batch_size": len(prompts), "device": args.device,
+               "precision": args.precision, "samples": samples, "sampling": asdict(sampling)}
+    print(f"Average: {mean['decode_tokens_per_sec']:.2f} tokens/s per sequence, "
+          f"{mean['bandwidth_gbps']:.2f} GB/s, time to first token {mean['time_to_first_token_s'] * 1000:.1f} ms, "
+          f"peak memory {summary['peak_memory_bytes'] / 1e9:.2f} GB", file=sys.stderr)
+    if args.metrics_json:
+        write_json(args.metrics_json, summary)
+    return 0
+
+
+def main(argv=None):
+    args = build_parser().parse_args(argv)
+    try:
+        sys.exit(run(args))
+    except (FileNotFoundError, ValueError, TokenizerError) as e:  # user mistakes: one line, no traceback
+        sys.exit(f"error: {e}")
+    except KeyboardInterrupt:
+        sys.exit(130)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,312 @@
+"""A single-file Llama-family transformer with a static KV cache.
+
+Covers Llama-2/3/3.1/3.2, CodeLlama, Mistral, TinyLlama and the TinyStories models:
+GQA, RMSNorm, SwiGLU, RoPE with `rope_theta` and llama3-style frequency scaling.
+Weights use Meta's interleaved RoPE layout (as gpt-fast does); the HF converter permutes Q/K.
+"""
+import json
+import math
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch import Tensor
+
+
+@dataclass
+class ModelArgs:
+    dim: int = 4096
+    n_layers: int = 32
+    n_heads: int = 32
+    n_kv_heads: int = 0  # 0 means n_heads (no GQA)
+    vocab_size: int = 32000
+    intermediate_size: int = 0  # 0 means Llama's 2/3 * 4 * dim rounded up to a multiple of 256
+    head_dim: int = 0  # 0 means dim // n_heads
+    norm_eps: float = 1e-5
+    rope_theta: float = 10000.0
+    rope_scaling: dict = field(default_factory=dict)  # {"rope_type": "llama3"|"linear", "factor": ...}
+    max_seq_len: int = 2048  # longest context the model was trained for
+    tie_embeddings: bool = False
+
+    def __post_init__(self):
+        self.n_kv_heads = self.n_kv_heads or self.n_heads
+        self.head_dim = self.head_dim or self.dim // self.n_heads
+        if not self.intermediate_size:
+            hidden = int(2 * 4 * self.dim / 3)
+            self.intermediate_size = 256 * ((hidden + 255) // 256)
+        if self.n_heads % self.n_kv_heads:
+            raise ValueError(f"n_heads ({self.n_heads}) must be a multiple of n_kv_heads ({self.n_kv_heads})")
+
+    @classmethod
+    def from_name(cls, name: str) -> "ModelArgs":
+        if name not in PRESETS:
+            raise ValueError(f"unknown model preset {name!r}; choose from: {', '.join(PRESETS)}")
+        return cls(**PRESETS[name])
+
+    @classmethod
+    def from_hf_config(cls, cfg: dict) -> "ModelArgs":
+        if cfg.get("model_type") not in ("llama", "mistral"):
+            raise ValueError(f"unsupported model_type {cfg.get('model_type')!r}: only Llama-family models (llama, mistral)")
+        if cfg.get("hidden_act", "silu") != "silu" or cfg.get("attention_bias") or cfg.get("mlp_bias"):
+            raise ValueError("unsupported Llama variant: needs hidden_act=silu and no attention/MLP biases")
+        # transformers 5 keeps RoPE settings in `rope_parameters`; older configs use rope_theta + rope_scaling.
+        rope = dict(cfg.get("rope_parameters") or cfg.get("rope_scaling") or {})
+        theta = rope.pop("rope_theta", None) or cfg.get("rope_theta", 10000.0)
+        rope_type = rope.get("rope_type", rope.get("type", "default"))
+        if rope_type not in ("default", "llama3", "linear"):
+            raise ValueError(f"unsupported rope_type {rope_type!r}: supported are default, llama3, linear")
+        scaling = {} if rope_type == "default" else {k: v for k, v in rope.items() if k != "type"} | {"rope_type": rope_type}
+        return cls(
+            dim=cfg["hidden_size"],
+            n_layers=cfg["num_hidden_layers"],
+            n_heads=cfg["num_attention_heads"],
+            n_kv_heads=cfg.get("num_key_value_heads") or cfg["num_attention_heads"],
+            vocab_size=cfg["vocab_size"],
+            intermediate_size=cfg["intermediate_size"],
+            head_dim=cfg.get("head_dim") or cfg["hidden_size"] // cfg["num_attention_heads"],
+            norm_eps=cfg.get("rms_norm_eps", 1e-5),
+            rope_theta=float(theta),
+            rope_scaling=scaling,
+            max_seq_len=cfg.get("max_position_embeddings", 2048),
+            tie_embeddings=bool(cfg.get("tie_word_embeddings", False)),
+        )
+
+    @classmethod
+    def load(cls, path) -> "ModelArgs":
+        return cls(**json.loads(Path(path).read_text()))
+
+    def save(self, path):
+        Path(path).write_text(json.dumps(asdict(self), indent=2) + "\n")
+
+
+_LLAMA3_ROPE = {"factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}
+PRESETS = {
+    "stories15M": dict(dim=288, n_layers=6, n_heads=6, intermediate_size=768, max_seq_len=256),
+    "stories42M": dict(dim=512, n_layers=8, n_heads=8, intermediate_size=1376, max_seq_len=1024),
+    "stories110M": dict(dim=768, n_layers=12, n_heads=12, intermediate_size=2048, max_seq_len=1024),
+    "tinyllama-1.1b": dict(dim=2048, n_layers=22, n_heads=32, n_kv_heads=4, intermediate_size=5632),
+    "llama-2-7b": dict(dim=4096, n_layers=32, n_heads=32, intermediate_size=11008, max_seq_len=4096),
+    "llama-2-13b": dict(dim=5120, n_layers=40, n_heads=40, intermediate_size=13824, max_seq_len=4096),
+    "llama-2-70b": dict(dim=8192, n_layers=80, n_heads=64, n_kv_heads=8, intermediate_size=28672, max_seq_len=4096),
+    "codellama-7b": dict(dim=4096, n_layers=32, n_heads=32, intermediate_size=11008, vocab_size=32016,
+                         rope_theta=1e6, max_seq_len=16384),
+    "codellama-34b": dict(dim=8192, n_layers=48, n_heads=64, n_kv_heads=8, intermediate_size=22016,
+                          rope_theta=1e6, max_seq_len=16384),
+    "mistral-7b": dict(dim=4096, n_layers=32, n_heads=32, n_kv_heads=8, intermediate_size=14336, max_seq_len=32768),
+    "llama-3-8b": dict(dim=4096, n_layers=32, n_heads=32, n_kv_heads=8, intermediate_size=14336, vocab_size=128256,
+                       rope_theta=5e5, max_seq_len=8192),
+    "llama-3-70b": dict(dim=8192, n_layers=80, n_heads=64, n_kv_heads=8, intermediate_size=28672, vocab_size=128256,
+                        rope_theta=5e5, max_seq_len=8192),
+    "llama-3.1-8b": dict(dim=4096, n_layers=32, n_heads=32, n_kv_heads=8, intermediate_size=14336, vocab_size=128256,
+                         rope_theta=5e5, max_seq_len=131072, rope_scaling=dict(_LLAMA3_ROPE, rope_type="llama3")),
+    "llama-3.1-70b": dict(dim=8192, n_layers=80, n_heads=64, n_kv_heads=8, intermediate_size=28672, vocab_size=128256,
+                          rope_theta=5e5, max_seq_len=131072, rope_scaling=dict(_LLAMA3_ROPE, rope_type="llama3")),
+    "llama-3.1-405b": dict(dim=16384, n_layers=126, n_heads=128, n_kv_heads=8, intermediate_size=53248,
+                           vocab_size=128256, rope_theta=5e5, max_seq_len=131072,
+                           rope_scaling=dict(_LLAMA3_ROPE, rope_type="llama3")),
+    "llama-3.2-1b": dict(dim=2048, n_layers=16, n_heads=32, n_kv_heads=8, intermediate_size=8192, vocab_size=128256,
+                         head_dim=64, rope_theta=5e5, max_seq_len=131072, tie_embeddings=True,
+                         rope_scaling=dict(_LLAMA3_ROPE, factor=32.0, rope_type="llama3")),
+    "llama-3.2-3b": dict(dim=3072, n_layers=28, n_heads=24, n_kv_heads=8, intermediate_size=8192, vocab_size=128256,
+                         head_dim=128, rope_theta=5e5, max_seq_len=131072, tie_embeddings=True,
+                         rope_scaling=dict(_LLAMA3_ROPE, factor=32.0, rope_type="llama3")),
+}
+
+
+@torch.library.custom_op("llama::gemv", mutates_args=())
+def gemv(weight: Tensor, x: Tensor) -> Tensor:
+    """weight (N, K) @ x (K,). An opaque op so that inductor calls torch.mv instead of decomposing it."""
+    return torch.mv(weight, x)
+
+
+@gemv.register_fake
+def _(weight, x):
+    return weight.new_empty(weight.shape[0])
+
+
+class Linear(nn.Linear):
+    """nn.Linear without bias that, for a single token on CPU, uses torch.mv: its bf16 kernel streams the weight
+    at about memory bandwidth, while mm's M=1 path (and inductor's own lowering) reaches about 2/3 of that."""
+
+    def __init__(self, in_features: int, out_features: int):
+        super().__init__(in_features, out_features, bias=False)
+
+    def forward(self, x: Tensor) -> Tensor:
+        if x.device.type == "cpu" and x.shape[:-1].numel() == 1:
+            return gemv(self.weight, x.reshape(-1)).view(*x.shape[:-1], -1)
+        return F.linear(x, self.weight)
+
+
+class KVCache(nn.Module):
+    """Preallocated (batch, n_kv_heads, max_seq_len, head_dim) keys and values, written in place so every
+    decode step sees the same shapes and compiles to one graph."""
+
+    def __init__(self, max_batch_size, max_seq_len, n_kv_heads, head_dim, dtype, device=None):
+        super().__init__()
+        shape = (max_batch_size, n_kv_heads, max_seq_len, head_dim)
+        self.register_buffer("k_cache", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+        self.register_buffer("v_cache", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+
+    def update(self, input_pos: Tensor, k: Tensor, v: Tensor):
+        # k, v: (B, n_kv_heads, T, head_dim) written at cache positions input_pos (T,)
+        self.k_cache[: k.shape[0], :, input_pos] = k
+        self.v_cache[: v.shape[0], :, input_pos] = v
+        return self.k_cache[: k.shape[0]], self.v_cache[: v.shape[0]]
+
+
+class Transformer(nn.Module):
+    def __init__(self, config: ModelArgs):
+        super().__init__()
+        self.config = config
+        self.tok_embeddings = nn.Embedding(config.vocab_size, config.dim)
+        self.layers = nn.ModuleList(TransformerBlock(config) for _ in range(config.n_layers))
+        self.norm = RMSNorm(config.dim, config.norm_eps)
+        self.output = Linear(config.dim, config.vocab_size)
+        if config.tie_embeddings:
+            self.output.weight = self.tok_embeddings.weight
+        self.register_buffer("freqs_cis", None, persistent=False)
+        self.max_batch_size = self.max_seq_len = 0
+
+    def setup_caches(self, max_batch_size: int, max_seq_len: int):
+        """Allocate KV caches and the RoPE table for up to max_batch_size sequences of max_seq_len tokens."""
+        if max_seq_len > self.config.max_seq_len:
+            raise ValueError(f"{max_seq_len} tokens exceed the model's context of {self.config.max_seq_len}")
+        if (max_batch_size, max_seq_len) == (self.max_batch_size, self.max_seq_len):
+            return
+        weight = self.output.weight
+        dtype = weight.dtype if weight.is_floating_point() else self.tok_embeddings.weight.dtype
+        for layer in self.layers:
+            layer.attention.kv_cache = KVCache(max_batch_size, max_seq_len, self.config.n_kv_heads,
+                                               self.config.head_dim, dtype, weight.device)
+        self.freqs_cis = precompute_freqs_cis(max_seq_len, self.config, weight.device)
+        self.max_batch_size, self.max_seq_len = max_batch_size, max_seq_len
+
+    def forward(self, idx: Tensor, input_pos: Tensor | None = None, left_pad: Tensor | None = None,
+                last_only: bool = False) -> Tensor:
+        """idx: (B, T) token ids; input_pos: (T,) cache positions they are written to (None: no cache, a plain
+        causal forward from position 0); left_pad: (B,) number of padding slots at the start of each row, which
+        are masked out and do not count as positions for RoPE. Returns float logits (B, T or 1, vocab)."""
+        B, T = idx.shape
+        use_cache = input_pos is not None
+        if not use_cache:  # a plain causal forward over idx from position 0
+            input_pos = torch.arange(T, device=idx.device)
+            freqs_cis, n_keys = precompute_freqs_cis(T, self.config, idx.device), T
+        else:
+            assert self.freqs_cis is not None, "call setup_caches() before decoding with a KV cache"
+            freqs_cis, n_keys = self.freqs_cis, self.max_seq_len
+        key_pos = torch.arange(n_keys, device=idx.device)
+        mask = key_pos <= input_pos[:, None]  # (T, S) causal
+        pos = input_pos.expand(B, T)
+        if left_pad is not None:
+            # Padding keys are invisible; a padding query sees itself so its softmax stays finite (no NaN in the cache).
+            mask = mask & ((key_pos >= left_pad[:, None, None]) | (key_pos == input_pos[:, None]))
+            pos = (pos - left_pad[:, None]).clamp(min=0)
+        mask = mask.expand(B, T, n_keys)[:, None]  # (B, 1, T, S)
+        freqs = freqs_cis[pos]  # (B, T, head_dim // 2, 2)
+
+        x = self.tok_embeddings(idx)
+        for layer in self.layers:
+            x = layer(x, freqs, mask, input_pos if use_cache else None)
+        if last_only:
+            x = x[:, -1:]
+        return self.output(self.norm(x)).float()
+
+
+class TransformerBlock(nn.Module):
+    def __init__(self, config: ModelArgs):
+        super().__init__()
+        self.attention = Attention(config)
+        self.feed_forward = FeedForward(config)
+        self.attention_norm = RMSNorm(config.dim, config.norm_eps)
+        self.ffn_norm = RMSNorm(config.dim, config.norm_eps)
+
+    def forward(self, x, freqs, mask, input_pos):
+        h = x + self.attention(self.attention_norm(x), freqs, mask, input_pos)
+        return h + self.feed_forward(self.ffn_norm(h))
+
+
+class Attention(nn.Module):
+    def __init__(self, config: ModelArgs):
+        super().__init__()
+        self.n_heads, self.n_kv_heads, self.head_dim = config.n_heads, config.n_kv_heads, config.head_dim
+        # Q, K and V in one matmul: one weight read per step instead of three kernel launches.
+        self.wqkv = Linear(config.dim, (config.n_heads + 2 * config.n_kv_heads) * config.head_dim)
+        self.wo = Linear(config.n_heads * config.head_dim, config.dim)
+        self.kv_cache = None
+
+    def forward(self, x, freqs, mask, input_pos):
+        B, T, _ = x.shape
+        H, Hkv, D = self.n_heads, self.n_kv_heads, self.head_dim
+        q, k, v = self.wqkv(x).split([H * D, Hkv * D, Hkv * D], dim=-1)
+        q = apply_rotary_emb(q.view(B, T, H, D), freqs).transpose(1, 2)
+        k = apply_rotary_emb(k.view(B, T, Hkv, D), freqs).transpose(1, 2)
+        v = v.view(B, T, Hkv, D).transpose(1, 2)
+        if self.kv_cache is not None and input_pos is not None:
+            k, v = self.kv_cache.update(input_pos, k, v)
+        # GQA without copying K/V: the n_rep query heads that share a KV head become n_rep * T query rows.
+        n_rep = H // Hkv
+        q = q.reshape(B, Hkv, n_rep * T, D)
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask.repeat(1, 1, n_rep, 1) if n_rep > 1 else mask)
+        y = y.view(B, H, T, D).transpose(1, 2).reshape(B, T, H * D)
+        return self.wo(y)
+
+
+class FeedForward(nn.Module):
+    def __init__(self, config: ModelArgs):
+        super().__init__()
+        # gate (w1) and up (w3) projections fused: rows [0, I) are w1, rows [I, 2I) are w3.
+        self.w13 = Linear(config.dim, 2 * config.intermediate_size)
+        self.w2 = Linear(config.intermediate_size, config.dim)
+
+    def forward(self, x):
+        gate, up = self.w13(x).chunk(2, dim=-1)
+        return self.w2(F.silu(gate) * up)
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float = 1e-5):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: Tensor) -> Tensor:
+        xf = x.float()  # normalise in float32 whatever the model dtype, as the reference does
+        return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)).type_as(x) * self.weight
+
+
+def rope_frequencies(config: ModelArgs) -> Tensor:
+    """Inverse frequencies (head_dim // 2,) in float32, with llama3 or linear scaling applied."""
+    D = config.head_dim
+    inv_freq = 1.0 / (config.rope_theta ** (torch.arange(0, D, 2, dtype=torch.int64).float() / D))
+    scaling = config.rope_scaling or {}
+    kind = scaling.get("rope_type", "default")
+    if kind == "linear":
+        return inv_freq / scaling["factor"]
+    if kind == "llama3":
+        factor, low, high = scaling["factor"], scaling["low_freq_factor"], scaling["high_freq_factor"]
+        old_len = scaling["original_max_position_embeddings"]
+        wavelen = 2 * math.pi / inv_freq
+        # Long wavelengths are slowed by `factor`, short ones kept, and the band between is interpolated.
+        scaled = torch.where(wavelen > old_len / low, inv_freq / factor, inv_freq)
+        smooth = (old_len / wavelen - low) / (high - low)
+        smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+        medium = (wavelen >= old_len / high) & (wavelen <= old_len / low)
+        return torch.where(medium, smoothed, scaled)
+    return inv_freq
+
+
+def precompute_freqs_cis(seq_len: int, config: ModelArgs, device=None) -> Tensor:
+    """(seq_len, head_dim // 2, 2) table of cos and sin, kept in float32 for accuracy."""
+    freqs = torch.outer(torch.arange(seq_len, dtype=torch.float32), rope_frequencies(config))
+    return torch.stack([freqs.cos(), freqs.sin()], dim=-1).to(device)
+
+
+def apply_rotary_emb(x: Tensor, freqs: Tensor) -> Tensor:
+    # x: (B, T, heads, D) with (even, odd) pairs rotated together; freqs: (B, T, D // 2, 2)
+    xs = x.float().reshape(*x.shape[:-1], -1, 2)
+    f = freqs[:, :, None]
+    out = torch.stack([xs[..., 0] * f[..., 0] - xs[..., 1] * f[..., 1],
+                       xs[..., 1] * f[..., 0] + xs[..., 0] * f[..., 1]], dim=-1)
+    return out.flatten(3).type_as(x)

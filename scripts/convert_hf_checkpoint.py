@@ -1,0 +1,165 @@
+"""Convert a Hugging Face Llama-family checkpoint directory into our model.pth + model_config.json.
+
+    python scripts/convert_hf_checkpoint.py --checkpoint_dir checkpoints/meta-llama/Llama-3.2-1B
+
+Reads config.json and the weights (safetensors or .bin, single file or sharded with an index), fuses Q/K/V and
+gate/up, permutes Q/K rows from HF's rotate-half RoPE layout to Meta's interleaved one, and copies the
+tokenizer (Llama-3's original/tokenizer.model) to tokenizer.model beside the checkpoint.
+"""
+import argparse
+import json
+import os
+import shutil
+import sys
+import zipfile
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from model import ModelArgs  # noqa: E402
+
+CONFIG_NAME = "model_config.json"  # our ModelArgs, read by every loader instead of guessing from the path
+LAYER_TENSORS = ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj", "mlp.gate_proj",
+                 "mlp.up_proj", "mlp.down_proj", "input_layernorm", "post_attention_layernorm"]
+
+
+def weight_files(checkpoint_dir: Path) -> list:
+    """The HF weight files: safetensors preferred, then PyTorch .bin; sharded (with an index) or a single file."""
+    for index_name, single_name in (("model.safetensors.index.json", "model.safetensors"),
+                                    ("pytorch_model.bin.index.json", "pytorch_model.bin")):
+        index = checkpoint_dir / index_name
+        if index.exists():
+            try:
+                names = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+            except (ValueError, KeyError, AttributeError, TypeError):
+                raise ValueError(f"cannot read {index}: not a Hugging Face weight index") from None
+        elif (checkpoint_dir / single_name).exists():
+            names = [single_name]
+        else:
+            continue
+        for name in names:
+            if not (checkpoint_dir / name).exists():
+                raise FileNotFoundError(f"{checkpoint_dir / name} is listed in {index_name} but missing: "
+                                        "incomplete download?")
+        return [checkpoint_dir / name for name in names]
+    raise FileNotFoundError(f"no model.safetensors, pytorch_model.bin or their sharded index in {checkpoint_dir}")
+
+
+def load_hf_state_dict(files: list) -> dict:
+    """All tensors of the files, keyed without the "model." prefix (.bin is read with weights_only=True)."""
+    state = {}
+    for path in tqdm(files, desc="reading shards", unit="file", disable=len(files) < 2):
+        try:
+            if path.suffix == ".safetensors":
+                from safetensors.torch import load_file
+                part = load_file(str(path))
+            else:  # mmap needs the zip format; very old .bin files are plain pickles
+                part = torch.load(path, map_location="cpu", mmap=zipfile.is_zipfile(path), weights_only=True)
+        except Exception as e:  # truncated or corrupt: say which file in one line
+            raise ValueError(f"cannot read {path}: {str(e).splitlines()[0][:200]}") from None
+        if not isinstance(part, dict):
+            raise ValueError(f"cannot read {path}: not a state dict")
+        state.update({k.removeprefix("model."): v for k, v in part.items()})
+    return state
+
+
+def hf_rope_to_interleaved(w: torch.Tensor, n_heads: int, head_dim: int) -> torch.Tensor:
+    # HF stores each head's rows as [first halves | second halves]; Meta interleaves them in (even, odd) pairs.
+    return w.view(n_heads, 2, head_dim // 2, -1).transpose(1, 2).reshape(n_heads * head_dim, -1)
+
+
+def convert_state_dict(hf: dict, config: ModelArgs) -> dict:
+    """Our state dict from the HF one, which it empties as it goes so the two copies never coexist in memory."""
+    needed = ["embed_tokens.weight", "norm.weight"] + ([] if config.tie_embeddings else ["lm_head.weight"])
+    needed += [f"layers.{i}.{name}.weight" for i in range(config.n_layers) for name in LAYER_TENSORS]
+    missing = [name for name in needed if name not in hf]
+    if missing:
+        raise ValueError(f"{len(missing)} tensor(s) missing from the weights, first {missing[0]}: "
+                         "incomplete download, or config.json does not describe these weights")
+    out = {"tok_embeddings.weight": hf.pop("embed_tokens.weight"), "norm.weight": hf.pop("norm.weight")}
+    out["output.weight"] = out["tok_embeddings.weight"] if config.tie_embeddings else hf.pop("lm_head.weight")
+    for i in tqdm(range(config.n_layers), desc="converting layers", unit="layer", disable=config.n_layers < 8):
+        w = {name: hf.pop(f"layers.{i}.{name}.weight") for name in LAYER_TENSORS}
+        p = f"layers.{i}."
+        q = hf_rope_to_interleaved(w["self_attn.q_proj"], config.n_heads, config.head_dim)
+        k = hf_rope_to_interleaved(w["self_attn.k_proj"], config.n_kv_heads, config.head_dim)
+        out[p + "attention.wqkv.weight"] = torch.cat([q, k, w["self_attn.v_proj"]])
+        out[p + "attention.wo.weight"] = w["self_attn.o_proj"]
+        out[p + "feed_forward.w13.weight"] = torch.cat([w["mlp.gate_proj"], w["mlp.up_proj"]])
+        out[p + "feed_forward.w2.weight"] = w["mlp.down_proj"]
+        out[p + "attention_norm.weight"] = w["input_layernorm"]
+        out[p + "ffn_norm.weight"] = w["post_attention_layernorm"]
+    return {k: v.contiguous() for k, v in out.items()}
+
+
+def atomic_save(obj, path: Path, save=torch.save):
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    try:
+        save(obj, tmp)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def convert(checkpoint_dir, output_name: str = "model.pth") -> Path:
+    checkpoint_dir = Path(checkpoint_dir)
+    config_path = checkpoint_dir / "config.json"
+    if not config_path.exists():
+        raise FileNotFoundError(f"{config_path} not found: is {checkpoint_dir} a downloaded Hugging Face model?")
+    try:
+        hf_config = json.loads(config_path.read_text())
+    except ValueError as e:
+        raise ValueError(f"cannot read {config_path}: {e}") from None
+    try:
+        config = ModelArgs.from_hf_config(hf_config)
+    except (KeyError, TypeError, AttributeError) as e:  # a field missing or of the wrong type
+        raise ValueError(f"cannot read {config_path}: bad or missing field {e}") from None
+    files = weight_files(checkpoint_dir)
+    out_path = checkpoint_dir / output_name
+    if out_path in files:  # single-file HF checkpoints are themselves called model.safetensors
+        raise ValueError(f"--output_name {output_name} would overwrite the Hugging Face weights in {checkpoint_dir};"
+                         " choose another name, e.g. model_converted.safetensors")
+    try:
+        state = convert_state_dict(load_hf_state_dict(files), config)
+    except RuntimeError as e:  # a view/cat on tensors of unexpected shapes
+        raise ValueError(f"weights do not match {config_path}: {str(e).splitlines()[0][:200]}") from None
+    try:
+        if output_name.endswith(".safetensors"):
+            from safetensors.torch import save_file
+            if config.tie_embeddings:
+                state.pop("output.weight")  # safetensors refuses shared storage; loaders re-tie from the config
+            atomic_save(state, out_path, save=lambda s, p: save_file(s, str(p)))
+        else:
+            atomic_save(state, out_path)  # tied weights share one storage, so torch.save writes them once
+    except RuntimeError as e:  # torch.save reports a full disk as a RuntimeError
+        raise OSError(f"cannot write {out_path}: {str(e).splitlines()[0][:200]}") from None
+    atomic_save(config, checkpoint_dir / CONFIG_NAME, save=lambda c, p: c.save(p))
+    if not (checkpoint_dir / "tokenizer.model").exists():
+        if (checkpoint_dir / "original/tokenizer.model").exists():  # Llama-3 ships it only there
+            atomic_save(checkpoint_dir / "original/tokenizer.model", checkpoint_dir / "tokenizer.model",
+                        save=shutil.copyfile)
+        else:
+            print(f"warning: no tokenizer.model in {checkpoint_dir}; generate.py will need --tokenizer_path",
+                  file=sys.stderr)
+    return out_path
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--checkpoint_dir", type=Path, required=True, help="directory holding the HF files")
+    parser.add_argument("--output_name", default="model.pth", help="model.pth (default) or a name ending in "
+                        ".safetensors; written beside the HF files")
+    args = parser.parse_args(argv)
+    if Path(args.output_name).name != args.output_name:
+        sys.exit(f"error: --output_name must be a file name, not a path: {args.output_name}")
+    try:
+        out = convert(args.checkpoint_dir, args.output_name)
+    except (OSError, ValueError) as e:  # user mistakes and unreadable/unwritable files: one line, no traceback
+        sys.exit(f"error: {e}")
+    print(f"wrote {out} and {out.parent / CONFIG_NAME}")
+
+
+if __name__ == "__main__":
+    main()

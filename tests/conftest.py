@@ -1,0 +1,182 @@
+"""Shared fixtures: a SentencePiece tokenizer trained on the fly and tiny random-init Hugging Face Llama
+checkpoints converted with scripts/convert_hf_checkpoint.py. Nothing is downloaded."""
+import os
+import random
+import shutil
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+for _p in (ROOT, ROOT / "scripts"):
+    if str(_p) not in sys.path:
+        sys.path.insert(0, str(_p))
+
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+# The models here are tiny: with several intra-op threads every small op pays OpenMP start-up and, on a busy
+# 2-core machine, spin-wait contention (HF generate() of 32 tokens measured 1.4 s with 2 threads, 0.05 s with 1).
+torch.set_num_threads(1)
+
+VOCAB_SIZE = 400
+
+# Tiny model shared by all parity tests; every entry of HF_CONFIGS overrides some of it.
+BASE_CONFIG = dict(
+    hidden_size=64,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=4,
+    intermediate_size=172,
+    max_position_embeddings=256,
+    rms_norm_eps=1e-5,
+    # 5x Llama's 0.02: random-init logits are then spread out (std ~0.8) instead of nearly uniform, so greedy
+    # continuations are decided by clear margins, not by rounding between near-ties. Not larger: float32 rounding
+    # grows with activations (measured against a float64 run: ~2.5e-6 on the logits at 0.1, ~1.2e-5 at 0.2),
+    # and it must stay well below the 1e-5 KV-cache tolerance.
+    initializer_range=0.1,
+    bos_token_id=1,
+    eos_token_id=2,
+    tie_word_embeddings=False,
+)
+
+# name -> (config overrides, max_shard_size for save_pretrained or None)
+HF_CONFIGS = {
+    "mha": ({}, None),
+    "gqa": ({"num_key_value_heads": 2}, None),
+    # original_max_position_embeddings=32 puts the llama3 wavelength cut-offs (32/4=8 .. 32/1=32 positions)
+    # inside the 16-dim head's frequency range, so low, medium and high frequency bands all occur.
+    "llama3_rope": ({"rope_theta": 500000.0,
+                     "rope_scaling": {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+                                      "high_freq_factor": 4.0, "original_max_position_embeddings": 32}}, None),
+    "tied": ({"tie_word_embeddings": True}, None),
+    "sharded": ({}, "150KB"),
+}
+CONFIG_SEEDS = {name: i for i, name in enumerate(HF_CONFIGS)}
+
+WORDS = ("the a an one small big red blue green old new quick slow happy sad dog cat bird fish tree house river "
+         "mountain city road car boat king queen child teacher farmer doctor runs jumps sings walks reads writes "
+         "sees finds makes takes gives likes loves hates eats drinks sleeps and or but because when while after "
+         "before over under near with without from into across today yesterday tomorrow always never often "
+         "sometimes very quite rather far close bright dark warm cold loud quiet").split()
+
+
+def english_ish(n_sentences: int, seed: int) -> list[str]:
+    rng = random.Random(seed)
+    lines = []
+    for _ in range(n_sentences):
+        words = [rng.choice(WORDS) for _ in range(rng.randint(5, 14))]
+        words[0] = words[0].capitalize()
+        tail = rng.choice([".", ".", "!", "?", ",", "; 42.", " (3 times)."])
+        lines.append(" ".join(words) + tail)
+    return lines
+
+
+@pytest.fixture(scope="session")
+def sp_model_path(tmp_path_factory) -> Path:
+    """A Llama-2-like SentencePiece BPE model: byte fallback, unk 0, bos 1, eos 2, no pad."""
+    import sentencepiece as spm
+
+    path = tmp_path_factory.mktemp("sp") / "tokenizer.model"
+    corpus = english_ish(400, seed=1234)  # ~25 KB
+    assert sum(map(len, corpus)) > 4000
+    with open(path, "wb") as f:
+        spm.SentencePieceTrainer.train(
+            sentence_iterator=iter(corpus), model_writer=f, vocab_size=VOCAB_SIZE, model_type="bpe",
+            byte_fallback=True, character_coverage=1.0, bos_id=1, eos_id=2, unk_id=0, pad_id=-1,
+            normalization_rule_name="identity", remove_extra_whitespaces=False, minloglevel=2)
+    return path
+
+
+@pytest.fixture(scope="session")
+def sp_tokenizer(sp_model_path):
+    from tokenizer import load_tokenizer
+
+    tok = load_tokenizer(sp_model_path)
+    assert tok.vocab_size == VOCAB_SIZE and tok.bos_id == 1 and tok.eos_ids == [2]
+    return tok
+
+
+def make_prompt(tok, n_tokens: int, seed: int) -> list[int]:
+    """Exactly n_tokens ids: bos followed by the start of some generated text."""
+    text = " ".join(english_ish(max(4, n_tokens // 3), seed=seed))
+    ids = tok.encode(text)
+    assert len(ids) >= n_tokens
+    return ids[:n_tokens]
+
+
+@pytest.fixture(scope="session")
+def prompt_ids(sp_tokenizer):
+    return lambda n_tokens, seed=0: make_prompt(sp_tokenizer, n_tokens, seed)
+
+
+def _build_hf_checkpoint(root: Path, sp_model_path: Path, name: str, overrides: dict, max_shard_size=None, seed=0):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    import convert_hf_checkpoint
+
+    cfg = LlamaConfig(**{**BASE_CONFIG, "vocab_size": VOCAB_SIZE, **overrides})
+    torch.manual_seed(seed)
+    model = LlamaForCausalLM(cfg).float().eval()
+    with torch.no_grad():  # RMSNorm weights start at 1; randomise them so that a mixed-up norm would show
+        for mod in model.modules():
+            if type(mod).__name__ == "LlamaRMSNorm":
+                mod.weight.uniform_(0.5, 1.5)
+    d = root / name
+    kwargs = {"max_shard_size": max_shard_size} if max_shard_size else {}
+    model.save_pretrained(d, **kwargs)
+    shutil.copyfile(sp_model_path, d / "tokenizer.model")
+    out = convert_hf_checkpoint.convert(d)
+    assert out == d / "model.pth" and out.is_file() and (d / "model_config.json").is_file()
+    model.config._attn_implementation = "eager"  # reference attention: explicit softmax(QK^T)V, not SDPA
+    return model, d
+
+
+@pytest.fixture(scope="session")
+def hf_checkpoint(tmp_path_factory, sp_model_path):
+    """Factory: hf_checkpoint(name, **config_overrides) -> (HF LlamaForCausalLM, checkpoint dir holding
+    config.json + HF weights + model.pth + model_config.json + tokenizer.model). Cached per arguments."""
+    root = tmp_path_factory.mktemp("ckpt")
+    cache = {}
+
+    def factory(name: str, max_shard_size=None, **overrides):
+        key = (name, max_shard_size, tuple(sorted((k, repr(v)) for k, v in overrides.items())))
+        if key not in cache:
+            if name in HF_CONFIGS and not overrides and max_shard_size is None:
+                overrides, max_shard_size = HF_CONFIGS[name]
+            seed = CONFIG_SEEDS.get(name, 100 + len(cache))  # different weights for every model
+            cache[key] = _build_hf_checkpoint(root, sp_model_path, f"{name}_{len(cache)}", overrides, max_shard_size,
+                                              seed)
+        return cache[key]
+
+    return factory
+
+
+@pytest.fixture(scope="session")
+def load_ours():
+    """load_ours(checkpoint_dir) -> a fresh float32 CPU Transformer loaded through generate.load_model."""
+    import generate
+
+    return lambda d: generate.load_model(Path(d) / "model.pth", "cpu", torch.float32)
+
+
+def hf_greedy(hf_model, prompts: list, max_new_tokens: int) -> list:
+    """Reference greedy continuations from transformers' generate(), one prompt at a time, never stopping at
+    EOS (our generate() is called with eos_ids=() in the comparisons)."""
+    saved = hf_model.generation_config.eos_token_id
+    hf_model.generation_config.eos_token_id = None  # a None passed to generate() would fall back to this one
+    try:
+        out = []
+        for p in prompts:
+            with torch.no_grad():
+                seq = hf_model.generate(torch.tensor([p]), attention_mask=torch.ones(1, len(p), dtype=torch.long),
+                                        do_sample=False, max_new_tokens=max_new_tokens, pad_token_id=0)
+            new = seq[0, len(p):].tolist()
+            assert len(new) == max_new_tokens
+            out.append(new)
+        return out
+    finally:
+        hf_model.generation_config.eos_token_id = saved

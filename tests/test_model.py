@@ -1,0 +1,207 @@
+"""model.py and the HF converter against Hugging Face transformers' LlamaForCausalLM (the reference), float32."""
+import json
+
+import pytest
+import torch
+from conftest import HF_CONFIGS, VOCAB_SIZE, hf_greedy
+
+import generate
+import model as model_mod
+from generate import SamplingConfig
+from model import ModelArgs, Transformer
+
+CONFIG_NAMES = list(HF_CONFIGS)
+LOGITS_ATOL = 1e-4
+CACHE_ATOL = 1e-5
+
+
+@pytest.fixture(scope="module", params=CONFIG_NAMES)
+def pair(request, hf_checkpoint, load_ours):
+    hf, d = hf_checkpoint(request.param)
+    return request.param, hf, load_ours(d), d
+
+
+def test_sharded_checkpoint_really_is_sharded(hf_checkpoint):
+    _, d = hf_checkpoint("sharded")
+    index = json.loads((d / "model.safetensors.index.json").read_text())
+    shards = sorted(set(index["weight_map"].values()))
+    assert len(shards) >= 2
+    assert all((d / s).is_file() for s in shards)
+    assert not (d / "model.safetensors").exists()
+
+
+def test_converted_config_matches_hf(pair):
+    name, hf, ours, d = pair
+    c, hc = ours.config, hf.config
+    assert (c.dim, c.n_layers, c.n_heads, c.n_kv_heads) == (64, 2, 4, hc.num_key_value_heads)
+    assert c.vocab_size == VOCAB_SIZE and c.intermediate_size == 172 and c.head_dim == 16
+    assert c.tie_embeddings == (name == "tied")
+    if name == "tied":
+        assert ours.output.weight is ours.tok_embeddings.weight
+    if name == "llama3_rope":
+        assert c.rope_theta == 500000.0 and c.rope_scaling["rope_type"] == "llama3"
+        # the scaling really changes frequencies for this head size
+        plain = model_mod.rope_frequencies(ModelArgs(dim=64, n_heads=4, rope_theta=500000.0))
+        assert not torch.allclose(model_mod.rope_frequencies(c), plain)
+
+
+def test_logits_match_hf(pair, prompt_ids):
+    name, hf, ours, _ = pair
+    idx = torch.tensor([prompt_ids(64, seed=1)])
+    with torch.no_grad():
+        ref = hf(idx).logits
+    got = ours(idx)
+    assert got.dtype == torch.float32 and got.shape == ref.shape == (1, 64, VOCAB_SIZE)
+    diff = (got - ref).abs().max().item()
+    assert diff <= LOGITS_ATOL, f"{name}: max abs diff {diff}"
+    # logits are not trivially small: the tolerance is meaningful
+    assert ref.std().item() > 0.5
+    # last_only returns the last position only (a matrix-vector product there: rounding differs slightly)
+    torch.testing.assert_close(ours(idx, last_only=True), got[:, -1:], rtol=0, atol=CACHE_ATOL)
+
+
+def test_greedy_continuation_matches_hf(pair, prompt_ids):
+    name, hf, ours, _ = pair
+    prompt = prompt_ids(64, seed=2)
+    ref = hf_greedy(hf, [prompt], 32)[0]
+    res = generate.generate(ours, [prompt], 32, SamplingConfig(temperature=0), eos_ids=())
+    assert res.tokens == [ref], name
+    assert res.prompt_tokens == [64] and res.stopped == [False] and res.decode_steps == 31
+
+
+def test_kv_cache_prefill_then_decode_equals_full_forward(pair, prompt_ids):
+    name, _, ours, _ = pair
+    idx = torch.tensor([prompt_ids(64, seed=3)])
+    full = ours(idx)  # no cache
+    ours.setup_caches(1, 64)
+    parts = [ours(idx[:, :40], torch.arange(40))]
+    for t in range(40, 64):
+        parts.append(ours(idx[:, t:t + 1], torch.tensor([t])))
+    cached = torch.cat(parts, dim=1)
+    assert cached.shape == full.shape
+    diff = (cached - full).abs().max().item()
+    assert diff <= CACHE_ATOL, f"{name}: max abs diff {diff}"
+
+
+def test_kv_cache_in_a_longer_cache_with_batch(hf_checkpoint, load_ours, prompt_ids):
+    """The cache may be longer than what was written so far and hold several rows: unwritten slots are masked."""
+    hf, d = hf_checkpoint("gqa")
+    ours = load_ours(d)
+    idx = torch.tensor([prompt_ids(48, seed=4), prompt_ids(48, seed=5)])
+    with torch.no_grad():
+        ref = hf(idx).logits
+    ours.setup_caches(2, 200)
+    parts = [ours(idx[:, :17], torch.arange(17))]
+    for t in range(17, 48):
+        parts.append(ours(idx[:, t:t + 1], torch.tensor([t])))
+    assert (torch.cat(parts, 1) - ref).abs().max().item() <= LOGITS_ATOL
+
+
+def test_left_padded_forward_equals_unpadded(hf_checkpoint, load_ours, prompt_ids):
+    """Rows left-padded by k slots give the logits of the same row alone (padding masked, RoPE positions shifted)."""
+    hf, d = hf_checkpoint("mha")
+    ours = load_ours(d)
+    rows = [prompt_ids(n, seed=10 + n) for n in (30, 21, 9)]
+    T = 30
+    pad = torch.tensor([T - len(r) for r in rows])
+    idx = torch.tensor([[5] * (T - len(r)) + r for r in rows])
+    ours.setup_caches(3, 64)
+    got = ours(idx, torch.arange(T), pad)
+    for i, r in enumerate(rows):
+        with torch.no_grad():
+            ref = hf(torch.tensor([r])).logits[0]
+        assert (got[i, T - len(r):] - ref).abs().max().item() <= LOGITS_ATOL
+    assert torch.isfinite(got).all()
+
+
+# ------------------------------------------------------------------------------------------- ModelArgs
+
+
+def test_from_hf_config_fields():
+    from transformers import LlamaConfig
+
+    hc = LlamaConfig(vocab_size=1234, hidden_size=96, num_hidden_layers=3, num_attention_heads=6,
+                     num_key_value_heads=2, intermediate_size=200, max_position_embeddings=777, rms_norm_eps=1e-6,
+                     rope_theta=12345.0, tie_word_embeddings=True, head_dim=32,
+                     rope_scaling={"rope_type": "llama3", "factor": 32.0, "low_freq_factor": 1.0,
+                                   "high_freq_factor": 4.0, "original_max_position_embeddings": 8192})
+    a = ModelArgs.from_hf_config(hc.to_dict())
+    assert (a.dim, a.n_layers, a.n_heads, a.n_kv_heads, a.vocab_size) == (96, 3, 6, 2, 1234)
+    assert (a.intermediate_size, a.head_dim, a.max_seq_len) == (200, 32, 777)
+    assert a.norm_eps == 1e-6 and a.rope_theta == 12345.0 and a.tie_embeddings is True
+    assert a.rope_scaling == {"rope_type": "llama3", "factor": 32.0, "low_freq_factor": 1.0,
+                              "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}
+
+    # the transformers-4 layout (rope_theta at top level, rope_scaling with the old "type" key) reads the same
+    legacy = {"model_type": "llama", "hidden_size": 96, "num_hidden_layers": 3, "num_attention_heads": 6,
+              "num_key_value_heads": 2, "vocab_size": 1234, "intermediate_size": 200, "head_dim": 32,
+              "max_position_embeddings": 777, "rms_norm_eps": 1e-6, "rope_theta": 12345.0,
+              "tie_word_embeddings": True,
+              "rope_scaling": {"type": "llama3", "factor": 32.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                               "original_max_position_embeddings": 8192}}
+    assert ModelArgs.from_hf_config(legacy) == a
+
+    # defaults: no GQA, no scaling, theta 10000, untied
+    plain = ModelArgs.from_hf_config(LlamaConfig(vocab_size=50, hidden_size=32, num_hidden_layers=1,
+                                                 num_attention_heads=4, intermediate_size=64).to_dict())
+    assert plain.n_kv_heads == 4 and plain.head_dim == 8 and plain.rope_scaling == {}
+    assert plain.rope_theta == 10000.0 and plain.tie_embeddings is False
+
+
+def test_model_args_save_load_round_trip(tmp_path, hf_checkpoint):
+    hf, d = hf_checkpoint("llama3_rope")
+    a = ModelArgs.from_hf_config(json.loads((d / "config.json").read_text()))
+    assert ModelArgs.load(d / "model_config.json") == a  # what the converter wrote
+    a.save(tmp_path / "c.json")
+    assert ModelArgs.load(tmp_path / "c.json") == a
+
+
+@pytest.mark.parametrize("bad", [{"model_type": "gpt2"}, {"hidden_act": "gelu"}, {"attention_bias": True},
+                                 {"rope_scaling": {"rope_type": "yarn", "factor": 4.0}}])
+def test_from_hf_config_rejects_unsupported(bad):
+    cfg = {"model_type": "llama", "hidden_size": 32, "num_hidden_layers": 1, "num_attention_heads": 4,
+           "vocab_size": 50, "intermediate_size": 64, **bad}
+    with pytest.raises(ValueError):
+        ModelArgs.from_hf_config(cfg)
+
+
+def test_default_intermediate_size_and_gqa_check():
+    # Meta's FeedForward: hidden = int(2 * 4 * dim / 3), rounded up to a multiple of 256
+    assert ModelArgs(dim=4096).intermediate_size == 11008
+    assert ModelArgs(dim=288, n_heads=6).intermediate_size == 768
+    with pytest.raises(ValueError):
+        ModelArgs(n_heads=6, n_kv_heads=4)
+    with pytest.raises(ValueError):
+        ModelArgs.from_name("no-such-model")
+
+
+def _llama_param_count(a: ModelArgs) -> int:
+    """The Llama parameter count written out from the architecture."""
+    attn = a.dim * a.n_heads * a.head_dim * 2 + a.dim * a.n_kv_heads * a.head_dim * 2  # q, o; k, v
+    mlp = 3 * a.dim * a.intermediate_size  # gate, up, down
+    per_layer = attn + mlp + 2 * a.dim  # two RMSNorms
+    embeddings = a.vocab_size * a.dim * (1 if a.tie_embeddings else 2)
+    return a.n_layers * per_layer + embeddings + a.dim  # final norm
+
+
+# Parameter counts as reported by Hugging Face (model.num_parameters()) for the published checkpoints.
+PUBLISHED_COUNTS = {
+    "tinyllama-1.1b": 1_100_048_384,
+    "llama-2-7b": 6_738_415_616,
+    "llama-2-13b": 13_015_864_320,
+    "llama-2-70b": 68_976_648_192,
+    "mistral-7b": 7_241_732_096,
+    "llama-3-8b": 8_030_261_248,
+    "llama-3.2-1b": 1_235_814_400,
+}
+
+
+@pytest.mark.parametrize("name", list(model_mod.PRESETS))
+def test_presets_build_on_meta_with_right_parameter_count(name):
+    args = ModelArgs.from_name(name)
+    with torch.device("meta"):
+        m = Transformer(args)
+    n = sum(p.numel() for p in m.parameters())  # parameters() counts a tied weight once
+    assert n == _llama_param_count(args)
+    if name in PUBLISHED_COUNTS:
+        assert n == PUBLISHED_COUNTS[name]

@@ -1,0 +1,278 @@
+"""Tokenizers for Llama-family checkpoints: encode/decode, chat templates, streaming.
+
+Two backends with the same interface, picked by load_tokenizer(path):
+  SentencePieceTokenizer  Llama-2, Mistral, TinyLlama (tokenizer.model is a protobuf)
+  TiktokenTokenizer       Llama-3/3.1/3.2 (tokenizer.model is base64 BPE ranks)
+"""
+import base64
+import os
+from typing import Union
+
+import sentencepiece as spm
+import tiktoken
+
+
+class TokenizerError(ValueError):
+    """A tokenizer file is missing or unreadable. The message is shown to users as-is."""
+
+
+def load_tokenizer(path) -> "Tokenizer":
+    """Open a tokenizer file, choosing the backend by content: Llama-2 and Llama-3
+    both call theirs `tokenizer.model`, so the name says nothing."""
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise TokenizerError(f"tokenizer file not found: {path}")
+    try:
+        with open(path, "rb") as f:
+            data = f.read()
+    except OSError as e:
+        raise TokenizerError(f"cannot read tokenizer file {path}: {e.strerror}") from None
+    try:
+        ranks = _parse_tiktoken_ranks(data)
+        if ranks is not None:
+            return TiktokenTokenizer(ranks)
+        sp = spm.SentencePieceProcessor()
+        try:
+            sp.LoadFromSerializedProto(data)
+        except RuntimeError:  # protobuf parse failure: neither format
+            raise TokenizerError("not a SentencePiece model or a tiktoken BPE ranks file") from None
+        return SentencePieceTokenizer(sp)
+    except TokenizerError as e:
+        raise TokenizerError(f"cannot load tokenizer {path}: {e}") from None
+
+
+def _parse_tiktoken_ranks(data: bytes) -> dict[bytes, int] | None:
+    """Parse `<base64 token> <rank>` lines (tiktoken's format), or return None."""
+    ranks = {}
+    try:
+        for line in data.decode("ascii").splitlines():
+            if line:  # tiktoken's own loader skips blank lines too
+                token, rank = line.split()
+                ranks[base64.b64decode(token, validate=True)] = int(rank)
+    except ValueError:  # covers UnicodeDecodeError and binascii.Error
+        return None
+    return ranks or None
+
+
+def _valid_ids(ids, vocab_size: int) -> list[int]:
+    # A model's embedding table is often padded past the tokenizer's vocabulary;
+    # such ids have no text, so skip them instead of crashing mid-generation.
+    return [int(i) for i in ids if 0 <= i < vocab_size]
+
+
+# --- SentencePiece: Llama-2 / Mistral / TinyLlama --------------------------------
+
+B_INST, E_INST = "[INST]", "[/INST]"
+B_SYS, E_SYS = "<<SYS>>\n", "\n<</SYS>>\n\n"
+
+
+class SentencePieceTokenizer:
+    kind = "sentencepiece"
+
+    def __init__(self, sp: spm.SentencePieceProcessor):
+        if sp.get_piece_size() == 0:  # SentencePiece "loads" empty input as an empty model
+            raise TokenizerError("not a SentencePiece model or a tiktoken BPE ranks file")
+        if sp.bos_id() < 0 or sp.eos_id() < 0:
+            raise TokenizerError("SentencePiece model has no BOS/EOS token")
+        self._sp = sp
+        self.vocab_size = sp.get_piece_size()
+        self.bos_id = sp.bos_id()
+        self.eos_ids = [sp.eos_id()]
+        self.pad_id = sp.pad_id() if sp.pad_id() >= 0 else sp.eos_id()
+
+    def encode(self, text: str, bos: bool = True, eos: bool = False) -> list[int]:
+        return [self.bos_id] * bos + self._sp.encode(text) + self.eos_ids * eos
+
+    def decode(self, ids: list[int]) -> str:
+        # SentencePiece turns broken byte-fallback sequences into U+FFFD itself.
+        return self._sp.decode(_valid_ids(ids, self.vocab_size))
+
+    # Chat: Meta's Llama-2 [INST] format (llama/generation.py, chat_completion).
+    def encode_chat(self, messages: list[dict], add_generation_prompt: bool = True) -> list[int]:
+        """Messages alternate user/assistant after an optional system message. A final
+        user turn ends in [/INST], which is itself the generation prompt, so
+        add_generation_prompt changes nothing in this format."""
+        if messages and messages[0]["role"] == "system":
+            if len(messages) < 2:
+                raise ValueError("a system message must be followed by a user message")
+            first = B_SYS + messages[0]["content"] + E_SYS + messages[1]["content"]
+            messages = [{"role": messages[1]["role"], "content": first}] + messages[2:]
+        roles = [m["role"] for m in messages]
+        if any(r != "user" for r in roles[0::2]) or any(r != "assistant" for r in roles[1::2]):
+            raise ValueError(f"Llama-2 chat needs user/assistant turns in alternation, got {roles}")
+        ids = []
+        for user, answer in zip(messages[0::2], messages[1::2]):
+            pair = f"{B_INST} {user['content'].strip()} {E_INST} {answer['content'].strip()} "
+            ids += self.encode(pair, bos=True, eos=True)
+        if len(messages) % 2:
+            ids += self.encode(f"{B_INST} {messages[-1]['content'].strip()} {E_INST}")
+        return ids
+
+    def encode_chat_turn(self, user_text: str, system: str | None = None,
+                         first: bool = True) -> list[int]:
+        """One user turn (each starts with bos in this format); the invariant is the
+        one documented on TiktokenTokenizer.encode_chat_turn."""
+        if system is not None:
+            if not first:
+                raise ValueError("a system prompt can only be given on the first turn")
+            user_text = B_SYS + system + E_SYS + user_text
+        return self.encode(f"{B_INST} {user_text.strip()} {E_INST}")
+
+    def encode_reply(self, text: str) -> list[int]:
+        """An assistant reply as encode_chat places it, ending in eos. Meta encodes
+        "[/INST] {answer} " as one string, but SentencePiece pieces never span the
+        space that starts a word, so the answer encodes the same on its own."""
+        return self.encode(f"{text.strip()} ", bos=False, eos=True)
+
+
+# --- tiktoken: Llama-3 (matches Meta's llama3/tokenizer.py) --------------------------
+
+LLAMA3_PATTERN = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}"
+                  r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
+LLAMA3_SPECIAL_TOKENS = (  # 256 in all, numbered after the ranks
+    ["<|begin_of_text|>", "<|end_of_text|>"]
+    + [f"<|reserved_special_token_{i}|>" for i in range(4)]
+    + ["<|start_header_id|>", "<|end_header_id|>", "<|reserved_special_token_4|>", "<|eot_id|>"]
+    + [f"<|reserved_special_token_{i}|>" for i in range(5, 251)]
+)
+
+# tiktoken gets pathologically slow on huge inputs and on very long runs of
+# (non-)whitespace, so Meta feeds it bounded pieces; we do the same.
+MAX_ENCODE_CHARS = 400_000
+MAX_RUN_CHARS = 25_000
+
+
+def split_long_runs(s: str, max_run: int = MAX_RUN_CHARS):
+    """Cut s so no piece has a run of more than max_run whitespace or non-whitespace
+    characters (Meta's _split_whitespaces_or_nonwhitespaces)."""
+    if len(s) <= max_run:  # fast path: no run can be too long
+        yield s
+        return
+    run_len, run_is_space, start = 0, s[0].isspace(), 0
+    for i, ch in enumerate(s):
+        is_space = ch.isspace()
+        if is_space != run_is_space:
+            run_len, run_is_space = 1, is_space
+        else:
+            run_len += 1
+            if run_len > max_run:
+                yield s[start:i]
+                start, run_len = i, 1
+    yield s[start:]
+
+
+class TiktokenTokenizer:
+    kind = "tiktoken"
+
+    def __init__(self, ranks: dict[bytes, int]):
+        # Special ids are numbered from len(ranks), so ranks must be exactly 0..N-1;
+        # tiktoken also needs every single byte to be able to encode any text.
+        contiguous = sorted(ranks.values()) == list(range(len(ranks)))
+        if not contiguous or any(bytes([b]) not in ranks for b in range(256)):
+            raise TokenizerError("tiktoken ranks must be 0..N-1 and include all 256 single bytes")
+        self.special_tokens = {t: len(ranks) + i for i, t in enumerate(LLAMA3_SPECIAL_TOKENS)}
+        self._enc = tiktoken.Encoding("llama3", pat_str=LLAMA3_PATTERN, mergeable_ranks=ranks,
+                                      special_tokens=self.special_tokens)
+        self.vocab_size = self._enc.n_vocab
+        self.bos_id = self.special_tokens["<|begin_of_text|>"]
+        self.eot_id = self.special_tokens["<|eot_id|>"]
+        # Base models end with <|end_of_text|>, instruct models end turns with <|eot_id|>.
+        self.eos_ids = [self.special_tokens["<|end_of_text|>"], self.eot_id]
+        self.pad_id = self.eos_ids[0]
+
+    def encode(self, text: str, bos: bool = True, eos: bool = False) -> list[int]:
+        ids = [self.bos_id] * bos
+        for i in range(0, len(text), MAX_ENCODE_CHARS):
+            for piece in split_long_runs(text[i:i + MAX_ENCODE_CHARS]):
+                # Ordinary encoding: "<|eot_id|>" typed by a user stays plain text
+                # (and never raises); templates insert special tokens by id.
+                ids += self._enc.encode_ordinary(piece)
+        return ids + self.eos_ids[:1] * eos
+
+    def decode(self, ids: list[int]) -> str:
+        # Bytes are joined first and decoded with errors="replace", so a character
+        # split across tokens is only whole once all its tokens are there.
+        return self._enc.decode(_valid_ids(ids, self.vocab_size))
+
+    # Chat: Meta's Llama-3 ChatFormat.
+    def _header(self, role: str) -> list[int]:
+        return ([self.special_tokens["<|start_header_id|>"]] + self.encode(role, bos=False)
+                + [self.special_tokens["<|end_header_id|>"]] + self.encode("\n\n", bos=False))
+
+    def _message(self, role: str, content: str) -> list[int]:
+        return self._header(role) + self.encode_reply(content)
+
+    def encode_chat(self, messages: list[dict], add_generation_prompt: bool = True) -> list[int]:
+        ids = [self.bos_id]
+        for m in messages:
+            ids += self._message(m["role"], m["content"])
+        return ids + self._header("assistant") * add_generation_prompt
+
+    def encode_chat_turn(self, user_text: str, system: str | None = None,
+                         first: bool = True) -> list[int]:
+        """Tokens for one new user turn plus the generation prompt, for chat loops
+        that keep earlier turns in the KV cache. Invariant (tested):
+
+            encode_chat([sys, u1, a1, u2, a2, u3]) ==
+                encode_chat_turn(u1, sys, first=True) + encode_reply(a1)
+                + encode_chat_turn(u2, first=False) + encode_reply(a2)
+                + encode_chat_turn(u3, first=False)
+
+        encode_reply(a) is what the model generates when it answers a, including
+        the end-of-turn id it stops on, so feeding back the generated ids keeps the
+        cache identical to a fresh encode_chat of the whole conversation."""
+        if system is not None and not first:
+            raise ValueError("a system prompt can only be given on the first turn")
+        ids = [self.bos_id] if first else []
+        if system is not None:
+            ids += self._message("system", system)
+        return ids + self._message("user", user_text) + self._header("assistant")
+
+    def encode_reply(self, text: str) -> list[int]:
+        """An assistant reply as encode_chat places it: content, then <|eot_id|>."""
+        return self.encode(text.strip(), bos=False) + [self.eot_id]
+
+
+Tokenizer = Union[SentencePieceTokenizer, TiktokenTokenizer]
+
+
+class StreamDecoder:
+    """Turns ids into text as they are generated, for printing a reply live.
+
+    Everything push() returns, plus flush(), concatenates to exactly
+    tokenizer.decode(all ids). Like vLLM's incremental detokenizer it decodes a
+    short window of recent ids with and without the text already emitted, and
+    emits the difference -- unless that ends in U+FFFD, meaning a multi-byte
+    character is still incomplete. Each push costs O(window), not O(total); the
+    window only grows while text is held back (an unfinished character) or while
+    ids produce no text at all (eos/bos).
+    """
+
+    def __init__(self, tokenizer: Tokenizer):
+        self.tokenizer = tokenizer
+        self._ids = []  # the window: ids before it have been emitted and dropped
+        self._read = 0  # ids in the window before this index have been emitted
+
+    def push(self, ids: list[int]) -> str:
+        self._ids += ids
+        done = self.tokenizer.decode(self._ids[:self._read])
+        text = self.tokenizer.decode(self._ids)
+        if text.endswith("\ufffd"):
+            return ""  # wait for the rest of the character
+        new = text[len(done):]
+        if new:
+            # Keep the ids just emitted as context. They produced text, so
+            # SentencePiece's "strip the leading space of the first piece" rule
+            # acts inside them, on text already emitted, never on new text.
+            # (Ids that produced nothing, like eos, don't count as context.)
+            self._ids = self._ids[self._read:]
+        self._read = len(self._ids)
+        return new
+
+    def flush(self) -> str:
+        """Return the remaining text (e.g. a dangling partial character as U+FFFD)
+        and start over, ready for a new stream."""
+        done = self.tokenizer.decode(self._ids[:self._read])
+        rest = self.tokenizer.decode(self._ids)[len(done):]
+        self._ids, self._read = [], 0
+        return rest
