@@ -4,6 +4,7 @@
 """
 import argparse
 import contextlib
+import functools
 import json
 import os
 import resource
@@ -159,6 +160,16 @@ def decode_one_token(model, token, input_pos, left_pad, cfg, seen, counts):
     return prefill(model, token, input_pos, left_pad, cfg, seen, counts)
 
 
+def cpu_inductor(options=None):
+    """Inductor with frozen weights and the C++ wrapper (no Python between kernels), which keeps aten.mv as a call
+    to ATen's GEMV kernel instead of decomposing it into a slower generated reduction (see model.Linear)."""
+    from torch._inductor.compile_fx import compile_fx
+    from torch._inductor.decomposition import select_decomp_table
+    table = {op: fn for op, fn in select_decomp_table().items() if op != torch.ops.aten.mv.default}
+    return functools.partial(compile_fx, config_patches=options or {"freezing": True, "cpp_wrapper": True},
+                             decompositions=table)
+
+
 def compile_steps(device: str, compile_prefill: bool = False):
     """(prefill_fn, decode_fn) for generate(). The decode step always has the same shapes, so it compiles to
     one graph: with CUDA graphs on CUDA; on CPU with frozen weights and the C++ wrapper, which removes most
@@ -166,7 +177,7 @@ def compile_steps(device: str, compile_prefill: bool = False):
     if device.startswith("cuda"):
         decode = torch.compile(decode_one_token, mode="reduce-overhead", fullgraph=True)
     elif device == "cpu":
-        decode = torch.compile(decode_one_token, fullgraph=True, options={"freezing": True, "cpp_wrapper": True})
+        decode = torch.compile(decode_one_token, fullgraph=True, backend=cpu_inductor())
     else:
         decode = torch.compile(decode_one_token, fullgraph=True)
     return (torch.compile(prefill, fullgraph=True, dynamic=True) if compile_prefill else prefill), decode

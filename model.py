@@ -115,27 +115,17 @@ PRESETS = {
 }
 
 
-@torch.library.custom_op("llama::gemv", mutates_args=())
-def gemv(weight: Tensor, x: Tensor) -> Tensor:
-    """weight (N, K) @ x (K,). An opaque op so that inductor calls torch.mv instead of decomposing it."""
-    return torch.mv(weight, x)
-
-
-@gemv.register_fake
-def _(weight, x):
-    return weight.new_empty(weight.shape[0])
-
-
 class Linear(nn.Linear):
     """nn.Linear without bias that, for a single token on CPU, uses torch.mv: its bf16 kernel streams the weight
-    at about memory bandwidth, while mm's M=1 path (and inductor's own lowering) reaches about 2/3 of that."""
+    at about memory bandwidth, while mm's M=1 path reaches about 2/3 of that. (generate.compile_steps keeps
+    inductor from decomposing mv, which would lose that again.)"""
 
     def __init__(self, in_features: int, out_features: int):
         super().__init__(in_features, out_features, bias=False)
 
     def forward(self, x: Tensor) -> Tensor:
         if x.device.type == "cpu" and x.shape[:-1].numel() == 1:
-            return gemv(self.weight, x.reshape(-1)).view(*x.shape[:-1], -1)
+            return torch.mv(self.weight, x.reshape(-1)).view(*x.shape[:-1], -1)
         return F.linear(x, self.weight)
 
 
