@@ -161,11 +161,11 @@ def decode_one_token(model, token, input_pos, left_pad, cfg, seen, counts):
 
 
 def cpu_inductor(options=None):
-    """Inductor with frozen weights and the C++ wrapper (no Python between kernels), which keeps aten.mv as a call
-    to ATen's GEMV kernel instead of decomposing it into a slower generated reduction (see model.Linear)."""
+    """Inductor with frozen weights and the C++ wrapper (no Python between kernels), which keeps aten.addmv as a
+    call to ATen's GEMV kernel instead of decomposing it into a slower generated reduction (see model.Linear)."""
     from torch._inductor.compile_fx import compile_fx
     from torch._inductor.decomposition import select_decomp_table
-    table = {op: fn for op, fn in select_decomp_table().items() if op != torch.ops.aten.mv.default}
+    table = {op: fn for op, fn in select_decomp_table().items() if op != torch.ops.aten.addmv.default}
     return functools.partial(compile_fx, config_patches=options or {"freezing": True, "cpp_wrapper": True},
                              decompositions=table)
 

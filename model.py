@@ -117,15 +117,16 @@ PRESETS = {
 
 class Linear(nn.Linear):
     """nn.Linear without bias that, for a single token on CPU, uses torch.mv: its bf16 kernel streams the weight
-    at about memory bandwidth, while mm's M=1 path reaches about 2/3 of that. (generate.compile_steps keeps
-    inductor from decomposing mv, which would lose that again.)"""
+    at about memory bandwidth, while mm's M=1 path reaches about 2/3 of that. (generate.cpu_inductor keeps
+    inductor from decomposing it, which would lose that again.)"""
 
     def __init__(self, in_features: int, out_features: int):
         super().__init__(in_features, out_features, bias=False)
 
     def forward(self, x: Tensor) -> Tensor:
         if x.device.type == "cpu" and x.shape[:-1].numel() == 1:
-            return torch.mv(self.weight, x.reshape(-1)).view(*x.shape[:-1], -1)
+            # addmv, not mv: inductor's C++ wrapper has a direct (C shim) call for it; beta=0 ignores the bias term
+            return torch.addmv(x.new_zeros(()), self.weight, x.reshape(-1), beta=0).view(*x.shape[:-1], -1)
         return F.linear(x, self.weight)
 
 
