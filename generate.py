@@ -367,7 +367,7 @@ def interactive_chat(model, tokenizer, sampling, args, steps):
                 print(stream.push([t]), end="", flush=True)
 
         result = generate(model, [turn], min(args.max_new_tokens, max_seq - pos - len(turn)), sampling,
-                          tokenizer.eos_ids, start_pos=pos, steps=steps, on_token=show)
+                          tokenizer.eos_ids, start_pos=pos, max_seq_len=max_seq, steps=steps, on_token=show)
         print(stream.flush(), flush=True)
         reply = result.tokens[0]
         pos += len(turn) + len(reply) - 1
