@@ -33,7 +33,8 @@ def default_device() -> str:
 
 def load_model(checkpoint_path, device="cpu", precision=torch.bfloat16) -> Transformer:
     """Build the model described by model_config.json beside the checkpoint and load its weights (no pickled
-    code is executed: torch.load runs with weights_only=True, or the file is safetensors)."""
+    code is executed: torch.load runs with weights_only=True, or the file is safetensors). Quantized checkpoints
+    from quantize.py get their quantized modules, packed for the device. precision=None keeps stored dtypes."""
     path = Path(checkpoint_path)
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint not found: {path}")
@@ -54,18 +55,30 @@ def load_model(checkpoint_path, device="cpu", precision=torch.bfloat16) -> Trans
         raise ValueError(f"cannot read checkpoint {path}: {str(e).splitlines()[0][:200]}") from None
     if not isinstance(state, dict):
         raise ValueError(f"cannot read checkpoint {path}: not a state dict")
-    if config.tie_embeddings:
-        state.setdefault("output.weight", state.get("tok_embeddings.weight"))
+    quantization = state.get("quantization") if isinstance(state.get("quantization"), dict) else None
+    if quantization:  # written by quantize.py: {"quantization": {...}, "state_dict": {...}}
+        state = state["state_dict"]
     with torch.device("meta"):
         model = Transformer(config)
+    if quantization:
+        from quantize import swap_in_quantized
+        swap_in_quantized(model, quantization["layers"], quantization.get("groupsize") or 0)
+    tied = config.tie_embeddings and isinstance(model.output, torch.nn.Linear)  # a quantized output is its own copy
+    if tied:
+        state.setdefault("output.weight", state.get("tok_embeddings.weight"))
     try:
         model.load_state_dict(state, assign=True)
     except RuntimeError as e:
         raise ValueError(f"checkpoint {path} does not match {config_path}: "
                          f"{' '.join(str(e).split())[:300]}") from None
-    if config.tie_embeddings:
+    if tied:
         model.output.weight = model.tok_embeddings.weight
-    return model.to(device=device, dtype=precision).eval().requires_grad_(False)
+    model = model.to(device=device, dtype=precision).eval().requires_grad_(False)
+    if quantization:
+        from quantize import pack_for_device
+        pack_for_device(model)
+        model.quantization = quantization
+    return model
 
 
 def weight_bytes(model: torch.nn.Module) -> int:
@@ -163,9 +176,13 @@ def decode_one_token(model, token, input_pos, left_pad, cfg, seen, counts):
 def cpu_inductor(options=None):
     """Inductor with frozen weights and the C++ wrapper (no Python between kernels), which keeps aten.addmv as a
     call to ATen's GEMV kernel instead of decomposing it into a slower generated reduction (see model.Linear)."""
+    from torch._inductor import lowering
     from torch._inductor.compile_fx import compile_fx
     from torch._inductor.decomposition import select_decomp_table
-    table = {op: fn for op, fn in select_decomp_table().items() if op != torch.ops.aten.addmv.default}
+    addmv = torch.ops.aten.addmv.default
+    if addmv not in lowering.lowerings:  # an explicit fallback: the implicit one is an error when $CI is set
+        lowering.make_fallback(addmv, warn=False, override_decomp=True)
+    table = {op: fn for op, fn in select_decomp_table().items() if op != addmv}
     return functools.partial(compile_fx, config_patches=options or {"freezing": True, "cpp_wrapper": True},
                              decompositions=table)
 

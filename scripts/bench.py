@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from generate import (PRECISIONS, SamplingConfig, compile_steps, decode_one_token, default_device,  # noqa: E402
+from generate import (CONFIG_NAME, PRECISIONS, SamplingConfig, compile_steps, decode_one_token, default_device,  # noqa: E402
                       generate, load_model, peak_memory_bytes, prefill, weight_bytes, write_json)
 from model import PRESETS, ModelArgs, Transformer  # noqa: E402
 
@@ -32,6 +32,19 @@ def random_model(name: str, device, dtype, seed: int = 0) -> Transformer:
         else:
             p.data.normal_(0.0, 0.02)
     return model.eval().requires_grad_(False)
+
+
+def quantized(model: Transformer, mode: str, groupsize: int, device, dtype) -> Transformer:
+    """Round-to-nearest quantize in memory, then load through a real quantized checkpoint file (what
+    generate.py would run)."""
+    import tempfile
+    from quantize import quantize_model
+    state, meta = quantize_model(model, mode, groupsize, progress=False)
+    with tempfile.TemporaryDirectory() as tmp:
+        model.config.save(Path(tmp) / CONFIG_NAME)
+        torch.save({"quantization": meta, "state_dict": {k: v.cpu() for k, v in state.items()}}, Path(tmp) / "q.pth")
+        del state, model
+        return load_model(Path(tmp) / "q.pth", device, dtype)
 
 
 def measure_bandwidth(device, nbytes: int, repeats: int = 10) -> float:
@@ -60,6 +73,8 @@ def main(argv=None):
     p.add_argument("--prompt_length", type=int, default=16)
     p.add_argument("--max_new_tokens", type=int, default=128)
     p.add_argument("--num_samples", type=int, default=5, help="timed runs; the median is reported")
+    p.add_argument("--quantize", choices=("int8", "int4"), help="round-to-nearest weight-only quantization first")
+    p.add_argument("--groupsize", type=int, default=32, help="int4 group size")
     p.add_argument("--metrics_json", type=Path)
     args = p.parse_args(argv)
 
@@ -69,6 +84,9 @@ def main(argv=None):
             model, label = load_model(args.checkpoint_path, args.device, dtype), str(args.checkpoint_path)
         else:
             model, label = random_model(args.model, args.device, dtype), f"{args.model} (random weights)"
+        if args.quantize:
+            model, label = quantized(model, args.quantize, args.groupsize, args.device, dtype), \
+                f"{label} {args.quantize}" + (f" g{args.groupsize}" if args.quantize != "int8" else "")
     except (FileNotFoundError, ValueError) as e:
         sys.exit(f"error: {e}")
     wbytes = weight_bytes(model)
@@ -89,7 +107,7 @@ def main(argv=None):
     tps = statistics.median(r.decode_tokens_per_sec for r in results)
     ttft = statistics.median(r.time_to_first_token for r in results)
     metrics = {
-        "model": label, "device": args.device, "precision": args.precision, "compile": args.compile,
+        "model": label, "device": args.device, "precision": args.precision, "compile": args.compile, "quantize": args.quantize,
         "batch_size": args.batch_size, "tokens_per_sec": tps, "total_tokens_per_sec": tps * args.batch_size,
         "time_to_first_token_s": ttft, "weight_bytes": wbytes, "achieved_bandwidth_gbps": tps * wbytes / 1e9,
         "measured_bandwidth_gbps": bandwidth / 1e9, "roofline_fraction": tps * wbytes / bandwidth,
