@@ -179,30 +179,31 @@ class Transformer(nn.Module):
         """idx: (B, T) token ids; input_pos: (T,) cache positions they are written to (None: no cache, a plain
         causal forward from position 0); left_pad: (B,) number of padding slots at the start of each row, which
         are masked out and do not count as positions for RoPE. Returns float logits (B, T or 1, vocab)."""
-        B, T = idx.shape
-        use_cache = input_pos is not None
-        if not use_cache:  # a plain causal forward over idx from position 0
-            input_pos = torch.arange(T, device=idx.device)
-            freqs_cis, n_keys = precompute_freqs_cis(T, self.config, idx.device), T
-        else:
-            assert self.freqs_cis is not None, "call setup_caches() before decoding with a KV cache"
-            freqs_cis, n_keys = self.freqs_cis, self.max_seq_len
-        key_pos = torch.arange(n_keys, device=idx.device)
-        mask = key_pos <= input_pos[:, None]  # (T, S) causal
-        pos = input_pos.expand(B, T)
-        if left_pad is not None:
-            # Padding keys are invisible; a padding query sees itself so its softmax stays finite (no NaN in the cache).
-            mask = mask & ((key_pos >= left_pad[:, None, None]) | (key_pos == input_pos[:, None]))
-            pos = (pos - left_pad[:, None]).clamp(min=0)
-        mask = mask.expand(B, T, n_keys)[:, None]  # (B, 1, T, S)
-        freqs = freqs_cis[pos]  # (B, T, head_dim // 2, 2)
-
+        freqs, mask = self.block_inputs(idx.shape[0], idx.shape[1], idx.device, input_pos, left_pad)
         x = self.tok_embeddings(idx)
         for layer in self.layers:
-            x = layer(x, freqs, mask, input_pos if use_cache else None)
+            x = layer(x, freqs, mask, input_pos)
         if last_only:
             x = x[:, -1:]
         return self.output(self.norm(x)).float()
+
+    def block_inputs(self, B: int, T: int, device, input_pos: Tensor | None = None, left_pad: Tensor | None = None):
+        """RoPE frequencies (B, T, head_dim // 2, 2) and attention mask (B, 1, T, keys) for the layers: T tokens at
+        cache positions input_pos, or (input_pos None) a plain causal sequence from position 0 without the cache."""
+        if input_pos is None:
+            pos = torch.arange(T, device=device)
+            freqs_cis, n_keys = precompute_freqs_cis(T, self.config, device), T
+        else:
+            assert self.freqs_cis is not None, "call setup_caches() before decoding with a KV cache"
+            pos, freqs_cis, n_keys = input_pos, self.freqs_cis, self.max_seq_len
+        key_pos = torch.arange(n_keys, device=device)
+        mask = key_pos <= pos[:, None]  # (T, S) causal
+        rope_pos = pos.expand(B, T)
+        if left_pad is not None:
+            # Padding keys are invisible; a padding query sees itself so its softmax stays finite (no NaN in the cache).
+            mask = mask & ((key_pos >= left_pad[:, None, None]) | (key_pos == pos[:, None]))
+            rope_pos = (rope_pos - left_pad[:, None]).clamp(min=0)
+        return freqs_cis[rope_pos], mask.expand(B, T, n_keys)[:, None]
 
 
 class TransformerBlock(nn.Module):
