@@ -242,3 +242,12 @@ def test_user_mistake_stderr_is_exactly_one_error_line(mistake):
     lines = proc.stderr.splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: "), proc.stderr
 
+
+
+def test_profile_writes_a_chrome_trace(ckpt, tmp_path):
+    d, _, _ = ckpt
+    trace = tmp_path / "trace.json"
+    proc = run_cli("--checkpoint_path", d / "model.pth", "--prompt", PROMPTS[0], *BASE, "--profile", trace)
+    assert_ran_cleanly(proc)
+    events = json.loads(trace.read_text())["traceEvents"]
+    assert any("aten::" in e.get("name", "") for e in events)  # the model's ops were recorded
