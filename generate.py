@@ -16,10 +16,9 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from model import ModelArgs, Transformer
+from model import CONFIG_NAME, ModelArgs, Transformer
 from tokenizer import StreamDecoder, TokenizerError, load_tokenizer
 
-CONFIG_NAME = "model_config.json"  # ModelArgs beside every checkpoint, written by scripts/convert_hf_checkpoint.py
 PRECISIONS = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 
 
@@ -348,10 +347,19 @@ def read_prompts(args) -> list:
     return prompts * (batch_size // len(prompts))
 
 
-def write_json(path: Path, obj):
+def atomic_save(obj, path: Path, save=torch.save):
+    """Write to a temporary file beside `path`, then rename: a crash never leaves a half-written file there."""
+    path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_text(json.dumps(obj, indent=2) + "\n")
-    os.replace(tmp, path)
+    try:
+        save(obj, tmp)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def write_json(path: Path, obj):
+    atomic_save(obj, path, save=lambda o, p: Path(p).write_text(json.dumps(o, indent=2) + "\n"))
 
 
 def interactive_chat(model, tokenizer, sampling, args, steps):

@@ -15,6 +15,9 @@ import torch.nn.functional as F
 from torch import Tensor
 
 
+CONFIG_NAME = "model_config.json"  # ModelArgs beside every checkpoint: loaders read it instead of guessing from paths
+
+
 @dataclass
 class ModelArgs:
     dim: int = 4096

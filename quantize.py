@@ -436,7 +436,7 @@ def main(argv=None):
                 args.calibration_file, args.calibration_tasks,
                 max_chars=args.calibration_limit * args.calibration_seq_length * 16)  # ample for the tokens needed
             tokenizer = load_tokenizer(args.tokenizer_path or args.checkpoint_path.parent / "tokenizer.model")
-        from generate import load_model
+        from generate import atomic_save, load_model
         t0 = time.perf_counter()
         model = load_model(args.checkpoint_path, args.device, precision=None)  # keep the stored dtypes
         # load_model marks quantized files (an isinstance test would miss them: run as a script, this module is
@@ -462,12 +462,7 @@ def main(argv=None):
         sys.exit(f"error: {e}")
     meta["source"] = str(args.checkpoint_path)
     state = {k: v.cpu() for k, v in state.items()}
-    tmp = out.with_name(f".{out.name}.tmp{os.getpid()}")
-    try:
-        torch.save({"quantization": meta, "state_dict": state}, tmp)
-        os.replace(tmp, out)
-    finally:
-        tmp.unlink(missing_ok=True)
+    atomic_save({"quantization": meta, "state_dict": state}, out)
     kept = [f"{n} ({why})" for n, why in meta["layers"].items() if why not in ("int8", "int4")]
     if kept:
         print(f"not quantized: {'; '.join(kept)}", file=sys.stderr)

@@ -8,7 +8,6 @@ tokenizer (Llama-3's original/tokenizer.model) to tokenizer.model beside the che
 """
 import argparse
 import json
-import os
 import shutil
 import sys
 import zipfile
@@ -18,9 +17,9 @@ import torch
 from tqdm import tqdm
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from model import ModelArgs  # noqa: E402
+from generate import atomic_save  # noqa: E402
+from model import CONFIG_NAME, ModelArgs  # noqa: E402
 
-CONFIG_NAME = "model_config.json"  # our ModelArgs, read by every loader instead of guessing from the path
 LAYER_TENSORS = ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj", "mlp.gate_proj",
                  "mlp.up_proj", "mlp.down_proj", "input_layernorm", "post_attention_layernorm"]
 
@@ -92,15 +91,6 @@ def convert_state_dict(hf: dict, config: ModelArgs) -> dict:
         out[p + "attention_norm.weight"] = w["input_layernorm"]
         out[p + "ffn_norm.weight"] = w["post_attention_layernorm"]
     return {k: v.contiguous() for k, v in out.items()}
-
-
-def atomic_save(obj, path: Path, save=torch.save):
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    try:
-        save(obj, tmp)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 def convert(checkpoint_dir, output_name: str = "model.pth") -> Path:
