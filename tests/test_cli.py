@@ -251,3 +251,21 @@ def test_profile_writes_a_chrome_trace(ckpt, tmp_path):
     assert_ran_cleanly(proc)
     events = json.loads(trace.read_text())["traceEvents"]
     assert any("aten::" in e.get("name", "") for e in events)  # the model's ops were recorded
+
+
+def test_ignore_eos_generates_max_new_tokens(ckpt, tmp_path):
+    d, tok, model = ckpt
+    # a prompt whose greedy continuation reaches EOS early, so --ignore_eos has something to change
+    for text in english_ish(400, seed=5):
+        res = generate.generate(model, [tok.encode(text)], N_NEW, SamplingConfig(temperature=0), tok.eos_ids)
+        if res.stopped[0] and len(res.tokens[0]) < N_NEW:
+            break
+    else:
+        pytest.fail("no prompt reaches EOS within the budget; the fixture model changed")
+    counts = {}
+    for flag in ([], ["--ignore_eos"]):
+        metrics = tmp_path / f"m{len(flag)}.json"
+        proc = run_cli("--checkpoint_path", d / "model.pth", "--prompt", text, *BASE, *flag, "--metrics_json", metrics)
+        assert_ran_cleanly(proc)
+        counts[bool(flag)] = json.loads(metrics.read_text())["samples"][0]["new_tokens"][0]
+    assert counts == {False: len(res.tokens[0]), True: N_NEW}

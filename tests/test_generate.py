@@ -63,6 +63,30 @@ def test_compiled_greedy_equals_eager(mha, compiled_steps, prompt_ids):
     assert gen(ours, [other], steps=compiled_steps).tokens == gen(ours, [other]).tokens
 
 
+def test_compiled_prefill_equals_eager(mha, batch_prompts):
+    """--compile_prefill: prefill compiled with dynamic shapes gives the same greedy tokens for prompts of several
+    lengths (one batch left-padded, then single prompts) without a recompile per length."""
+    _, ours = mha
+    torch._dynamo.reset()
+    steps = generate.compile_steps("cpu", compile_prefill=True)
+    try:
+        assert gen(ours, batch_prompts, steps=steps).tokens == gen(ours, batch_prompts).tokens
+        for p in batch_prompts:
+            assert gen(ours, [p], steps=steps).tokens == gen(ours, [p]).tokens
+    finally:
+        torch._dynamo.reset()
+
+
+def test_float16_and_bfloat16_follow_float32(hf_checkpoint):
+    """Reduced precisions run the same model: their logits stay close to float32's (relative to the logits' scale)."""
+    _, d = hf_checkpoint("gqa")
+    x = torch.randint(0, 256, (1, 24), generator=torch.Generator().manual_seed(0))
+    ref = generate.load_model(d / "model.pth", "cpu", torch.float32)(x)
+    for dtype, tol in ((torch.float16, 5e-3), (torch.bfloat16, 5e-2)):  # ~ a few ulps of each format, summed over layers
+        out = generate.load_model(d / "model.pth", "cpu", dtype)(x)
+        assert ((out - ref).norm() / ref.norm()).item() < tol, dtype
+
+
 # ------------------------------------------------------------------------------------- batched generation
 
 
