@@ -119,9 +119,9 @@ PRESETS = {
 
 
 class Linear(nn.Linear):
-    """nn.Linear without bias that, for a single token on CPU, uses torch.mv: its bf16 kernel streams the weight
-    at about memory bandwidth, while mm's M=1 path reaches about 2/3 of that. (generate.cpu_inductor keeps
-    inductor from decomposing it, which would lose that again.)"""
+    """nn.Linear without bias that, for a single token on CPU, uses torch.addmv: ATen's bf16 GEMV streams the
+    weight about 1.4x faster than mm's M=1 path. (generate.cpu_inductor keeps inductor from decomposing it,
+    which would lose that again.)"""
 
     def __init__(self, in_features: int, out_features: int):
         super().__init__(in_features, out_features, bias=False)

@@ -128,7 +128,7 @@ def linear_names(model: nn.Module, quantize_output: bool) -> list:
             and (quantize_output or name != "output")]
 
 
-def int4_skip_reason(layer: nn.Linear, groupsize: int):
+def int4_skip_reason(layer: nn.Linear):
     if layer.out_features % 16:  # the CPU packing works on blocks of 16 output rows (CUDA on 8)
         return f"out_features {layer.out_features} is not a multiple of 16"
     return None
@@ -185,7 +185,7 @@ def quantize_model(model: nn.Module, mode: str, groupsize: int = 128, quantize_o
     names = linear_names(model, quantize_output)
     for name in tqdm(names, desc=f"quantizing to {mode}", disable=not progress, file=sys.stderr):
         layer = model.get_submodule(name)
-        reason = int4_skip_reason(layer, groupsize) if mode == "int4" else None
+        reason = int4_skip_reason(layer) if mode == "int4" else None
         if reason:
             layers[name] = f"kept in {layer.weight.dtype}: {reason}"
             continue
@@ -286,7 +286,7 @@ def gptq_quantize_model(model: nn.Module, sequences: list, groupsize: int = 128,
 
     def quantize_layers(linears: dict, hessians: dict, swap: bool):
         for name, layer in linears.items():
-            reason = int4_skip_reason(layer, groupsize)
+            reason = int4_skip_reason(layer)
             if reason:
                 layers[name] = f"kept in {layer.weight.dtype}: {reason}"
                 continue
@@ -313,9 +313,8 @@ def gptq_quantize_model(model: nn.Module, sequences: list, groupsize: int = 128,
             xs[j] = y  # quantized, in place: one set of activations is held
         bar.update()
     if quantize_output:  # from the final norm's output; not swapped in: nothing comes after it (and it may be tied)
-        normed = (model.norm(x).reshape(-1, model.config.dim).float() for x in xs)
-        H = 2 * sum(x.T @ x for x in normed) / sum(x.shape[1] for x in xs)
-        quantize_layers({"output": model.output}, {"output": H}, swap=False)
+        output = {"output": model.output}
+        quantize_layers(output, collect_hessians(output, (model.output(model.norm(x)) for x in xs)), swap=False)
         bar.update()
     bar.close()
     meta = {"mode": "int4-gptq", "groupsize": groupsize, "quantize_output": quantize_output, "layers": layers,
