@@ -171,8 +171,8 @@ class Transformer(nn.Module):
             return
         weight = self.output.weight
         dtype = weight.dtype if weight.is_floating_point() else self.tok_embeddings.weight.dtype
-        for layer in self.layers:
-            layer.attention.kv_cache = KVCache(max_batch_size, max_seq_len, self.config.n_kv_heads,
+        for layer in self.layers:  # the layer's own head count: under tensor parallelism, its local heads
+            layer.attention.kv_cache = KVCache(max_batch_size, max_seq_len, layer.attention.n_kv_heads,
                                                self.config.head_dim, dtype, weight.device)
         self.freqs_cis = precompute_freqs_cis(max_seq_len, self.config, weight.device)
         self.max_batch_size, self.max_seq_len = max_batch_size, max_seq_len

@@ -10,6 +10,7 @@ holds {"quantization": {...}, "state_dict": {...}}, and stores int4 weights in a
 for the device's kernel when loaded, so one file runs on CPU and CUDA.
 """
 import argparse
+import logging
 import os
 import sys
 import time
@@ -72,12 +73,19 @@ class Int8Linear(nn.Module):
         self.register_buffer("weight", torch.empty(out_features, in_features, dtype=torch.int8))
         self.register_buffer("scales", torch.empty(out_features))
 
+    @torch.no_grad()
+    def pack_for_device(self):
+        # ATen's CPU kernel reads rows in aligned 16-element blocks (a segfault with in_features=172), and inductor
+        # rewrites the generic path below into that kernel too: pad rows with zeros to a multiple of 32.
+        if self.weight.device.type == "cpu" and self.in_features % 32:
+            self.weight = F.pad(self.weight, (0, -self.in_features % 32))
+
     def forward(self, x: Tensor) -> Tensor:
-        # ATen's vectorised int8 x float CPU kernel; it reads past the end of rows whose length is not a multiple
-        # of 32 (a segfault with in_features=172), so such layers take the generic path.
-        if x.device.type == "cpu" and self.in_features % 32 == 0:
-            y = torch.ops.aten._weight_int8pack_mm(x.reshape(-1, self.in_features), self.weight,
-                                                   self.scales.to(x.dtype))
+        K = self.weight.shape[1]
+        if x.device.type == "cpu" and K % 32 == 0:  # ATen's vectorised int8 x bfloat16 CPU kernel
+            if K != self.in_features:
+                x = F.pad(x, (0, K - self.in_features))
+            y = torch.ops.aten._weight_int8pack_mm(x.reshape(-1, K), self.weight, self.scales.to(x.dtype))
             return y.view(*x.shape[:-1], -1)
         # On GPUs torch.compile fuses the int8 -> activation dtype conversion into the matmul's weight load.
         return F.linear(x, self.weight.to(x.dtype)) * self.scales.to(x.dtype)
@@ -150,7 +158,7 @@ def swap_in_quantized(model: nn.Module, layers: dict, groupsize: int = 0):
 
 def pack_for_device(model: nn.Module):
     for m in model.modules():
-        if isinstance(m, Int4Linear):
+        if isinstance(m, (Int8Linear, Int4Linear)):
             m.pack_for_device()
     return model
 
@@ -349,12 +357,13 @@ def lm_eval_text(tasks: list, max_chars: int) -> str:
     for var in ("HF_DATASETS_OFFLINE", "HF_HUB_OFFLINE"):  # use what is cached; never wait on a download
         os.environ.setdefault(var, "1")
     try:
-        from lm_eval.tasks import TaskManager, get_task_dict
+        from lm_eval.tasks import TaskManager
     except ImportError:
-        raise ValueError(f"--calibration_tasks needs lm-eval >= 0.4, which is not installed; {hint}") from None
+        raise ValueError(f"--calibration_tasks needs lm-eval >= 0.4.13, which is not installed; {hint}") from None
+    logging.getLogger("lm_eval").setLevel(logging.ERROR)  # its notes on task configs are not ours to print
     texts, chars = [], 0
     try:
-        for task in get_task_dict(list(tasks), TaskManager()).values():
+        for task in TaskManager().load(list(tasks))["tasks"].values():
             docs = task.training_docs() if task.has_training_docs() else \
                 task.validation_docs() if task.has_validation_docs() else task.test_docs()
             delimiter = getattr(task.config, "target_delimiter", " ")

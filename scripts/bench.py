@@ -2,6 +2,8 @@
 
     python scripts/bench.py --model stories110M --compile
     python scripts/bench.py --checkpoint_path checkpoints/<repo>/model.pth --compile --batch_size 4
+    python scripts/bench.py --model tinyllama-1.1b --compile --draft int4     # speculative: speed-up over plain
+    python scripts/bench.py --checkpoint_path .../model.pth --compile --prompt_lookup 3
 
 By default the preset is built with random weights (speed does not depend on their values), so no download or
 tokenizer is needed. The roofline is tokens/s x weight bytes / the read bandwidth this process measures on a
@@ -16,8 +18,10 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from generate import (CONFIG_NAME, PRECISIONS, SamplingConfig, compile_steps, decode_one_token, default_device,  # noqa: E402
-                      generate, load_model, peak_memory_bytes, prefill, weight_bytes, write_json)
+from generate import (CONFIG_NAME, PRECISIONS, SamplingConfig, acceptance_stats, check_draft,  # noqa: E402
+                      compile_speculative_steps, compile_steps, decode_one_token, default_device, draft_step,
+                      generate, load_model, peak_memory_bytes, prefill, speculative_generate, verify, weight_bytes,
+                      write_json)
 from model import PRESETS, ModelArgs, Transformer  # noqa: E402
 
 
@@ -76,6 +80,16 @@ def main(argv=None):
     p.add_argument("--quantize", choices=("int8", "int4"), help="round-to-nearest weight-only quantization first")
     p.add_argument("--groupsize", type=int, default=32, help="int4 group size")
     p.add_argument("--metrics_json", type=Path)
+    s = p.add_argument_group("speculative decoding (batch 1, greedy): tokens/s against plain decoding of the same "
+                             "target, runs alternating in this process")
+    s.add_argument("--draft", choices=("int8", "int4"), help="draft: a copy of the target quantized in memory")
+    s.add_argument("--draft_model", help="draft: a preset with random weights (e.g. stories15M)")
+    s.add_argument("--draft_checkpoint_path", type=Path, help="draft: this checkpoint")
+    s.add_argument("--prompt_lookup", type=int, metavar="N", help="no draft: prompt lookup with N-grams")
+    s.add_argument("--speculate_k", type=int, default=5)
+    s.add_argument("--prompt", help="prompt text (default: a built-in one; with --prompt_lookup, a passage to copy)")
+    s.add_argument("--tokenizer_path", type=Path, help="to encode the prompt (default: tokenizer.model beside "
+                   "--checkpoint_path); without one the prompt is --prompt_length random tokens")
     args = p.parse_args(argv)
 
     try:
@@ -89,6 +103,11 @@ def main(argv=None):
                 f"{label} {args.quantize}" + (f" g{args.groupsize}" if args.quantize != "int8" else "")
     except (FileNotFoundError, ValueError) as e:
         sys.exit(f"error: {e}")
+    if args.draft or args.draft_model or args.draft_checkpoint_path or args.prompt_lookup is not None:
+        try:
+            return bench_speculative(args, model, label, dtype)
+        except (FileNotFoundError, ValueError) as e:
+            sys.exit(f"error: {e}")
     wbytes = weight_bytes(model)
     gen = torch.Generator().manual_seed(0)
     prompts = torch.randint(0, model.config.vocab_size, (args.batch_size, args.prompt_length), generator=gen).tolist()
@@ -118,6 +137,103 @@ def main(argv=None):
           f"{args.device}: {tps:.1f} tokens/s, {metrics['achieved_bandwidth_gbps']:.1f} of "
           f"{metrics['measured_bandwidth_gbps']:.1f} GB/s = {metrics['roofline_fraction']:.0%} of roofline "
           f"(weights {wbytes / 1e6:.0f} MB, compile {compile_seconds:.0f}s)")
+    if args.metrics_json:
+        write_json(args.metrics_json, metrics)
+
+
+# An input-grounded task for prompt lookup: the answer copies the passage, as summaries, edits and RAG answers do.
+PASSAGE = (
+    "The lighthouse on the northern cape was built in 1871 from granite quarried two miles inland. Its lamp burned "
+    "colza oil until 1904, when it was replaced by a paraffin vapour burner, and it was electrified in 1953. The "
+    "keepers lived in two cottages at the foot of the tower and kept a daily log of the weather, passing ships and "
+    "the state of the lamp. In the winter of 1887 a storm broke the lantern glass, and the keepers kept the light "
+    "burning behind a screen of sailcloth for eleven nights until a new pane arrived by boat. The station was "
+    "automated in 1989; the cottages now house a small museum with the original lens, the logbooks and a model of "
+    "the tower, and the light still flashes white twice every fifteen seconds, visible for eighteen nautical miles.")
+LOOKUP_PROMPT = f"Read the passage and then repeat it word for word.\n\nPassage:\n{PASSAGE}\n\nRepeated passage:\n"
+DRAFT_PROMPT = "Once upon a time, in a small village by the sea, there lived"
+
+
+def bench_prompt(args, vocab_size: int) -> tuple[list, str]:
+    beside = args.checkpoint_path.parent / "tokenizer.model" if args.checkpoint_path else None
+    tok_path = args.tokenizer_path or beside
+    if tok_path is None or not tok_path.is_file():
+        if args.tokenizer_path or args.prompt:
+            raise FileNotFoundError(f"tokenizer not found: {tok_path}")
+        gen = torch.Generator().manual_seed(0)
+        return torch.randint(0, vocab_size, (args.prompt_length,), generator=gen).tolist(), "random tokens"
+    from tokenizer import load_tokenizer
+    text = args.prompt or (LOOKUP_PROMPT if args.prompt_lookup else DRAFT_PROMPT)
+    return load_tokenizer(tok_path).encode(text), "copy the passage" if text == LOOKUP_PROMPT else "text"
+
+
+def bench_speculative(args, model, label: str, dtype):
+    """Plain greedy decoding and speculative decoding of the same target, alternating, after a warm-up (compile) of
+    each: median tokens/s of each, the speed-up, the acceptance histogram, and whether the outputs agree."""
+    modes = [args.draft, args.draft_model, args.draft_checkpoint_path, args.prompt_lookup is not None]
+    if sum(map(bool, modes)) != 1:
+        raise ValueError("choose one of --draft, --draft_model, --draft_checkpoint_path and --prompt_lookup")
+    if args.batch_size != 1:
+        raise ValueError("speculative decoding needs --batch_size 1")
+    if args.draft and args.quantize:
+        raise ValueError("--draft quantizes the float target: with --quantize, use --draft_model or "
+                         "--draft_checkpoint_path")
+    K, draft = args.speculate_k, None
+    if args.draft:
+        draft = quantized(model, args.draft, args.groupsize, args.device, dtype)
+        proposer = f"draft: {args.draft}{f' g{args.groupsize}' if args.draft == 'int4' else ''} copy of the target"
+    elif args.draft_model:
+        if ModelArgs.from_name(args.draft_model).vocab_size != model.config.vocab_size:  # before building it
+            raise ValueError(f"--draft_model {args.draft_model}'s vocabulary differs from the target's")
+        draft = random_model(args.draft_model, args.device, dtype, seed=1)
+        proposer = f"draft: {args.draft_model} (random)"
+    elif args.draft_checkpoint_path:
+        draft = load_model(args.draft_checkpoint_path, args.device, dtype)
+        proposer = f"draft: {args.draft_checkpoint_path}"
+    else:
+        proposer = f"prompt lookup, {args.prompt_lookup}-grams"
+    if draft is not None:
+        check_draft(draft, model)
+    prompt, prompt_kind = bench_prompt(args, model.config.vocab_size)
+    greedy, N = SamplingConfig(temperature=0), args.max_new_tokens
+    spec_steps = (compile_speculative_steps(args.device) if args.compile
+                  else (prefill, decode_one_token, draft_step, verify))
+    # one KV cache size for both: no re-allocation (or CUDA graph re-capture) between the runs
+    cache = min(len(prompt) + N + K, model.config.max_seq_len)
+
+    def plain():
+        return generate(model, [prompt], N, greedy, max_seq_len=cache, steps=spec_steps[:2])
+
+    def speculative():
+        return speculative_generate(model, [prompt], N, greedy, draft_model=draft,
+                                    prompt_lookup=args.prompt_lookup or 0, speculate_k=K, max_seq_len=cache,
+                                    steps=spec_steps)
+
+    t0 = time.perf_counter()
+    plain(), speculative()  # warm-up, and compilation with --compile
+    compile_seconds = time.perf_counter() - t0 if args.compile else 0.0
+    runs = [(plain(), speculative()) for _ in range(args.num_samples)]
+    tps = statistics.median(p.decode_tokens_per_sec for p, _ in runs)
+    spec_tps = statistics.median(s.decode_tokens_per_sec for _, s in runs)
+    stats = acceptance_stats([n for _, s in runs for n in s.accepted], K)
+    same = sum(p.tokens == s.tokens for p, s in runs)
+    metrics = {
+        "model": label, "device": args.device, "precision": args.precision, "compile": args.compile,
+        "quantize": args.quantize, "proposer": proposer, "speculate_k": K, "prompt": prompt_kind,
+        "prompt_tokens": len(prompt), "new_tokens": N, "plain_tokens_per_sec": tps,
+        "speculative_tokens_per_sec": spec_tps, "speedup": spec_tps / tps, **stats,
+        "identical_outputs": f"{same}/{len(runs)}",
+        "plain_runs_tokens_per_sec": [p.decode_tokens_per_sec for p, _ in runs],
+        "speculative_runs_tokens_per_sec": [s.decode_tokens_per_sec for _, s in runs],
+        "compile_seconds": compile_seconds, "peak_memory_bytes": peak_memory_bytes(args.device),
+        "torch": torch.__version__,
+    }
+    mode = "compiled" if args.compile else "eager"
+    print(f"{label} {args.precision} {mode} on {args.device}, {proposer}, k={K}, "
+          f"prompt: {prompt_kind} ({len(prompt)} tokens): {spec_tps:.1f} tokens/s vs plain {tps:.1f} = "
+          f"{metrics['speedup']:.2f}x; accepted {stats['mean_accepted']:.2f} of {K} per verify step "
+          f"({stats['acceptance_rate']:.0%}), histogram {stats['acceptance_histogram']}; outputs identical in "
+          f"{same}/{len(runs)} runs (compile {compile_seconds:.0f}s)")
     if args.metrics_json:
         write_json(args.metrics_json, metrics)
 
