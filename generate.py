@@ -658,11 +658,13 @@ def run(args) -> int:
     if longest >= model.config.max_seq_len:
         raise ValueError(f"prompt of {longest} tokens does not fit the model's context of {model.config.max_seq_len}")
     print(f"Loaded {args.checkpoint_path} in {time.perf_counter() - t0:.2f}s", file=sys.stderr)
-    steps = compile_steps(args.device, args.compile_prefill) if args.compile else (prefill, decode_one_token)
-    gen = functools.partial(speculative_generate, **spec) if spec else generate
     if spec:
+        gen = functools.partial(speculative_generate, **spec)
         steps = compile_speculative_steps(args.device, args.compile_prefill) if args.compile else \
             (prefill, decode_one_token, draft_step, verify)
+    else:
+        gen = generate
+        steps = compile_steps(args.device, args.compile_prefill) if args.compile else (prefill, decode_one_token)
     if args.interactive:
         interactive_chat(model, tokenizer, sampling, args, steps)
         return 0
