@@ -681,7 +681,10 @@ def run(args) -> int:
     samples = []
     for i in range(args.num_samples):
         profiling = args.profile and i == args.num_samples - 1 and tp.rank() == 0
-        prof = torch.profiler.profile() if profiling else contextlib.nullcontext()
+        # trace CUDA kernels only when generating on CUDA (a CUDA build would set up CUPTI for a CPU run too)
+        activities = [torch.profiler.ProfilerActivity.CPU] + (
+            [torch.profiler.ProfilerActivity.CUDA] if args.device.startswith("cuda") else [])
+        prof = torch.profiler.profile(activities=activities) if profiling else contextlib.nullcontext()
         stream = StreamDecoder(tokenizer) if len(prompts) == 1 else None
 
         def show(step, token):

@@ -23,7 +23,9 @@ PROMPTS = ["The quick dog sees a red bird", "A king", "Yesterday the old farmer 
 
 
 def run_cli(*args) -> subprocess.CompletedProcess:
-    env = {**os.environ, "PYTHONIOENCODING": "utf-8", "OMP_NUM_THREADS": "1"}
+    # KINETO_LOG_LEVEL: a CUDA build of torch profiling on a machine with no GPU logs "ERROR ... gpuGetDeviceCount
+    # failed" from its profiler library (seen with torch 2.11+cu130); not ours, and it would trip assert_ran_cleanly
+    env = {**os.environ, "PYTHONIOENCODING": "utf-8", "OMP_NUM_THREADS": "1", "KINETO_LOG_LEVEL": "5"}
     proc = subprocess.run([sys.executable, "generate.py", *map(str, args)], cwd=ROOT, env=env, capture_output=True,
                           timeout=300)
     # bytes, decoded here: text mode would turn a generated "\r" into "\n"

@@ -1,0 +1,92 @@
+"""One-token matmul (GEMV) speed of the kernels a decode step runs on: bf16, int8 and int4 weights.
+
+    python scripts/bench_gemv.py                 # tinyllama's w1|w3 shape, weights streamed from DRAM
+    python scripts/bench_gemv.py --cached        # one matrix over and over: it stays in cache (compute ceiling)
+    python scripts/bench_gemv.py --out_features 4096 --in_features 4096 --threads 1
+
+Decode is a chain of GEMVs over weights read once per token, so its speed is set by how fast each kernel streams
+weights from memory. By default the benchmark cycles through enough copies of the matrix (about 1 GB of int8) that
+no cache holds them, which is what happens in a model bigger than the last-level cache. Reported: G weights/s and
+GB/s of weight bytes (median of --repeats passes), and this process's plain read bandwidth for comparison.
+"""
+import argparse
+import copy
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from model import Linear  # noqa: E402
+from quantize import Int4Linear, Int8Linear, quantize_linear  # noqa: E402
+
+
+def median_seconds(layers, x, repeats):
+    for layer in layers[:2]:  # warm-up
+        layer(x)
+    times = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        for layer in layers:
+            layer(x)
+        times.append(time.perf_counter() - t)
+    return statistics.median(times)
+
+
+def read_bandwidth(nbytes):
+    buf = torch.ones(nbytes // 4)
+    times = []
+    for _ in range(5):
+        t = time.perf_counter()
+        buf.sum().item()
+        times.append(time.perf_counter() - t)
+    return nbytes / statistics.median(times)
+
+
+@torch.no_grad()
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out_features", type=int, default=11264)
+    p.add_argument("--in_features", type=int, default=2048)
+    p.add_argument("--threads", type=int, default=torch.get_num_threads())
+    p.add_argument("--cached", action="store_true", help="reuse one matrix, so it stays in cache")
+    p.add_argument("--stream_bytes", type=float, default=0.9e9, help="int8 bytes cycled through when not --cached")
+    p.add_argument("--groupsizes", type=int, nargs="+", default=[32, 64, 128, 256])
+    p.add_argument("--repeats", type=int, default=5)
+    args = p.parse_args()
+    if not set(args.groupsizes) <= {32, 64, 128, 256}:
+        sys.exit("error: --groupsizes must be among 32 64 128 256")
+    if args.in_features % max(args.groupsizes) or args.out_features % 16:  # what the int4 CPU packer takes
+        sys.exit(f"error: --in_features must be a multiple of {max(args.groupsizes)} (the largest group size) "
+                 "and --out_features a multiple of 16")
+    torch.set_num_threads(args.threads)
+    N, K = args.out_features, args.in_features
+    calls = max(2, round(args.stream_bytes / (N * K)))  # layers per pass: distinct copies, or one repeated
+    where = "one matrix, cached" if args.cached else f"{calls} copies cycled, streamed from memory"
+    print(f"{N} x {K} weights, {where}, {torch.get_num_threads()} threads, torch {torch.__version__}")
+    x = torch.randn(1, K, dtype=torch.bfloat16)
+    dense = Linear(K, N).to(torch.bfloat16)
+
+    def report(name, layer):
+        layers = [layer] * calls if args.cached else [layer] + [copy.deepcopy(layer) for _ in range(calls - 1)]
+        t = median_seconds(layers, x, args.repeats)
+        nbytes = sum(b.numel() * b.element_size() for b in [*layer.parameters(), *layer.buffers()])
+        print(f"{name:34s} {N * K * calls / t / 1e9:6.2f} G weights/s {nbytes * calls / t / 1e9:6.2f} GB/s", flush=True)
+
+    report("bf16 (model.Linear: addmv)", dense)
+    int8 = Int8Linear(K, N)
+    int8.load_state_dict(quantize_linear(dense, "int8", 0))
+    int8.to(torch.bfloat16).pack_for_device()  # scales in the activation dtype, as generate.load_model leaves them
+    report("int8 (Int8Linear: int8pack_mm)", int8)
+    for g in args.groupsizes:
+        int4 = Int4Linear(K, N, g)
+        int4.load_state_dict(quantize_linear(dense, "int4", g))
+        int4.to(torch.bfloat16).pack_for_device()
+        report(f"int4 g{g} (Int4Linear: int4pack_mm)", int4)
+    print(f"read bandwidth (float32 sum over 1 GiB): {read_bandwidth(1 << 30) / 1e9:.2f} GB/s")
+
+
+if __name__ == "__main__":
+    main()
