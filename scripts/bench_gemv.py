@@ -5,7 +5,7 @@
     python scripts/bench_gemv.py --out_features 4096 --in_features 4096 --threads 1
 
 Decode is a chain of GEMVs over weights read once per token, so its speed is set by how fast each kernel streams
-weights from memory. By default the benchmark cycles through enough copies of the matrix (about 1 GB of int8) that
+weights from memory. By default the benchmark cycles through enough copies of the matrix (0.9 GB of int8) that
 no cache holds them, which is what happens in a model bigger than the last-level cache. Reported: G weights/s and
 GB/s of weight bytes (median of --repeats passes), and this process's plain read bandwidth for comparison.
 """
@@ -21,6 +21,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from model import Linear  # noqa: E402
 from quantize import Int4Linear, Int8Linear, quantize_linear  # noqa: E402
+from scripts.bench import measure_bandwidth  # noqa: E402
 
 
 def median_seconds(layers, x, repeats):
@@ -33,16 +34,6 @@ def median_seconds(layers, x, repeats):
             layer(x)
         times.append(time.perf_counter() - t)
     return statistics.median(times)
-
-
-def read_bandwidth(nbytes):
-    buf = torch.ones(nbytes // 4)
-    times = []
-    for _ in range(5):
-        t = time.perf_counter()
-        buf.sum().item()
-        times.append(time.perf_counter() - t)
-    return nbytes / statistics.median(times)
 
 
 @torch.no_grad()
@@ -85,7 +76,7 @@ def main():
         int4.load_state_dict(quantize_linear(dense, "int4", g))
         int4.to(torch.bfloat16).pack_for_device()
         report(f"int4 g{g} (Int4Linear: int4pack_mm)", int4)
-    print(f"read bandwidth (float32 sum over 1 GiB): {read_bandwidth(1 << 30) / 1e9:.2f} GB/s")
+    print(f"read bandwidth (float32 sum over 1 GiB): {measure_bandwidth('cpu', 1 << 30) / 1e9:.2f} GB/s")
 
 
 if __name__ == "__main__":
