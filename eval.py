@@ -22,21 +22,21 @@ from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
 from tqdm import tqdm
 
 import tp
-from generate import (PRECISIONS, SamplingConfig, cli_main, compile_steps, default_device, generate, load_model,
-                      write_json)
+from checkpoint import check_vocab, load_model, tokenizer_path, write_json
+from cli import PRECISIONS, add_model_args, check_device, cli_main
+from decoding import generate, make_steps
+from sampling import SamplingConfig
 from tokenizer import StreamDecoder, load_tokenizer
 
 DEFAULT_MAX_LENGTH = 2048  # scoring windows default to this or the model's context, whichever is shorter
 
 
-def load(checkpoint_path: Path, tokenizer_path: Path | None = None, device="cpu", precision=torch.bfloat16,
+def load(checkpoint_path: Path, given: Path | None = None, device="cpu", precision=torch.bfloat16,
          tensor_parallel: bool = False):
     """(model, tokenizer) for evaluation; tensor_parallel: this rank's shard (see tp.py)."""
     model = load_model(checkpoint_path, device, precision, tensor_parallel)
-    tokenizer = load_tokenizer(tokenizer_path or Path(checkpoint_path).parent / "tokenizer.model")
-    if tokenizer.vocab_size > model.config.vocab_size:
-        raise ValueError(f"tokenizer has {tokenizer.vocab_size} tokens but the model only {model.config.vocab_size}:"
-                         " wrong --tokenizer_path?")
+    tokenizer = load_tokenizer(tokenizer_path(checkpoint_path, given))
+    check_vocab(tokenizer, model)
     return model, tokenizer
 
 
@@ -58,7 +58,9 @@ class LlamaFastLM(TemplateLM):
         self._device = model.output.weight.device
         # Scoring sees every sequence length; generation decodes over a KV cache of one fixed length when compiled.
         self.score = torch.compile(model, dynamic=True) if compile else model
-        self.steps = compile_steps(self.device.type) if compile else None
+        self.steps = make_steps(self.device.type, compile)
+        # compiled decoding keeps one KV cache length, so that the decode step is one graph
+        self.cache_len = self.max_length if compile else 0
 
     @property
     def eot_token_id(self) -> int:
@@ -178,8 +180,8 @@ class LlamaFastLM(TemplateLM):
                         done[row] = any(s in texts[row] for s in until)
             return all(done)  # ends generation early once every row has its answer
 
-        extra = {"steps": self.steps, "max_seq_len": self.max_length} if self.steps else {}
-        generate(self.model, prompts, max_gen_toks, sampling, self.tok.eos_ids, on_token=on_token, **extra)
+        generate(self.model, prompts, max_gen_toks, sampling, self.tok.eos_ids, on_token=on_token,
+                 steps=self.steps, cache_len=self.cache_len)
         texts = [text + stream.flush() for text, stream in zip(texts, streams)]
         return [min((t.split(s)[0] for s in until), key=len, default=t) for t in texts]
 
@@ -203,8 +205,7 @@ def text_perplexity(lm: LlamaFastLM, path: Path) -> dict:
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description="Evaluate a checkpoint on lm-eval tasks or a local text file.")
-    p.add_argument("--checkpoint_path", type=Path, default=Path("checkpoints/meta-llama/Llama-2-7b-chat-hf/model.pth"))
-    p.add_argument("--tokenizer_path", type=Path, help="default: tokenizer.model beside the checkpoint")
+    add_model_args(p)
     p.add_argument("--tasks", nargs="+", default=[], metavar="TASK", help="lm-eval task, group or tag names")
     p.add_argument("--text_file", type=Path, help="also report the perplexity of this text file (e.g. WikiText-2)")
     p.add_argument("--include_path", type=Path, help="a folder of extra task YAMLs")
@@ -215,8 +216,6 @@ def build_parser() -> argparse.ArgumentParser:
                    help=f"scoring window and generation context (default: the model's context, at most "
                         f"{DEFAULT_MAX_LENGTH})")
     p.add_argument("--compile", action="store_true", help="torch.compile scoring (dynamic shapes) and decoding")
-    p.add_argument("--device", default=default_device())
-    p.add_argument("--precision", choices=PRECISIONS, default="bfloat16")
     p.add_argument("--output_path", type=Path, help="write the results here as JSON")
     return p
 
@@ -242,8 +241,7 @@ def run(args) -> int:
         raise ValueError("--limit must be a whole number of documents or a fraction in (0, 1)")
     if args.batch_size < 1 or args.max_seq_length < 0:
         raise ValueError("--batch_size must be >= 1 and --max_seq_length >= 0")
-    if args.device.startswith("cuda") and not torch.cuda.is_available():
-        raise ValueError(f"--device {args.device}: CUDA is not available")
+    check_device(args.device)
     if not args.checkpoint_path.is_file():
         raise FileNotFoundError(f"checkpoint not found: {args.checkpoint_path}")
     if args.text_file and not args.text_file.is_file():

@@ -120,7 +120,7 @@ PRESETS = {
 
 class Linear(nn.Linear):
     """nn.Linear without bias that, for a single token on CPU, uses torch.addmv: ATen's bf16 GEMV streams the
-    weight about 1.4x faster than mm's M=1 path. (generate.cpu_inductor keeps inductor from decomposing it,
+    weight about 1.4x faster than mm's M=1 path. (decoding.cpu_inductor keeps inductor from decomposing it,
     which would lose that again.)"""
 
     def __init__(self, in_features: int, out_features: int):
@@ -134,12 +134,12 @@ class Linear(nn.Linear):
 
 
 class KVCache(nn.Module):
-    """Preallocated (batch, n_kv_heads, max_seq_len, head_dim) keys and values, written in place so every
+    """Preallocated (batch, n_kv_heads, cache_len, head_dim) keys and values, written in place so every
     decode step sees the same shapes and compiles to one graph."""
 
-    def __init__(self, max_batch_size, max_seq_len, n_kv_heads, head_dim, dtype, device=None):
+    def __init__(self, max_batch_size, cache_len, n_kv_heads, head_dim, dtype, device=None):
         super().__init__()
-        shape = (max_batch_size, n_kv_heads, max_seq_len, head_dim)
+        shape = (max_batch_size, n_kv_heads, cache_len, head_dim)
         self.register_buffer("k_cache", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
         self.register_buffer("v_cache", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
 
@@ -161,28 +161,32 @@ class Transformer(nn.Module):
         if config.tie_embeddings:
             self.output.weight = self.tok_embeddings.weight
         self.register_buffer("freqs_cis", None, persistent=False)
-        self.max_batch_size = self.max_seq_len = 0
+        # the KV cache's shape; config.max_seq_len is the context the model was trained for, cache_len <= it
+        self.max_batch_size = self.cache_len = 0
 
-    def setup_caches(self, max_batch_size: int, max_seq_len: int):
-        """Allocate KV caches and the RoPE table for up to max_batch_size sequences of max_seq_len tokens."""
-        if max_seq_len > self.config.max_seq_len:
-            raise ValueError(f"{max_seq_len} tokens exceed the model's context of {self.config.max_seq_len}")
-        if (max_batch_size, max_seq_len) == (self.max_batch_size, self.max_seq_len):
+    def setup_caches(self, max_batch_size: int, cache_len: int):
+        """Allocate KV caches and the RoPE table for up to max_batch_size sequences of cache_len tokens."""
+        if cache_len > self.config.max_seq_len:
+            raise ValueError(f"{cache_len} tokens exceed the model's context of {self.config.max_seq_len}")
+        if (max_batch_size, cache_len) == (self.max_batch_size, self.cache_len):
             return
         weight = self.output.weight
         dtype = weight.dtype if weight.is_floating_point() else self.tok_embeddings.weight.dtype
         for layer in self.layers:  # the layer's own head count: under tensor parallelism, its local heads
-            layer.attention.kv_cache = KVCache(max_batch_size, max_seq_len, layer.attention.n_kv_heads,
+            layer.attention.kv_cache = KVCache(max_batch_size, cache_len, layer.attention.n_kv_heads,
                                                self.config.head_dim, dtype, weight.device)
-        self.freqs_cis = precompute_freqs_cis(max_seq_len, self.config, weight.device)
-        self.max_batch_size, self.max_seq_len = max_batch_size, max_seq_len
+        self.freqs_cis = precompute_freqs_cis(cache_len, self.config, weight.device)
+        self.max_batch_size, self.cache_len = max_batch_size, cache_len
 
     def forward(self, idx: Tensor, input_pos: Tensor | None = None, left_pad: Tensor | None = None,
-                last_only: bool = False) -> Tensor:
+                last_only: bool = False, mask: Tensor | None = None) -> Tensor:
         """idx: (B, T) token ids; input_pos: (T,) cache positions they are written to (None: no cache, a plain
         causal forward from position 0); left_pad: (B,) number of padding slots at the start of each row, which
-        are masked out and do not count as positions for RoPE. Returns float logits (B, T or 1, vocab)."""
-        freqs, mask = self.block_inputs(idx.shape[0], idx.shape[1], idx.device, input_pos, left_pad)
+        are masked out and do not count as positions for RoPE. mask: (B or 1, T, cache_len) bool, the cache slots
+        each new token attends to, for attention shapes that positions do not describe (e.g. a tree of candidate
+        continuations); default: every slot up to the token's own position. Returns float logits (B, T or 1, V)."""
+        freqs, causal = self.block_inputs(idx.shape[0], idx.shape[1], idx.device, input_pos, left_pad)
+        mask = causal if mask is None else mask[:, None]
         x = self.tok_embeddings(idx)
         for layer in self.layers:
             x = layer(x, freqs, mask, input_pos)
@@ -198,7 +202,7 @@ class Transformer(nn.Module):
             freqs_cis, n_keys = precompute_freqs_cis(T, self.config, device), T
         else:
             assert self.freqs_cis is not None, "call setup_caches() before decoding with a KV cache"
-            pos, freqs_cis, n_keys = input_pos, self.freqs_cis, self.max_seq_len
+            pos, freqs_cis, n_keys = input_pos, self.freqs_cis, self.cache_len
         key_pos = torch.arange(n_keys, device=device)
         mask = key_pos <= pos[:, None]  # (T, S) causal
         rope_pos = pos.expand(B, T)

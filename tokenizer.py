@@ -67,8 +67,6 @@ B_SYS, E_SYS = "<<SYS>>\n", "\n<</SYS>>\n\n"
 
 
 class SentencePieceTokenizer:
-    kind = "sentencepiece"
-
     def __init__(self, sp: spm.SentencePieceProcessor):
         if sp.get_piece_size() == 0:  # SentencePiece "loads" empty input as an empty model
             raise TokenizerError("not a SentencePiece model or a tiktoken BPE ranks file")
@@ -78,7 +76,6 @@ class SentencePieceTokenizer:
         self.vocab_size = sp.get_piece_size()
         self.bos_id = sp.bos_id()
         self.eos_ids = [sp.eos_id()]
-        self.pad_id = sp.pad_id() if sp.pad_id() >= 0 else sp.eos_id()
 
     def encode(self, text: str, bos: bool = True, eos: bool = False) -> list[int]:
         return [self.bos_id] * bos + self._sp.encode(text) + self.eos_ids * eos
@@ -162,8 +159,6 @@ def split_long_runs(s: str, max_run: int = MAX_RUN_CHARS):
 
 
 class TiktokenTokenizer:
-    kind = "tiktoken"
-
     def __init__(self, ranks: dict[bytes, int]):
         # Special ids are numbered from len(ranks), so ranks must be exactly 0..N-1;
         # tiktoken also needs every single byte to be able to encode any text.
@@ -178,7 +173,6 @@ class TiktokenTokenizer:
         self.eot_id = self.special_tokens["<|eot_id|>"]
         # Base models end with <|end_of_text|>, instruct models end turns with <|eot_id|>.
         self.eos_ids = [self.special_tokens["<|end_of_text|>"], self.eot_id]
-        self.pad_id = self.eos_ids[0]
 
     def encode(self, text: str, bos: bool = True, eos: bool = False) -> list[int]:
         ids = [self.bos_id] * bos

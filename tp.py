@@ -22,8 +22,6 @@ import torch.distributed as dist
 from torch import nn
 from torch.distributed import _functional_collectives as funcol
 
-from quantize import Int4Linear, Int8Linear
-
 # A rank that dies or hangs must not leave the others waiting for ever in a collective. Generous, because the
 # first collective of a compiled step waits for the slowest rank's compilation.
 DEFAULT_TIMEOUT_S = 600
@@ -111,24 +109,19 @@ def check_tp(model: nn.Module, world_size: int):
     for block in model.layers:
         for name, split_inputs in SHARDED:
             layer = block.get_submodule(name)
-            if not isinstance(layer, Int4Linear):
-                continue
-            if layer.kernel is not None:
-                raise ValueError("shard int4 layers before quantize.pack_for_device: packed codes cannot be split")
-            g = layer.groupsize
-            if split_inputs and layer.in_features % (g * world_size):
-                raise ValueError(f"int4 {name} has {layer.in_features} input features: {world_size} processes would "
-                                 f"split its groups of {g} (needs a multiple of {g * world_size})")
-            if not split_inputs and layer.out_features // world_size % 16:
-                raise ValueError(f"int4 {name} would have {layer.out_features // world_size} output features per "
-                                 f"process; the int4 kernels need a multiple of 16")
+            # a quantized layer says whether its format can be split so (e.g. int4 keeps whole groups)
+            why = layer.shard_error(name, world_size, split_inputs) if hasattr(layer, "shard_error") else None
+            if why:
+                raise ValueError(why)
 
 
 def _take(t: torch.Tensor, dim: int, parts: list, rank: int, world_size: int) -> torch.Tensor:
-    """This rank's 1/world_size of each of the consecutive `parts` of t along dim, concatenated (a copy, so the
-    full tensor, possibly memory-mapped from the checkpoint, is not kept alive)."""
+    """This rank's 1/world_size of each of the consecutive `parts` of t along dim (fractions of t.shape[dim], which
+    may hold features packed two per byte or one per group), concatenated (a copy, so the full tensor, possibly
+    memory-mapped from the checkpoint, is not kept alive)."""
+    scale = t.shape[dim] / sum(parts)
     chunks, start = [], 0
-    for size in parts:
+    for size in (round(p * scale) for p in parts):
         step = size // world_size
         chunks.append(t.narrow(dim, start + rank * step, step))
         start += size
@@ -141,25 +134,20 @@ def _replace(layer: nn.Module, name: str, t: torch.Tensor):
 
 
 def shard_output_features(layer: nn.Module, parts: list, rank: int, world_size: int):
-    """Column-parallel: keep this rank's share of each fused part (e.g. Q, K, V) of the output features."""
-    # the dimension that indexes output features, for each tensor of the layer
-    dims = {"weight": 0, "scales": 0} if isinstance(layer, Int8Linear) else \
-        {"weight": 0, "scales_and_zeros": 1} if isinstance(layer, Int4Linear) else {"weight": 0}
-    for name, dim in dims.items():
+    """Column-parallel: keep this rank's share of each fused part (e.g. Q, K, V) of the output features. A layer's
+    `output_dims` names the dimension of each of its tensors that indexes output features (a float Linear: the
+    weight's rows)."""
+    for name, dim in getattr(layer, "output_dims", {"weight": 0}).items():
         _replace(layer, name, _take(getattr(layer, name), dim, parts, rank, world_size))
     layer.out_features //= world_size
 
 
 def shard_input_features(layer: nn.Module, rank: int, world_size: int):
-    """Row-parallel: keep this rank's share of the input features; the outputs then need an all-reduce (sum)."""
-    K = layer.in_features
-    if isinstance(layer, Int4Linear):  # whole groups: codes are packed two per byte, scales and zeros are (K/g, N, 2)
-        _replace(layer, "weight", _take(layer.weight, 1, [K // 2], rank, world_size))
-        _replace(layer, "scales_and_zeros", _take(layer.scales_and_zeros, 0, [K // layer.groupsize], rank, world_size))
-        layer.padded_in = K // world_size
-    else:  # float and int8 (whose per-output-channel scales apply to the partial sums as they do to the total)
-        _replace(layer, "weight", _take(layer.weight, 1, [K], rank, world_size))
-    layer.in_features = K // world_size
+    """Row-parallel: keep this rank's share of the input features (`input_dims`, as output_dims); the outputs then
+    need an all-reduce (sum)."""
+    for name, dim in getattr(layer, "input_dims", {"weight": 1}).items():
+        _replace(layer, name, _take(getattr(layer, name), dim, [layer.in_features], rank, world_size))
+    layer.in_features //= world_size
 
 
 def _all_reduce_output(module, args, output):
@@ -168,7 +156,7 @@ def _all_reduce_output(module, args, output):
 
 def apply_tp(model: nn.Module, rank: int | None = None, world_size: int | None = None) -> nn.Module:
     """Shard a loaded Transformer in place for this rank of the default process group (see the module docstring).
-    Call it before moving the model to its device and before quantize.pack_for_device, so that a rank never holds
+    Call it before moving the model to its device and before qlinear.pack_for_device, so that a rank never holds
     the whole model on its device and int4 codes are still in their portable layout."""
     rank = dist.get_rank() if rank is None else rank
     world_size = dist.get_world_size() if world_size is None else world_size

@@ -12,17 +12,21 @@ buffer as large as the weights: 1.0 means every decode step streams the weights 
 import argparse
 import statistics
 import sys
+import tempfile
 import time
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from generate import (CONFIG_NAME, PRECISIONS, SamplingConfig, acceptance_stats, check_draft,  # noqa: E402
-                      compile_speculative_steps, compile_steps, decode_one_token, default_device, draft_step,
-                      generate, load_model, peak_memory_bytes, prefill, speculative_generate, verify, weight_bytes,
-                      write_json)
-from model import PRESETS, ModelArgs, Transformer  # noqa: E402
+from checkpoint import load_model, tokenizer_path, write_json  # noqa: E402
+from cli import PRECISIONS, check_device, default_device  # noqa: E402
+from decoding import generate, make_steps, peak_memory_bytes, weight_bytes  # noqa: E402
+from model import CONFIG_NAME, PRESETS, ModelArgs, Transformer  # noqa: E402
+from qlinear import quantize_model  # noqa: E402
+from sampling import SamplingConfig  # noqa: E402
+from speculative import DraftModel, PromptLookup, acceptance_stats, speculative_generate  # noqa: E402
+from tokenizer import load_tokenizer  # noqa: E402
 
 
 def random_model(name: str, device, dtype, seed: int = 0) -> Transformer:
@@ -41,8 +45,6 @@ def random_model(name: str, device, dtype, seed: int = 0) -> Transformer:
 def quantized(model: Transformer, mode: str, groupsize: int, device, dtype) -> Transformer:
     """Round-to-nearest quantize in memory, then load through a real quantized checkpoint file (what
     generate.py would run)."""
-    import tempfile
-    from quantize import quantize_model
     state, meta = quantize_model(model, mode, groupsize, progress=False)
     with tempfile.TemporaryDirectory() as tmp:
         model.config.save(Path(tmp) / CONFIG_NAME)
@@ -66,7 +68,7 @@ def measure_bandwidth(device, nbytes: int, repeats: int = 10) -> float:
     return buf.numel() * 4 / statistics.median(times[1:])
 
 
-def main(argv=None):
+def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="stories110M", help=f"preset with random weights: {', '.join(PRESETS)}")
     p.add_argument("--checkpoint_path", type=Path, help="benchmark a real checkpoint instead of a preset")
@@ -90,29 +92,40 @@ def main(argv=None):
     s.add_argument("--prompt", help="prompt text (default: a built-in one; with --prompt_lookup, a passage to copy)")
     s.add_argument("--tokenizer_path", type=Path, help="to encode the prompt (default: tokenizer.model beside "
                    "--checkpoint_path); without one the prompt is --prompt_length random tokens")
-    args = p.parse_args(argv)
+    return p
 
+
+def load_target(args, dtype) -> tuple[Transformer, str]:
+    """The model to benchmark and its label: a checkpoint or a random preset, quantized in memory if asked."""
+    if args.checkpoint_path:
+        model, label = load_model(args.checkpoint_path, args.device, dtype), str(args.checkpoint_path)
+    else:
+        model, label = random_model(args.model, args.device, dtype), f"{args.model} (random weights)"
+    if args.quantize:
+        model = quantized(model, args.quantize, args.groupsize, args.device, dtype)
+        label += f" {args.quantize}" + (f" g{args.groupsize}" if args.quantize != "int8" else "")
+    return model, label
+
+
+def main(argv=None):
+    args = build_parser().parse_args(argv)
     try:
+        check_device(args.device)
         dtype = PRECISIONS[args.precision]
-        if args.checkpoint_path:
-            model, label = load_model(args.checkpoint_path, args.device, dtype), str(args.checkpoint_path)
-        else:
-            model, label = random_model(args.model, args.device, dtype), f"{args.model} (random weights)"
-        if args.quantize:
-            model, label = quantized(model, args.quantize, args.groupsize, args.device, dtype), \
-                f"{label} {args.quantize}" + (f" g{args.groupsize}" if args.quantize != "int8" else "")
+        model, label = load_target(args, dtype)
+        if args.draft or args.draft_model or args.draft_checkpoint_path or args.prompt_lookup is not None:
+            return bench_speculative(args, model, label, dtype)
     except (FileNotFoundError, ValueError) as e:
         sys.exit(f"error: {e}")
-    if args.draft or args.draft_model or args.draft_checkpoint_path or args.prompt_lookup is not None:
-        try:
-            return bench_speculative(args, model, label, dtype)
-        except (FileNotFoundError, ValueError) as e:
-            sys.exit(f"error: {e}")
+    bench_plain(args, model, label)
+
+
+def bench_plain(args, model: Transformer, label: str):
+    """Greedy decoding of random prompts: median tokens/s after a warm-up (compile) run, and the roofline."""
     wbytes = weight_bytes(model)
     gen = torch.Generator().manual_seed(0)
     prompts = torch.randint(0, model.config.vocab_size, (args.batch_size, args.prompt_length), generator=gen).tolist()
-    greedy = SamplingConfig(temperature=0)
-    steps = compile_steps(args.device) if args.compile else (prefill, decode_one_token)
+    greedy, steps = SamplingConfig(temperature=0), make_steps(args.device, args.compile)
 
     def run():
         return generate(model, prompts, args.max_new_tokens, greedy, steps=steps)
@@ -155,21 +168,19 @@ DRAFT_PROMPT = "Once upon a time, in a small village by the sea, there lived"
 
 
 def bench_prompt(args, vocab_size: int) -> tuple[list, str]:
-    beside = args.checkpoint_path.parent / "tokenizer.model" if args.checkpoint_path else None
-    tok_path = args.tokenizer_path or beside
+    tok_path = tokenizer_path(args.checkpoint_path, args.tokenizer_path) if args.checkpoint_path else \
+        args.tokenizer_path
     if tok_path is None or not tok_path.is_file():
         if args.tokenizer_path or args.prompt:
             raise FileNotFoundError(f"tokenizer not found: {tok_path}")
         gen = torch.Generator().manual_seed(0)
         return torch.randint(0, vocab_size, (args.prompt_length,), generator=gen).tolist(), "random tokens"
-    from tokenizer import load_tokenizer
     text = args.prompt or (LOOKUP_PROMPT if args.prompt_lookup else DRAFT_PROMPT)
     return load_tokenizer(tok_path).encode(text), "copy the passage" if text == LOOKUP_PROMPT else "text"
 
 
-def bench_speculative(args, model, label: str, dtype):
-    """Plain greedy decoding and speculative decoding of the same target, alternating, after a warm-up (compile) of
-    each: median tokens/s of each, the speed-up, the acceptance histogram, and whether the outputs agree."""
+def make_proposer(args, model: Transformer, dtype):
+    """(the proposer, how to describe it) for --draft, --draft_model, --draft_checkpoint_path or --prompt_lookup."""
     modes = [args.draft, args.draft_model, args.draft_checkpoint_path, args.prompt_lookup is not None]
     if sum(map(bool, modes)) != 1:
         raise ValueError("choose one of --draft, --draft_model, --draft_checkpoint_path and --prompt_lookup")
@@ -178,36 +189,41 @@ def bench_speculative(args, model, label: str, dtype):
     if args.draft and args.quantize:
         raise ValueError("--draft quantizes the float target: with --quantize, use --draft_model or "
                          "--draft_checkpoint_path")
-    K, draft = args.speculate_k, None
+    if args.prompt_lookup is not None:
+        return PromptLookup(args.prompt_lookup), f"prompt lookup, {args.prompt_lookup}-grams"
     if args.draft:
         draft = quantized(model, args.draft, args.groupsize, args.device, dtype)
-        proposer = f"draft: {args.draft}{f' g{args.groupsize}' if args.draft == 'int4' else ''} copy of the target"
+        source = f"draft: {args.draft}{f' g{args.groupsize}' if args.draft == 'int4' else ''} copy of the target"
     elif args.draft_model:
         if ModelArgs.from_name(args.draft_model).vocab_size != model.config.vocab_size:  # before building it
             raise ValueError(f"--draft_model {args.draft_model}'s vocabulary differs from the target's")
         draft = random_model(args.draft_model, args.device, dtype, seed=1)
-        proposer = f"draft: {args.draft_model} (random)"
-    elif args.draft_checkpoint_path:
-        draft = load_model(args.draft_checkpoint_path, args.device, dtype)
-        proposer = f"draft: {args.draft_checkpoint_path}"
+        source = f"draft: {args.draft_model} (random)"
     else:
-        proposer = f"prompt lookup, {args.prompt_lookup}-grams"
-    if draft is not None:
-        check_draft(draft, model)
+        draft = load_model(args.draft_checkpoint_path, args.device, dtype)
+        source = f"draft: {args.draft_checkpoint_path}"
+    proposer = DraftModel(draft)
+    proposer.check(model)
+    return proposer, source
+
+
+def bench_speculative(args, model, label: str, dtype):
+    """Plain greedy decoding and speculative decoding of the same target, alternating, after a warm-up (compile) of
+    each: median tokens/s of each, the speed-up, the acceptance histogram, and whether the outputs agree."""
+    proposer, source = make_proposer(args, model, dtype)
+    K = args.speculate_k
     prompt, prompt_kind = bench_prompt(args, model.config.vocab_size)
     greedy, N = SamplingConfig(temperature=0), args.max_new_tokens
-    spec_steps = (compile_speculative_steps(args.device) if args.compile
-                  else (prefill, decode_one_token, draft_step, verify))
+    steps = make_steps(args.device, args.compile)
     # one KV cache size for both: no re-allocation (or CUDA graph re-capture) between the runs
     cache = min(len(prompt) + N + K, model.config.max_seq_len)
 
     def plain():
-        return generate(model, [prompt], N, greedy, max_seq_len=cache, steps=spec_steps[:2])
+        return generate(model, [prompt], N, greedy, cache_len=cache, steps=steps)
 
     def speculative():
-        return speculative_generate(model, [prompt], N, greedy, draft_model=draft,
-                                    prompt_lookup=args.prompt_lookup or 0, speculate_k=K, max_seq_len=cache,
-                                    steps=spec_steps)
+        return speculative_generate(model, [prompt], N, greedy, proposer=proposer, speculate_k=K, cache_len=cache,
+                                    steps=steps)
 
     t0 = time.perf_counter()
     plain(), speculative()  # warm-up, and compilation with --compile
@@ -219,7 +235,7 @@ def bench_speculative(args, model, label: str, dtype):
     same = sum(p.tokens == s.tokens for p, s in runs)
     metrics = {
         "model": label, "device": args.device, "precision": args.precision, "compile": args.compile,
-        "quantize": args.quantize, "proposer": proposer, "speculate_k": K, "prompt": prompt_kind,
+        "quantize": args.quantize, "proposer": source, "speculate_k": K, "prompt": prompt_kind,
         "prompt_tokens": len(prompt), "new_tokens": N, "plain_tokens_per_sec": tps,
         "speculative_tokens_per_sec": spec_tps, "speedup": spec_tps / tps, **stats,
         "identical_outputs": f"{same}/{len(runs)}",
@@ -229,7 +245,7 @@ def bench_speculative(args, model, label: str, dtype):
         "torch": torch.__version__,
     }
     mode = "compiled" if args.compile else "eager"
-    print(f"{label} {args.precision} {mode} on {args.device}, {proposer}, k={K}, "
+    print(f"{label} {args.precision} {mode} on {args.device}, {source}, k={K}, "
           f"prompt: {prompt_kind} ({len(prompt)} tokens): {spec_tps:.1f} tokens/s vs plain {tps:.1f} = "
           f"{metrics['speedup']:.2f}x; accepted {stats['mean_accepted']:.2f} of {K} per verify step "
           f"({stats['acceptance_rate']:.0%}), histogram {stats['acceptance_histogram']}; outputs identical in "

@@ -20,7 +20,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from model import Linear  # noqa: E402
-from quantize import Int4Linear, Int8Linear, quantize_linear  # noqa: E402
+from qlinear import Int4Linear, Int8Linear, quantize_linear  # noqa: E402
 from scripts.bench import measure_bandwidth  # noqa: E402
 
 
@@ -69,7 +69,7 @@ def main():
     report("bf16 (model.Linear: addmv)", dense)
     int8 = Int8Linear(K, N)
     int8.load_state_dict(quantize_linear(dense, "int8", 0))
-    int8.to(torch.bfloat16).pack_for_device()  # scales in the activation dtype, as generate.load_model leaves them
+    int8.to(torch.bfloat16).pack_for_device()  # scales in the activation dtype, as checkpoint.load_model leaves them
     report("int8 (Int8Linear: int8pack_mm)", int8)
     for g in args.groupsizes:
         int4 = Int4Linear(K, N, g)

@@ -10,14 +10,14 @@ import argparse
 import json
 import shutil
 import sys
-import zipfile
 from pathlib import Path
 
 import torch
+from safetensors.torch import save_file
 from tqdm import tqdm
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from generate import atomic_save  # noqa: E402
+from checkpoint import TOKENIZER_NAME, atomic_save, read_state_dict  # noqa: E402
 from model import CONFIG_NAME, ModelArgs  # noqa: E402
 
 LAYER_TENSORS = ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj", "mlp.gate_proj",
@@ -50,17 +50,7 @@ def load_hf_state_dict(files: list) -> dict:
     """All tensors of the files, keyed without the "model." prefix (.bin is read with weights_only=True)."""
     state = {}
     for path in tqdm(files, desc="reading shards", unit="file", disable=len(files) < 2):
-        try:
-            if path.suffix == ".safetensors":
-                from safetensors.torch import load_file
-                part = load_file(str(path))
-            else:  # mmap needs the zip format; very old .bin files are plain pickles
-                part = torch.load(path, map_location="cpu", mmap=zipfile.is_zipfile(path), weights_only=True)
-        except Exception as e:  # truncated or corrupt: say which file in one line
-            raise ValueError(f"cannot read {path}: {str(e).splitlines()[0][:200]}") from None
-        if not isinstance(part, dict):
-            raise ValueError(f"cannot read {path}: not a state dict")
-        state.update({k.removeprefix("model."): v for k, v in part.items()})
+        state.update({k.removeprefix("model."): v for k, v in read_state_dict(path).items()})
     return state
 
 
@@ -117,7 +107,6 @@ def convert(checkpoint_dir, output_name: str = "model.pth") -> Path:
         raise ValueError(f"weights do not match {config_path}: {str(e).splitlines()[0][:200]}") from None
     try:
         if output_name.endswith(".safetensors"):
-            from safetensors.torch import save_file
             if config.tie_embeddings:
                 state.pop("output.weight")  # safetensors refuses shared storage; loaders re-tie from the config
             atomic_save(state, out_path, save=lambda s, p: save_file(s, str(p)))
@@ -126,9 +115,9 @@ def convert(checkpoint_dir, output_name: str = "model.pth") -> Path:
     except RuntimeError as e:  # torch.save reports a full disk as a RuntimeError
         raise OSError(f"cannot write {out_path}: {str(e).splitlines()[0][:200]}") from None
     atomic_save(config, checkpoint_dir / CONFIG_NAME, save=lambda c, p: c.save(p))
-    if not (checkpoint_dir / "tokenizer.model").exists():
+    if not (checkpoint_dir / TOKENIZER_NAME).exists():
         if (checkpoint_dir / "original/tokenizer.model").exists():  # Llama-3 ships it only there
-            atomic_save(checkpoint_dir / "original/tokenizer.model", checkpoint_dir / "tokenizer.model",
+            atomic_save(checkpoint_dir / "original/tokenizer.model", checkpoint_dir / TOKENIZER_NAME,
                         save=shutil.copyfile)
         else:
             print(f"warning: no tokenizer.model in {checkpoint_dir}; generate.py will need --tokenizer_path",

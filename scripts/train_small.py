@@ -18,7 +18,7 @@ import torch.nn.functional as F
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
-from generate import atomic_save  # noqa: E402
+from checkpoint import TOKENIZER_NAME, atomic_save  # noqa: E402
 from model import CONFIG_NAME, ModelArgs, Transformer  # noqa: E402
 from tokenizer import TokenizerError, load_tokenizer  # noqa: E402
 
@@ -91,7 +91,7 @@ def main(argv=None):
     args.out.mkdir(parents=True, exist_ok=True)
     atomic_save({k: v.detach().to(torch.bfloat16) for k, v in model.state_dict().items()}, args.out / "model.pth")
     config.save(args.out / CONFIG_NAME)
-    link = args.out / "tokenizer.model"
+    link = args.out / TOKENIZER_NAME
     if not link.exists():
         os.symlink(args.tokenizer_path.resolve(), link)
     print(f"wrote {args.out / 'model.pth'}")

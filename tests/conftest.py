@@ -22,6 +22,61 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 # 2-core machine, spin-wait contention (HF generate() of 32 tokens measured 1.4 s with 2 threads, 0.05 s with 1).
 torch.set_num_threads(1)
 
+# ------------------------------------------------------------------------------------------------ --device
+# pytest --device cuda runs the tests that use the `device` fixture (directly or through load_ours) with our model on
+# that device; the reference models (transformers, float64 formulas) stay on CPU and our outputs are moved there to
+# be compared. Everything else runs on CPU whatever --device says. The default, cpu, runs everything on CPU.
+DEVICE_KINDS = ("cpu", "cuda")
+
+
+def pytest_addoption(parser):
+    parser.addoption("--device", default="cpu", help="where the device-aware tests (marker `device`) run our model: "
+                     "cpu (default), cuda or cuda:N; the reference models and the CPU-only tests stay on CPU")
+
+
+def check_device(device: str) -> str:
+    """The --device value, normalised ("cpu", "cuda", "cuda:N"); a UsageError (one line, exit status 4) when it is
+    not a device kind the tests know or not present on this machine."""
+    try:
+        d = torch.device(device)
+    except (RuntimeError, ValueError):
+        d = None
+    if d is None or d.type not in DEVICE_KINDS:
+        raise pytest.UsageError(f"--device {device}: not a device these tests run on; use cpu, cuda or cuda:N")
+    if d.type == "cpu":
+        return "cpu"
+    if not torch.cuda.is_available():
+        raise pytest.UsageError(f"--device {device}: no CUDA device is present (torch.cuda.is_available() is False)")
+    if d.index is not None and d.index >= torch.cuda.device_count():
+        raise pytest.UsageError(f"--device {device}: only {torch.cuda.device_count()} CUDA device(s) are present")
+    return str(d)
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "device: runs our model on --device (added to every test that uses the "
+                            "`device` fixture, directly or through another fixture such as load_ours)")
+    config.option.device = check_device(config.getoption("--device"))  # stops here, before any collection
+    if config.option.device != "cpu":
+        # float32 matmuls in float32, not TF32 (torch's default, made explicit): the tolerances assume it
+        torch.set_float32_matmul_precision("highest")
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        if "device" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.device)
+
+
+@pytest.fixture(scope="session")
+def device(pytestconfig) -> str:
+    """The --device of the run: "cpu" (default), "cuda" or "cuda:N"."""
+    return pytestconfig.getoption("--device")
+
+
+def on_cpu(device: str) -> bool:
+    return torch.device(device).type == "cpu"
+
+
 VOCAB_SIZE = 400
 
 # Tiny model shared by all parity tests; every entry of HF_CONFIGS overrides some of it.
@@ -156,11 +211,21 @@ def hf_checkpoint(tmp_path_factory, sp_model_path):
 
 
 @pytest.fixture(scope="session")
-def load_ours():
-    """load_ours(checkpoint_dir) -> a fresh float32 CPU Transformer loaded through generate.load_model."""
-    import generate
+def load_ours(device):
+    """load_ours(checkpoint_dir) -> a fresh float32 Transformer on the run's --device, loaded through
+    checkpoint.load_model. Tests that use it run their model on the device (they are marked `device`)."""
+    import checkpoint
 
-    return lambda d: generate.load_model(Path(d) / "model.pth", "cpu", torch.float32)
+    return lambda d: checkpoint.load_model(Path(d) / "model.pth", device, torch.float32)
+
+
+@pytest.fixture(scope="session")
+def load_cpu():
+    """load_cpu(checkpoint_dir) -> a fresh float32 CPU Transformer, for the tests that only make sense on CPU
+    (command-line subprocesses run with --device cpu, tensor parallelism over gloo, CPU kernels)."""
+    import checkpoint
+
+    return lambda d: checkpoint.load_model(Path(d) / "model.pth", "cpu", torch.float32)
 
 
 def hf_greedy(hf_model, prompts: list, max_new_tokens: int) -> list:

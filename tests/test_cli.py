@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 from conftest import english_ish
 
-import generate
-from generate import SamplingConfig
+import decoding
+from sampling import SamplingConfig
 from tokenizer import load_tokenizer
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -34,15 +34,15 @@ def run_cli(*args) -> subprocess.CompletedProcess:
 
 
 @pytest.fixture(scope="module")
-def ckpt(hf_checkpoint, load_ours):
+def ckpt(hf_checkpoint, load_cpu):
     _, d = hf_checkpoint("mha")
-    return d, load_tokenizer(d / "tokenizer.model"), load_ours(d)
+    return d, load_tokenizer(d / "tokenizer.model"), load_cpu(d)  # the command line runs with --device cpu
 
 
 def expected_rows(ckpt, texts):
     """What the CLI should generate: greedy generate() in-process for the same prompts, stopping at EOS."""
     _, tok, model = ckpt
-    res = generate.generate(model, [tok.encode(t) for t in texts], N_NEW, SamplingConfig(temperature=0),
+    res = decoding.generate(model, [tok.encode(t) for t in texts], N_NEW, SamplingConfig(temperature=0),
                             tok.eos_ids)
     return res.tokens
 
@@ -129,12 +129,12 @@ def test_single_prompt_keeps_the_space_before_the_first_new_word(ckpt):
     # a prompt whose first generated token is a word piece starting with SentencePiece's space marker
     for text in english_ish(200, seed=99):
         ids = tok.encode(text)
-        first = generate.generate(model, [ids], 1, SamplingConfig(temperature=0)).tokens[0][0]
+        first = decoding.generate(model, [ids], 1, SamplingConfig(temperature=0)).tokens[0][0]
         if tok._sp.id_to_piece(first).startswith("\u2581"):
             break
     else:
         raise AssertionError("no prompt continues with a word piece")
-    row = generate.generate(model, [ids], N_NEW, SamplingConfig(temperature=0), tok.eos_ids).tokens[0]
+    row = decoding.generate(model, [ids], N_NEW, SamplingConfig(temperature=0), tok.eos_ids).tokens[0]
     full_text = tok.decode(ids + [t for t in row if t not in tok.eos_ids])
     assert full_text.startswith(text + " ")
     proc = run_cli("--checkpoint_path", d / "model.pth", "--prompt", text, *BASE)
@@ -259,7 +259,7 @@ def test_ignore_eos_generates_max_new_tokens(ckpt, tmp_path):
     d, tok, model = ckpt
     # a prompt whose greedy continuation reaches EOS early, so --ignore_eos has something to change
     for text in english_ish(400, seed=5):
-        res = generate.generate(model, [tok.encode(text)], N_NEW, SamplingConfig(temperature=0), tok.eos_ids)
+        res = decoding.generate(model, [tok.encode(text)], N_NEW, SamplingConfig(temperature=0), tok.eos_ids)
         if res.stopped[0] and len(res.tokens[0]) < N_NEW:
             break
     else:

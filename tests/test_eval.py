@@ -1,6 +1,7 @@
 """eval.py against lm-eval's own Hugging Face backend (HFLM on the same random-init float32 checkpoint), all offline:
 local hellaswag-, winogrande- and wikitext-format tasks (the installed lm-eval task YAMLs `include`d, with JSONL
-data written here) loaded through TaskManager(include_path=...); generate_until against generate(); the CLI."""
+data written here) loaded through TaskManager(include_path=...); generate_until against generate(); the CLI.
+LlamaFastLM runs on --device (HFLM and the CLI on CPU)."""
 import json
 import math
 import os
@@ -17,8 +18,9 @@ from conftest import english_ish
 from lm_eval.api.instance import Instance
 from lm_eval.tasks import TaskManager
 
+import decoding
 import eval as llama_eval
-import generate
+from sampling import SamplingConfig
 from tokenizer import load_tokenizer
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -138,7 +140,7 @@ def expected_continuation(lm, context: str, max_gen_toks: int, until=()) -> str:
     """generate() greedy on the encoded context (its last max_length - max_gen_toks tokens, as HFLM keeps), decoded
     in context, cut before the first stop string."""
     prompt = lm.tok_encode(context)[-(lm.max_length - max_gen_toks):]
-    row = generate.generate(lm.model, [prompt], max_gen_toks, generate.SamplingConfig(temperature=0),
+    row = decoding.generate(lm.model, [prompt], max_gen_toks, SamplingConfig(temperature=0),
                             lm.tok.eos_ids).tokens[0]  # ends with EOS where the model produced one
     new = [t for t in row if t not in lm.tok.eos_ids]
     text = lm.tok.decode(prompt + new)[len(lm.tok.decode(prompt)):]

@@ -1,7 +1,8 @@
-"""generate.py: compiled vs eager decoding, batched generation with per-row EOS, sampling and penalties.
+"""decoding.py and sampling.py: compiled vs eager decoding, batched generation with per-row EOS, sampling and
+penalties, with our model and the sampling maths on --device.
 
-References: transformers' LlamaForCausalLM (greedy generate, repetition penalty, plain forward passes) and the
-sampling/penalty formulas written out independently here in float64."""
+References (on CPU): transformers' LlamaForCausalLM (greedy generate, repetition penalty, plain forward passes) and
+the sampling/penalty formulas written out independently here in float64."""
 import itertools
 import math
 
@@ -10,8 +11,9 @@ import torch
 from conftest import hf_greedy
 from torch._dynamo.utils import counters
 
-import generate
-from generate import SamplingConfig, apply_penalties, logits_to_probs, sample
+import checkpoint
+import decoding
+from sampling import SamplingConfig, apply_penalties, logits_to_probs, sample
 
 GREEDY = SamplingConfig(temperature=0)
 N_NEW = 32
@@ -31,10 +33,10 @@ def gqa(hf_checkpoint, load_ours):
 
 
 @pytest.fixture(scope="module")
-def compiled_steps():
-    """One compiled (prefill, decode) pair for the module; torch.compile recompiles per model/shape as needed."""
+def compiled_steps(device):
+    """One set of compiled steps for the module; torch.compile recompiles per model/shape as needed."""
     torch._dynamo.reset()
-    yield generate.compile_steps("cpu")
+    yield decoding.make_steps(device, compile=True)
     torch._dynamo.reset()
 
 
@@ -44,7 +46,7 @@ def batch_prompts(prompt_ids):
 
 
 def gen(model, prompts, n=N_NEW, sampling=GREEDY, eos_ids=(), **kw):
-    return generate.generate(model, prompts, n, sampling, eos_ids, **kw)
+    return decoding.generate(model, prompts, n, sampling, eos_ids, **kw)
 
 
 # ------------------------------------------------------------------------------------- compiled decoding
@@ -63,12 +65,12 @@ def test_compiled_greedy_equals_eager(mha, compiled_steps, prompt_ids):
     assert gen(ours, [other], steps=compiled_steps).tokens == gen(ours, [other]).tokens
 
 
-def test_compiled_prefill_equals_eager(mha, batch_prompts):
+def test_compiled_prefill_equals_eager(mha, batch_prompts, device):
     """--compile_prefill: prefill compiled with dynamic shapes gives the same greedy tokens for prompts of several
     lengths (one batch left-padded, then single prompts) without a recompile per length."""
     _, ours = mha
     torch._dynamo.reset()
-    steps = generate.compile_steps("cpu", compile_prefill=True)
+    steps = decoding.make_steps(device, compile=True, compile_prefill=True)
     try:
         assert gen(ours, batch_prompts, steps=steps).tokens == gen(ours, batch_prompts).tokens
         for p in batch_prompts:
@@ -77,13 +79,13 @@ def test_compiled_prefill_equals_eager(mha, batch_prompts):
         torch._dynamo.reset()
 
 
-def test_float16_and_bfloat16_follow_float32(hf_checkpoint):
+def test_float16_and_bfloat16_follow_float32(hf_checkpoint, device):
     """Reduced precisions run the same model: their logits stay close to float32's (relative to the logits' scale)."""
     _, d = hf_checkpoint("gqa")
-    x = torch.randint(0, 256, (1, 24), generator=torch.Generator().manual_seed(0))
-    ref = generate.load_model(d / "model.pth", "cpu", torch.float32)(x)
+    x = torch.randint(0, 256, (1, 24), generator=torch.Generator().manual_seed(0)).to(device)
+    ref = checkpoint.load_model(d / "model.pth", device, torch.float32)(x)
     for dtype, tol in ((torch.float16, 5e-3), (torch.bfloat16, 5e-2)):  # ~ a few ulps of each format, summed over layers
-        out = generate.load_model(d / "model.pth", "cpu", dtype)(x)
+        out = checkpoint.load_model(d / "model.pth", device, dtype)(x)
         assert ((out - ref).norm() / ref.norm()).item() < tol, dtype
 
 
@@ -115,8 +117,8 @@ def pick_eos(rows, all_rows_stop: bool):
 
 
 @pytest.mark.parametrize("which", ["mha", "gqa"])
-def test_batch_equals_each_prompt_alone(which, request, batch_prompts):
-    hf, ours = request.getfixturevalue(which)
+def test_batch_equals_each_prompt_alone(which, mha, gqa, batch_prompts):
+    hf, ours = {"mha": mha, "gqa": gqa}[which]
     alone = [gen(ours, [p]).tokens[0] for p in batch_prompts]
     assert alone == hf_greedy(hf, batch_prompts, N_NEW)
     batch = gen(ours, batch_prompts)
@@ -124,7 +126,7 @@ def test_batch_equals_each_prompt_alone(which, request, batch_prompts):
     assert batch.prompt_tokens == list(BATCH_LENGTHS) and batch.stopped == [False] * 3
 
 
-def check_batch_eos(model, prompts, alone, all_rows_stop, steps=(generate.prefill, generate.decode_one_token)):
+def check_batch_eos(model, prompts, alone, all_rows_stop, steps=decoding.Steps()):
     eos, hits = pick_eos(alone, all_rows_stop)
     res = gen(model, prompts, eos_ids=eos, steps=steps)
     for row, solo, hit in zip(res.tokens, alone, hits):
@@ -134,9 +136,9 @@ def check_batch_eos(model, prompts, alone, all_rows_stop, steps=(generate.prefil
             assert row == solo[:hit + 1] and row[-1] in eos and not set(row[:-1]) & set(eos)
     assert res.stopped == [h is not None for h in hits]
     if all_rows_stop:  # the loop ends once every row has stopped; `done` is checked every 8 steps
-        assert max(hits) <= res.decode_steps <= min(max(hits) + 7, N_NEW - 1)
+        assert max(hits) <= res.decode_tokens <= min(max(hits) + 7, N_NEW - 1)
     else:
-        assert res.decode_steps == N_NEW - 1
+        assert res.decode_tokens == N_NEW - 1
     return hits
 
 
@@ -169,7 +171,7 @@ def test_continuing_from_start_pos_equals_one_long_prompt(mha, prompt_ids):
     """The chat path: a second turn prefilled into the existing KV cache after the first reply."""
     _, ours = mha
     first, second = prompt_ids(25, seed=40), prompt_ids(15, seed=41)[1:]
-    reply = gen(ours, [first], 10, max_seq_len=200).tokens[0]
+    reply = gen(ours, [first], 10, cache_len=200).tokens[0]
     # the reply's last token was sampled but not yet written to the cache: it starts the next turn
     pos = len(first) + len(reply) - 1
     cont = gen(ours, [[reply[-1]] + second], 12, start_pos=pos).tokens[0]
@@ -240,61 +242,61 @@ def random_logits(seed, rows=4, vocab=50):
 
 
 @pytest.mark.parametrize("k", [1, 2, 7, 49, 50, 80])
-def test_top_k_keeps_exactly_the_k_largest(k):
+def test_top_k_keeps_exactly_the_k_largest(k, device):
     logits = random_logits(1)
-    probs = logits_to_probs(logits, SamplingConfig(temperature=1.0, top_k=k))
+    probs = logits_to_probs(logits.to(device), SamplingConfig(temperature=1.0, top_k=k)).cpu()
     for row, p in zip(logits, probs):
         kept = set(torch.nonzero(p).flatten().tolist())
         assert kept == set(row.topk(min(k, 50)).indices.tolist())
     torch.testing.assert_close(probs.double(), ref_probs(logits, top_k=k), rtol=0, atol=1e-6)
 
 
-def test_top_p_keeps_the_minimal_prefix():
+def test_top_p_keeps_the_minimal_prefix(device):
     logits = random_logits(2, rows=6)
     for row in logits:
         cum = row.double().softmax(-1).sort(descending=True).values.cumsum(0)
         for n in (1, 2, 5, 20):  # p strictly between two cumulative masses: exactly n tokens are needed
             p = float(((cum[n - 2] if n > 1 else 0.0) + cum[n - 1]) / 2)
-            probs = logits_to_probs(row[None], SamplingConfig(temperature=1.0, top_k=0, top_p=p))[0]
+            probs = logits_to_probs(row[None].to(device), SamplingConfig(temperature=1.0, top_k=0, top_p=p))[0].cpu()
             assert set(torch.nonzero(probs).flatten().tolist()) == set(row.topk(n).indices.tolist()), (n, p)
             torch.testing.assert_close(probs.double(), ref_probs(row[None], top_p=p)[0], rtol=0, atol=1e-6)
 
 
 @pytest.mark.parametrize("top_p, n_kept", [(0.25, 1), (0.5, 2), (0.75, 3), (1.0, 4), (0.2499, 1), (0.2501, 2),
                                            (0.5001, 3), (0.7501, 4)])
-def test_top_p_boundaries(top_p, n_kept):
+def test_top_p_boundaries(top_p, n_kept, device):
     """Four equal logits give probabilities of exactly 0.25 each (1 / 4 in binary floating point): when the
     mass of the first n tokens equals top_p exactly, those n suffice."""
     logits = torch.tensor([[0.0, 0.0, 0.0, 0.0, -math.inf, -math.inf]])
-    probs = logits_to_probs(logits, SamplingConfig(temperature=1.0, top_k=0, top_p=top_p))[0]
+    probs = logits_to_probs(logits.to(device), SamplingConfig(temperature=1.0, top_k=0, top_p=top_p))[0].cpu()
     assert int((probs > 0).sum()) == n_kept
     assert torch.equal(probs[probs > 0], torch.full((n_kept,), 1.0 / n_kept))
     assert probs[4:].sum() == 0
 
 
-def test_top_p_tiny_keeps_the_most_likely_token():
+def test_top_p_tiny_keeps_the_most_likely_token(device):
     logits = random_logits(3)
-    probs = logits_to_probs(logits, SamplingConfig(temperature=1.0, top_k=0, top_p=1e-9))
+    probs = logits_to_probs(logits.to(device), SamplingConfig(temperature=1.0, top_k=0, top_p=1e-9)).cpu()
     assert torch.equal(probs, torch.nn.functional.one_hot(logits.argmax(-1), 50).float())
 
 
 @pytest.mark.parametrize("min_p", [0.01, 0.1, 0.3, 0.9])
-def test_min_p_keeps_tokens_above_a_fraction_of_the_max(min_p):
+def test_min_p_keeps_tokens_above_a_fraction_of_the_max(min_p, device):
     logits = random_logits(4)
-    probs = logits_to_probs(logits, SamplingConfig(temperature=1.0, top_k=0, min_p=min_p))
+    probs = logits_to_probs(logits.to(device), SamplingConfig(temperature=1.0, top_k=0, min_p=min_p)).cpu()
     full = logits.double().softmax(-1)
     for p, q in zip(probs, full):
         assert set(torch.nonzero(p).flatten().tolist()) == set(torch.nonzero(q >= min_p * q.max()).flatten().tolist())
     torch.testing.assert_close(probs.double(), ref_probs(logits, min_p=min_p), rtol=0, atol=1e-6)
     # ties with the maximum are always kept
-    eq = logits_to_probs(torch.zeros(1, 5), SamplingConfig(temperature=1.0, top_k=0, min_p=0.99))
+    eq = logits_to_probs(torch.zeros(1, 5, device=device), SamplingConfig(temperature=1.0, top_k=0, min_p=0.99)).cpu()
     assert torch.equal(eq, torch.full((1, 5), 0.2))
 
 
 @pytest.mark.parametrize("temperature", [0.5, 1.0, 2.0])
-def test_temperature_scales_logits(temperature):
+def test_temperature_scales_logits(temperature, device):
     logits = random_logits(5)
-    probs = logits_to_probs(logits, SamplingConfig(temperature=temperature, top_k=0))
+    probs = logits_to_probs(logits.to(device), SamplingConfig(temperature=temperature, top_k=0)).cpu()
     torch.testing.assert_close(probs.double(), (logits.double() / temperature).softmax(-1), rtol=0, atol=1e-6)
 
 
@@ -309,11 +311,11 @@ def _commuted(order):
     return tuple(order)
 
 
-def test_combined_order_temperature_top_k_top_p_min_p():
+def test_combined_order_temperature_top_k_top_p_min_p(device):
     logits = torch.tensor([[-1.1, 1.6, -0.9, -1.9, -0.0, 2.1, 4.0, 1.5, -0.4, 0.2],
                            [0.4, 1.7, 4.0, 1.9, 0.8, 0.8, 0.3, -1.2, -2.9, 0.2]])
     settings = dict(temperature=2.3, top_k=5, top_p=0.66, min_p=0.32)
-    probs = logits_to_probs(logits, SamplingConfig(**settings)).double()
+    probs = logits_to_probs(logits.to(device), SamplingConfig(**settings)).cpu().double()
     torch.testing.assert_close(probs, ref_probs(logits, **settings), rtol=0, atol=1e-6)
     # The example discriminates: every order of the four steps that is not equivalent gives other probabilities.
     for order in itertools.permutations(ORDER):
@@ -324,21 +326,21 @@ def test_combined_order_temperature_top_k_top_p_min_p():
             assert diff > 0.05, order
 
 
-def test_greedy_sample_is_argmax():
+def test_greedy_sample_is_argmax(device):
     logits = random_logits(6, rows=8)
-    assert torch.equal(sample(logits, GREEDY), logits.argmax(-1, keepdim=True))
-    assert sample(logits, GREEDY).shape == (8, 1)
+    assert torch.equal(sample(logits.to(device), GREEDY).cpu(), logits.argmax(-1, keepdim=True))
+    assert sample(logits.to(device), GREEDY).shape == (8, 1)
 
 
 @pytest.mark.parametrize("settings", [dict(temperature=1.0, top_k=0), dict(temperature=0.7, top_k=5, top_p=0.9),
                                       dict(temperature=1.3, top_k=0, min_p=0.1)])
-def test_sample_frequencies_match_probabilities(settings):
+def test_sample_frequencies_match_probabilities(settings, device):
     cfg = SamplingConfig(**settings)
     logits = torch.tensor([[2.0, 1.5, 1.0, 0.7, 0.2, 0.0, -0.5, -1.0, -2.0, -4.0]])
     p = logits_to_probs(logits, cfg)[0].double()
     n = 200_000
     torch.manual_seed(0)
-    draws = sample(logits.expand(n, -1).contiguous(), cfg)[:, 0]
+    draws = sample(logits.expand(n, -1).contiguous().to(device), cfg)[:, 0].cpu()
     freq = torch.bincount(draws, minlength=10).double() / n
     # each count is Binomial(n, p): 5 standard deviations (two-sided chance of exceeding ~6e-7 per token)
     bound = 5 * torch.sqrt(p * (1 - p) / n) + 1e-12
@@ -363,27 +365,29 @@ def test_sampling_config_accepts_edge_values():
 # ----------------------------------------------------------------------------------------------- penalties
 
 
-def test_repetition_penalty_formula():
+def test_repetition_penalty_formula(device):
     logits = torch.tensor([[2.0, -1.0, 0.5, -3.0, 0.0, 4.0], [1.0, 1.0, -1.0, -1.0, 2.0, -2.0]])
     seen = torch.tensor([[1, 1, 0, 0, 1, 0], [0, 1, 0, 1, 1, 1]], dtype=torch.bool)
     counts = torch.zeros(2, 6)
-    got = apply_penalties(logits, SamplingConfig(repetition_penalty=2.0), seen, counts)
+    logits, seen, counts = logits.to(device), seen.to(device), counts.to(device)
+    got = apply_penalties(logits, SamplingConfig(repetition_penalty=2.0), seen, counts).cpu()
     expected = [[2.0 / 2, -1.0 * 2, 0.5, -3.0, 0.0, 4.0], [1.0, 1.0 / 2, -1.0, -1.0 * 2, 2.0 / 2, -2.0 * 2]]
     assert torch.equal(got, torch.tensor(expected))
     # a penalty below 1 rewards seen tokens the same way round
-    got = apply_penalties(logits, SamplingConfig(repetition_penalty=0.5), seen, counts)
+    got = apply_penalties(logits, SamplingConfig(repetition_penalty=0.5), seen, counts).cpu()
     assert torch.equal(got[0], torch.tensor([4.0, -0.5, 0.5, -3.0, 0.0, 4.0]))
 
 
-def test_frequency_and_presence_penalty_formulas():
+def test_frequency_and_presence_penalty_formulas(device):
     g = torch.Generator().manual_seed(9)
     logits = torch.randn(3, 20, generator=g)
     counts = torch.randint(0, 4, (3, 20), generator=g).float()
     seen = (counts > 0) | (torch.rand(3, 20, generator=g) < 0.3)  # prompt tokens are seen but not counted
-    freq = apply_penalties(logits, SamplingConfig(frequency_penalty=0.7), seen, counts)
-    pres = apply_penalties(logits, SamplingConfig(presence_penalty=1.3), seen, counts)
-    both = apply_penalties(logits, SamplingConfig(repetition_penalty=1.5, frequency_penalty=0.7,
-                                                  presence_penalty=1.3), seen, counts)
+    on = [t.to(device) for t in (seen, counts)]
+    freq = apply_penalties(logits.to(device), SamplingConfig(frequency_penalty=0.7), *on).cpu()
+    pres = apply_penalties(logits.to(device), SamplingConfig(presence_penalty=1.3), *on).cpu()
+    both = apply_penalties(logits.to(device), SamplingConfig(repetition_penalty=1.5, frequency_penalty=0.7,
+                                                             presence_penalty=1.3), *on).cpu()
     for b in range(3):
         for v in range(20):
             x, c = logits[b, v].item(), counts[b, v].item()

@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-import generate
-from generate import SamplingConfig
+import decoding
+from sampling import SamplingConfig
 from tokenizer import load_tokenizer
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -34,9 +34,9 @@ def replies(stdout: str) -> list:
 
 
 @pytest.fixture(scope="module")
-def ckpt(hf_checkpoint, load_ours):
+def ckpt(hf_checkpoint, load_cpu):
     _, d = hf_checkpoint("gqa")
-    return d, load_tokenizer(d / "tokenizer.model"), load_ours(d)
+    return d, load_tokenizer(d / "tokenizer.model"), load_cpu(d)  # the chat runs with --device cpu
 
 
 def test_turns_continue_in_the_cache_exactly(ckpt):
@@ -47,7 +47,7 @@ def test_turns_continue_in_the_cache_exactly(ckpt):
     history, expected = [], []
     for i, user in enumerate(users):
         history += tok.encode_chat_turn(user, None, first=(i == 0))
-        res = generate.generate(model, [history], N_NEW, GREEDY, tok.eos_ids)
+        res = decoding.generate(model, [history], N_NEW, GREEDY, tok.eos_ids)
         reply = res.tokens[0]
         expected.append(tok.decode([t for t in reply if t not in tok.eos_ids]))
         history += reply + ([] if res.stopped[0] else [tok.eos_ids[-1]])
@@ -62,7 +62,7 @@ def test_full_context_starts_a_new_conversation(ckpt):
     proc = chat(d / "model.pth", users, "--max_seq_length", str(max_seq))
     assert "[context full" in proc.stdout
     # After the reset the second message is answered as the first turn of a new conversation.
-    fresh = generate.generate(model, [tok.encode_chat_turn(users[1], None, first=True)],
+    fresh = decoding.generate(model, [tok.encode_chat_turn(users[1], None, first=True)],
                               min(N_NEW, max_seq - len(tok.encode_chat_turn(users[1], None, first=True))),
                               GREEDY, tok.eos_ids).tokens[0]
     assert replies(proc.stdout)[1] == tok.decode([t for t in fresh if t not in tok.eos_ids])

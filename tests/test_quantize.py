@@ -1,5 +1,6 @@
-"""quantize.py: the int8 / int4 kernels against their dequantised weights, whole-model error bounds, GPTQ against
-round-to-nearest on its own objective, and the command line end to end (CPU only, tiny models)."""
+"""qlinear.py, gptq.py and quantize.py: the int8 / int4 kernels against their dequantised weights, whole-model error
+bounds and saved files on --device, one int4 file packed for CPU and for the device, GPTQ against round-to-nearest
+on its own objective, and the command line end to end (GPTQ, kernels and command line on CPU; tiny models)."""
 import copy
 import hashlib
 import json
@@ -13,12 +14,15 @@ import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from conftest import VOCAB_SIZE, english_ish
+from conftest import VOCAB_SIZE, english_ish, on_cpu
 
-import generate
-import quantize as Q
-from generate import SamplingConfig
-from model import ModelArgs, Transformer
+import checkpoint
+import decoding
+import gptq as G
+import qlinear as Q
+import quantize
+from model import CONFIG_NAME, ModelArgs, Transformer
+from sampling import SamplingConfig
 from tokenizer import load_tokenizer
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -89,7 +93,7 @@ def test_gptq_without_correlations_is_round_to_nearest():
     torch.manual_seed(0)
     w = torch.randn(32, 256)
     for groupsize in Q.GROUP_SIZES:
-        codes, qparams = Q.gptq_quantize(w, torch.eye(256), groupsize, blocksize=64)
+        codes, qparams = G.gptq_quantize(w, torch.eye(256), groupsize, blocksize=64)
         rtn = Q.int4_qparams(w, groupsize)
         assert torch.equal(qparams, rtn) and torch.equal(codes, Q.quantize_int4(w, rtn, groupsize))
 
@@ -103,9 +107,9 @@ def test_gptq_blocks_do_not_change_the_result():
     X = torch.randn(512, K) @ (torch.eye(K) + 0.5 * torch.randn(K, K) / K ** 0.5)  # correlated inputs
     H, w = 2 * X.T @ X / len(X), torch.randn(32, K)
     for groupsize in (32, 128):
-        ref_codes, ref_qparams = Q.gptq_quantize(w, H, groupsize, blocksize=K)
+        ref_codes, ref_qparams = G.gptq_quantize(w, H, groupsize, blocksize=K)
         for blocksize in (16, 48, 100):
-            codes, qparams = Q.gptq_quantize(w, H, groupsize, blocksize=blocksize)
+            codes, qparams = G.gptq_quantize(w, H, groupsize, blocksize=blocksize)
             assert (codes != ref_codes).float().mean() < 0.005
             torch.testing.assert_close(qparams, ref_qparams, rtol=1e-3, atol=1e-4)
 
@@ -121,13 +125,15 @@ def quantized_in_memory(model, state, meta):
 
 def save_quantized(directory: Path, state, meta, config: ModelArgs, name="q.pth") -> Path:
     directory.mkdir(parents=True, exist_ok=True)
-    config.save(directory / generate.CONFIG_NAME)
+    config.save(directory / CONFIG_NAME)
+    state = {k: v.cpu() for k, v in state.items()}  # as quantize.py writes it, whichever device quantized it
     torch.save({"quantization": meta, "state_dict": state}, directory / name)
     return directory / name
 
 
 @pytest.mark.parametrize("mode,groupsize", [("int8", 0), ("int4", 32), ("int4", 128), ("int4", 256)])
-def test_model_logit_error_is_bounded_by_the_weight_errors(hf_checkpoint, load_ours, prompt_ids, mode, groupsize):
+def test_model_logit_error_is_bounded_by_the_weight_errors(hf_checkpoint, load_ours, prompt_ids, device, mode,
+                                                           groupsize):
     """Bound: ‖Δlogits‖ / ‖logits‖ ≤ Σ_l ‖ΔW_l‖_F / ‖W_l‖_F over the quantized layers. To first order the logit
     error is a sum of one term per layer; a layer with relative weight error ε turns isotropic inputs (random
     init) into outputs with relative error ≈ ε, and its output is one part of the residual stream or of the
@@ -140,7 +146,7 @@ def test_model_logit_error_is_bounded_by_the_weight_errors(hf_checkpoint, load_o
     assert len(quantized) >= 5
     bound = sum(rel_err(dequantized(layer_entries(state, n), model.get_submodule(n).in_features, groupsize),
                         model.get_submodule(n).weight) for n in quantized)
-    idx = torch.tensor([prompt_ids(48, seed) for seed in range(4)])
+    idx = torch.tensor([prompt_ids(48, seed) for seed in range(4)], device=device)
     with torch.no_grad():
         ref, out = model(idx), quantized_in_memory(model, state, meta)(idx)
     err = rel_err(out, ref)
@@ -151,8 +157,8 @@ def test_model_logit_error_is_bounded_by_the_weight_errors(hf_checkpoint, load_o
 @pytest.mark.parametrize("name,mode,groupsize,quantize_output", [
     ("mha", "int8", 0, True), ("mha", "int4", 32, True), ("tied", "int4", 64, True), ("gqa", "int4", 128, False),
     ("tied", "int8", 0, False)])
-def test_saved_file_loads_to_the_same_model(hf_checkpoint, load_ours, prompt_ids, tmp_path, name, mode, groupsize,
-                                            quantize_output):
+def test_saved_file_loads_to_the_same_model(hf_checkpoint, load_ours, prompt_ids, tmp_path, device, name, mode,
+                                            groupsize, quantize_output):
     _, d = hf_checkpoint(name)
     model = load_ours(d)
     state, meta = Q.quantize_model(model, mode, groupsize, quantize_output, progress=False)
@@ -160,11 +166,46 @@ def test_saved_file_loads_to_the_same_model(hf_checkpoint, load_ours, prompt_ids
     if mode == "int4":  # intermediate_size 172: w13 has 344 rows, not a multiple of 16, so it stays float
         assert meta["layers"]["layers.0.feed_forward.w13"].startswith("kept in torch.float32: out_features 344")
     path = save_quantized(tmp_path, state, meta, model.config)
-    loaded = generate.load_model(path, "cpu", torch.float32)
+    loaded = checkpoint.load_model(path, device, torch.float32)
     assert loaded.quantization == meta
-    idx = torch.tensor([prompt_ids(20, 1), prompt_ids(20, 2)])
+    idx = torch.tensor([prompt_ids(20, 1), prompt_ids(20, 2)], device=device)
     with torch.no_grad():
         assert torch.equal(loaded(idx), quantized_in_memory(model, state, meta)(idx))
+
+
+# CUDA's int4 kernel takes bfloat16 activations and group parameters and returns bfloat16: each int4 layer (9 in the
+# model below) rounds its input, its scales and zeros and its output to 8 significant bits (unit roundoff
+# 2^-8 ≈ 0.4%), so the device's logits differ from CPU's by about a percent. A wrong tile layout or nibble order
+# gives errors of order 1.
+INT4_DEVICE_RTOL = 3e-2
+
+
+@pytest.mark.parametrize("groupsize", [32, 128])  # CUDA packs these with 4 and with 8 inner k-tiles
+def test_one_int4_file_packed_for_cpu_and_for_the_device(hf_checkpoint, load_cpu, prompt_ids, tmp_path, device,
+                                                         groupsize):
+    """The same int4 file loaded twice: packed for the CPU kernel and packed for the device's. On CPU that is the
+    same model twice (identical logits); on CUDA another kernel and layout (_weight_int4pack_mm), whose logits must
+    agree with the CPU-packed model's within INT4_DEVICE_RTOL (relative, over the whole logits tensor)."""
+    _, d = hf_checkpoint("int4_every_layer", intermediate_size=192)  # 384 and 64 rows: every layer takes int4
+    state, meta = Q.quantize_model(load_cpu(d), "int4", groupsize, progress=False)
+    assert set(meta["layers"].values()) == {"int4"}
+    path = save_quantized(tmp_path, state, meta, ModelArgs.load(d / CONFIG_NAME))
+    for_cpu, for_device = (checkpoint.load_model(path, where, torch.float32) for where in ("cpu", device))
+
+    def kernels(m):
+        return {layer.kernel for layer in m.modules() if isinstance(layer, Q.Int4Linear)}
+
+    assert kernels(for_cpu) == {"cpu"} and kernels(for_device) == {torch.device(device).type}
+    idx = torch.tensor([prompt_ids(40, seed) for seed in (1, 2)])
+    with torch.no_grad():
+        ref, got = for_cpu(idx), for_device(idx.to(device)).cpu()
+    assert got.dtype == ref.dtype == torch.float32 and ref.std() > 0.5
+    if on_cpu(device):
+        assert torch.equal(got, ref)
+    else:
+        err = rel_err(got, ref)
+        print(f"\nint4 g{groupsize}: {device} vs CPU kernel, relative logit difference {err:.2e}")
+        assert err <= INT4_DEVICE_RTOL
 
 
 # ---------------------------------------------------------------------------------------- GPTQ on a trained model
@@ -194,7 +235,7 @@ def trained(tmp_path_factory, sp_model_path, sp_tokenizer):
     assert sum(losses[-10:]) / 10 < 0.4 * losses[0]  # it learned something
     model.eval().requires_grad_(False)
     d = tmp_path_factory.mktemp("trained")
-    config.save(d / generate.CONFIG_NAME)
+    config.save(d / CONFIG_NAME)
     torch.save(model.state_dict(), d / "model.pth")
     shutil.copyfile(sp_model_path, d / "tokenizer.model")
     return model, d
@@ -204,7 +245,7 @@ def trained(tmp_path_factory, sp_model_path, sp_tokenizer):
 def calibration(sp_tokenizer):
     """16 sequences of 64 tokens of text the model was not trained on."""
     text = " ".join(english_ish(300, seed=99))
-    sequences = Q.calibration_sequences(sp_tokenizer, text, 16, 64)
+    sequences = G.calibration_sequences(sp_tokenizer, text, 16, 64)
     assert len(sequences) == 16 and all(len(s) == 64 and s[0] == sp_tokenizer.bos_id for s in sequences)
     return sequences
 
@@ -215,7 +256,7 @@ def test_block_by_block_forward_is_the_model_forward(trained, calibration):
     with torch.no_grad():
         xs = [model.tok_embeddings(idx)]
         for block in model.layers:
-            xs = list(Q.run_block(block, xs, model))
+            xs = list(G.run_block(block, xs, model))
         torch.testing.assert_close(model.output(model.norm(xs[0])), model(idx), rtol=0, atol=1e-6)
 
 
@@ -246,7 +287,7 @@ def test_gptq_beats_round_to_nearest_on_every_layer(trained, calibration, groups
     """GPTQ's objective is ‖XWᵀ − XŴᵀ‖_F on the calibration inputs X; it must be lower than round-to-nearest's at
     the same group size for every quantized layer."""
     model, _ = trained
-    state, meta = Q.gptq_quantize_model(copy.deepcopy(model), calibration, groupsize, progress=False)
+    state, meta = G.gptq_quantize_model(copy.deepcopy(model), calibration, groupsize, progress=False)
     names = list(meta["layers"])
     assert names == Q.linear_names(model, True) and set(meta["layers"].values()) == {"int4"}
     X = calibration_inputs(model, state, names, calibration, groupsize)
@@ -264,11 +305,11 @@ def test_gptq_beats_round_to_nearest_on_every_layer(trained, calibration, groups
 @pytest.mark.parametrize("percdamp,blocksize,groupsize", [(0.1, 32, 64), (0.001, 16, 256), (0.01, 128, 32)])
 def test_gptq_settings_keep_the_runtime_format(trained, calibration, tmp_path, sp_tokenizer, percdamp, blocksize,
                                                groupsize):
-    """Whatever the settings, the file loads through generate.load_model, its kernels compute with exactly the
+    """Whatever the settings, the file loads through checkpoint.load_model, its kernels compute with exactly the
     weights GPTQ chose (those it left in the calibration model), and it generates."""
     model, _ = trained
     m = copy.deepcopy(model)
-    state, meta = Q.gptq_quantize_model(m, calibration[:8], groupsize, True, percdamp, blocksize, progress=False)
+    state, meta = G.gptq_quantize_model(m, calibration[:8], groupsize, True, percdamp, blocksize, progress=False)
     assert meta["gptq"] == {"percdamp": percdamp, "blocksize": blocksize, "act_order": False,
                             "calibration_sequences": 8, "calibration_tokens": 8 * 64}
     for n in meta["layers"]:
@@ -277,12 +318,12 @@ def test_gptq_settings_keep_the_runtime_format(trained, calibration, tmp_path, s
         if n != "output":  # the blocks calibrate the next ones with their quantized weights
             assert torch.equal(layer.weight, w)
         layer.weight.data = w
-    loaded = generate.load_model(save_quantized(tmp_path, state, meta, model.config), "cpu", torch.float32)
+    loaded = checkpoint.load_model(save_quantized(tmp_path, state, meta, model.config), "cpu", torch.float32)
     idx = torch.tensor(calibration[8:10])
     with torch.no_grad():
         assert rel_err(loaded(idx), m(idx)) < 1e-4
     prompt = sp_tokenizer.encode("The old farmer")
-    res = generate.generate(loaded, [prompt], 8, SamplingConfig(temperature=0))
+    res = decoding.generate(loaded, [prompt], 8, SamplingConfig(temperature=0))
     assert len(res.tokens[0]) == 8
 
 
@@ -304,14 +345,14 @@ def calibration_task(root: Path, pages: list, data_file: Path | None = None) -> 
 def test_calibration_tasks_read_lm_eval_documents(tmp_path):
     """Real lm-eval: the training documents of a wikitext-format task, joined, up to max_chars."""
     task = calibration_task(tmp_path, [f"Page {i} text." for i in range(100)])
-    text, source = Q.read_calibration_text(None, [str(task)], max_chars=40)
+    text, source = G.read_calibration_text(None, [str(task)], max_chars=40)
     assert (text, source) == ("Page 0 text.\n\nPage 1 text.\n\nPage 2 text.\n\nPage 3 text.", f"lm_eval:{task}")
 
 
 def test_calibration_tasks_without_their_data_is_one_error_line(tmp_path):
     task = calibration_task(tmp_path, [], data_file=tmp_path / "missing.jsonl")
     with pytest.raises(ValueError) as e:
-        Q.read_calibration_text(None, [str(task)], max_chars=1000)
+        G.read_calibration_text(None, [str(task)], max_chars=1000)
     message = str(e.value)
     assert message.startswith(f"cannot load the data of --calibration_tasks {task} offline (") and "\n" not in message
     assert message.endswith("); use --calibration_file with a local text file (e.g. WikiText) instead")
@@ -415,8 +456,8 @@ def test_cli_quantized_files_generate(cli):
             proc.stderr
         assert proc.stdout.startswith(PROMPT) and len(proc.stdout) > len(PROMPT) + 1
         assert ("Compilation time" in proc.stderr) == compiled
-    model = generate.load_model(d / "model_int8.pth", "cpu", torch.float32)
-    row = generate.generate(model, [tok.encode(PROMPT)], N_NEW, SamplingConfig(temperature=0), tok.eos_ids).tokens[0]
+    model = checkpoint.load_model(d / "model_int8.pth", "cpu", torch.float32)
+    row = decoding.generate(model, [tok.encode(PROMPT)], N_NEW, SamplingConfig(temperature=0), tok.eos_ids).tokens[0]
     assert procs[0].stdout == PROMPT + tok.decode(tok.encode(PROMPT) + [t for t in row if t not in tok.eos_ids])[
         len(tok.decode(tok.encode(PROMPT))):] + "\n"
 
@@ -428,7 +469,7 @@ def test_cli_gptq_keeps_the_stored_dtypes(trained, tmp_path):
         shutil.copyfile(src / f, tmp_path / f)
     torch.save({k: v.bfloat16() for k, v in model.state_dict().items()}, tmp_path / "model.pth")
     (tmp_path / "calib.txt").write_text(" ".join(english_ish(100, seed=5)))
-    Q.main(["--checkpoint_path", str(tmp_path / "model.pth"), "--mode", "int4-gptq", "--groupsize", "32",
+    quantize.main(["--checkpoint_path", str(tmp_path / "model.pth"), "--mode", "int4-gptq", "--groupsize", "32",
             "--calibration_file", str(tmp_path / "calib.txt"), "--calibration_limit", "4", "--no-quantize_output"])
     saved = torch.load(tmp_path / "model_int4-gptq.g32.pth", weights_only=True)
     state = saved["state_dict"]
@@ -462,14 +503,14 @@ def test_cli_user_mistakes_are_one_error_line(cli, tmp_path):
     assert sorted(f.name for f in d.iterdir()) == files  # nothing written
 
 
-def test_int8_compiled_in_bfloat16_with_unaligned_rows(hf_checkpoint, load_ours, prompt_ids, tmp_path):
+def test_int8_compiled_in_bfloat16_with_unaligned_rows(hf_checkpoint, load_cpu, prompt_ids, tmp_path):
     """w2's 172 input features are padded to 192 at load so ATen's int8 CPU kernel (16-byte aligned row loads) is
     safe also where inductor rewrites a dequantise-then-matmul into that kernel: compiled multi-token scoring and
     the compiled decode step give the eager bfloat16 results."""
     _, d = hf_checkpoint("gqa")
-    state, meta = Q.quantize_model(load_ours(d), "int8", 0, progress=False)
-    path = save_quantized(tmp_path, state, meta, ModelArgs.load(d / generate.CONFIG_NAME))
-    model = generate.load_model(path, "cpu", torch.bfloat16)
+    state, meta = Q.quantize_model(load_cpu(d), "int8", 0, progress=False)
+    path = save_quantized(tmp_path, state, meta, ModelArgs.load(d / CONFIG_NAME))
+    model = checkpoint.load_model(path, "cpu", torch.bfloat16)
     w2 = model.layers[0].feed_forward.w2
     assert (w2.in_features, w2.weight.shape[1]) == (172, 192)
     idx = torch.tensor([prompt_ids(12)])
@@ -478,6 +519,6 @@ def test_int8_compiled_in_bfloat16_with_unaligned_rows(hf_checkpoint, load_ours,
         compiled = torch.compile(model, dynamic=True)(idx)
     torch.testing.assert_close(compiled, eager, atol=0.05, rtol=0.05)  # bf16 rounding in a different order
     greedy = SamplingConfig(temperature=0)
-    rows = [generate.generate(model, [idx[0].tolist()], 8, greedy, steps=steps).tokens[0]
-            for steps in ((generate.prefill, generate.decode_one_token), generate.compile_steps("cpu"))]
+    rows = [decoding.generate(model, [idx[0].tolist()], 8, greedy, steps=steps).tokens[0]
+            for steps in (decoding.Steps(), decoding.make_steps("cpu", compile=True))]
     assert rows[0] == rows[1]

@@ -1,4 +1,5 @@
-"""Speculative decoding (generate.speculative_generate): draft-model and prompt-lookup proposals are exact.
+"""Speculative decoding (speculative.speculative_generate): draft-model and prompt-lookup proposals are exact, with
+the models on --device (the command-line tests run on CPU).
 
 References: plain generate() of the target (greedy: token for token), the acceptance counts predicted from
 no-cache forward passes over the final sequence (so both KV caches are checked, not only the output), and the
@@ -13,8 +14,10 @@ import pytest
 import torch
 from test_cli import BASE, ROOT, assert_ran_cleanly, run_cli
 
+import decoding
 import generate
-from generate import PromptLookup, SamplingConfig, accept_draft, acceptance_stats, speculative_generate, token_probs
+from sampling import SamplingConfig, token_probs
+from speculative import DraftModel, PromptLookup, accept_draft, acceptance_stats, speculative_generate
 from tokenizer import load_tokenizer
 
 GREEDY = SamplingConfig(temperature=0)
@@ -24,6 +27,12 @@ N_NEW = 40
 @pytest.fixture(scope="module")
 def target(hf_checkpoint, load_ours):
     return load_ours(hf_checkpoint("mha")[1])
+
+
+@pytest.fixture(scope="module")
+def cpu_target(hf_checkpoint, load_cpu):
+    """The target on CPU, where the command line runs (--device cpu)."""
+    return load_cpu(hf_checkpoint("mha")[1])
 
 
 @pytest.fixture(scope="module")
@@ -42,13 +51,13 @@ def prompts(prompt_ids):
 
 
 def plain(model, prompt, n=N_NEW, eos_ids=()):
-    return generate.generate(model, [prompt], n, GREEDY, eos_ids)
+    return decoding.generate(model, [prompt], n, GREEDY, eos_ids)
 
 
 def greedy_predictions(model, seq):
     """model's argmax after each prefix of seq, from one forward pass without a cache."""
     with torch.no_grad():
-        return model(torch.tensor([seq]))[0].argmax(-1).tolist()
+        return model(torch.tensor([seq], device=model.output.weight.device))[0].argmax(-1).tolist()
 
 
 def expected_acceptance(seq, T, n_out, K, propose):
@@ -78,7 +87,7 @@ def test_greedy_with_a_draft_model_is_plain_greedy(target, drafts, prompts, draf
     hits = []
     for prompt in prompts[:2]:
         ref = plain(target, prompt).tokens[0]
-        res = speculative_generate(target, [prompt], N_NEW, GREEDY, draft_model=model, speculate_k=K)
+        res = speculative_generate(target, [prompt], N_NEW, GREEDY, proposer=DraftModel(model), speculate_k=K)
         assert res.tokens[0] == ref
         seq = prompt + ref
         pred = greedy_predictions(model, seq)
@@ -113,13 +122,13 @@ def brute_force_lookup(seq, n, K):
 
 def test_prompt_lookup_proposals():
     lookup = PromptLookup(2, [5, 6, 7, 8, 5, 6])
-    assert lookup.propose(3) == [7, 8, 5]
+    assert lookup.follow(3) == [7, 8, 5]
     lookup.extend([9])
-    assert lookup.propose(3) is None  # (6, 9) occurred nowhere before
+    assert lookup.follow(3) is None  # (6, 9) occurred nowhere before
     lookup.extend([5, 6])
-    assert lookup.propose(2) == [9, 5]  # the most recent occurrence wins
+    assert lookup.follow(2) == [9, 5]  # the most recent occurrence wins
     repeat = PromptLookup(1, [3, 4, 3])
-    assert repeat.propose(5) == [4, 3, 4, 3, 4]  # the match ends near the end: its period continues
+    assert repeat.follow(5) == [4, 3, 4, 3, 4]  # the match ends near the end: its period continues
 
 
 @pytest.mark.parametrize("n,K", [(1, 3), (2, 4), (3, 2)])
@@ -128,7 +137,7 @@ def test_greedy_prompt_lookup_is_plain_greedy(target, prompt_ids, n, K):
     for seed in range(6):
         prompt = prompt_ids(24, seed=10 + seed)
         ref = plain(target, prompt, 64).tokens[0]
-        res = speculative_generate(target, [prompt], 64, GREEDY, prompt_lookup=n, speculate_k=K)
+        res = speculative_generate(target, [prompt], 64, GREEDY, proposer=PromptLookup(n), speculate_k=K)
         assert res.tokens[0] == ref
         expected = expected_acceptance(prompt + ref, len(prompt), len(ref), K, brute_force_lookup(prompt + ref, n, K))
         assert res.accepted[: len(expected)] == expected
@@ -148,11 +157,11 @@ def first_occurrence_eos(tokens, after=8):
                                   dict(prompt_lookup=1, speculate_k=3)])
 def test_stops_at_eos_like_plain_greedy(target, drafts, prompts, mode):
     mode = dict(mode)
-    draft = drafts[mode.pop("draft")] if "draft" in mode else None
+    proposer = DraftModel(drafts[mode.pop("draft")]) if "draft" in mode else PromptLookup(mode.pop("prompt_lookup"))
     for prompt in prompts:
         eos, j = first_occurrence_eos(plain(target, prompt).tokens[0])
         ref = plain(target, prompt, eos_ids=[eos])
-        res = speculative_generate(target, [prompt], N_NEW, GREEDY, [eos], draft_model=draft, **mode)
+        res = speculative_generate(target, [prompt], N_NEW, GREEDY, [eos], proposer=proposer, **mode)
         assert res.tokens == ref.tokens and len(res.tokens[0]) == j + 1 < N_NEW
         assert res.stopped == ref.stopped == [True]
 
@@ -163,12 +172,12 @@ def test_end_of_context_falls_back_to_plain_steps(hf_checkpoint, load_ours, prom
     prompt = prompt_ids(14, seed=3)
     ref = plain(short, prompt, 40).tokens[0]
     assert len(ref) == 32 - 14
-    res = speculative_generate(short, [prompt], 40, GREEDY, draft_model=copy.deepcopy(short), speculate_k=4)
+    res = speculative_generate(short, [prompt], 40, GREEDY, proposer=DraftModel(copy.deepcopy(short)), speculate_k=4)
     assert res.tokens[0] == ref
     # an exact copy accepts everything: 3 verify steps of 5 tokens from position 14 reach position 29, where K = 4
     # more would pass the cache's end (32), so the last 2 tokens come from plain decode steps
     assert res.accepted == [4, 4, 4]
-    assert speculative_generate(short, [prompt], 40, GREEDY, prompt_lookup=1, speculate_k=4).tokens[0] == ref
+    assert speculative_generate(short, [prompt], 40, GREEDY, proposer=PromptLookup(1), speculate_k=4).tokens[0] == ref
 
 
 def test_acceptance_stats():
@@ -194,12 +203,13 @@ def tiny_vocab(hf_checkpoint, load_ours):
 
 
 def next_token_tables(model, depth):
-    """Distributions after CONTEXT + every continuation of up to depth - 1 tokens: table[k] is (V,) * k + (V,)."""
+    """Distributions after CONTEXT + every continuation of up to depth - 1 tokens: table[k] is (V,) * k + (V,), on
+    CPU (computed on the model's device)."""
     c = len(CONTEXT)
     grid = torch.cartesian_prod(*[torch.arange(V)] * (depth - 1)).reshape(-1, depth - 1)
     seqs = torch.cat([torch.tensor(CONTEXT).expand(len(grid), c), grid], 1)
     with torch.no_grad():
-        logits = model(seqs)
+        logits = model(seqs.to(model.output.weight.device)).cpu()
     tables = []
     for k in range(depth):
         probs = token_probs(logits[:, c - 1 + k], SAMPLING).reshape((V,) * (depth - 1) + (V,))
@@ -228,7 +238,7 @@ def joint(tables):
     return p0[:, None, None] * p1[:, :, None] * p2
 
 
-def test_accept_draft_reproduces_the_target_distribution(tiny_vocab):
+def test_accept_draft_reproduces_the_target_distribution(tiny_vocab, device):
     """200,000 independent speculative steps with K = 2, through accept_draft as generation calls it: the first three
     tokens (the block, completed by sampling the target where it is shorter) follow the target's joint distribution.
     Chi-square: p < 0.001 happens once in 1000 seeds if the rule is right. Total variation: with k cells of nonzero
@@ -246,8 +256,10 @@ def test_accept_draft_reproduces_the_target_distribution(tiny_vocab):
     torch.manual_seed(2)
     d1 = torch.multinomial(Q[0], N, replacement=True, generator=gen)
     d2 = torch.multinomial(Q[1][d1], 1, generator=gen)[:, 0]
-    n, x = accept_draft(torch.stack([P[0].expand(N, V), P[1][d1], P[2][d1, d2]], 1),
-                        torch.stack([Q[0].expand(N, V), Q[1][d1]], 1), torch.stack([d1, d2], 1))
+    # accept_draft runs on the device (its uniform and exponential draws too); the rest of the test on CPU
+    n, x = accept_draft(torch.stack([P[0].expand(N, V), P[1][d1], P[2][d1, d2]], 1).to(device),
+                        torch.stack([Q[0].expand(N, V), Q[1][d1]], 1).to(device), torch.stack([d1, d2], 1).to(device))
+    n, x = n.cpu(), x.cpu()
     y1 = torch.where(n >= 1, d1, x)
     sampled_y2 = torch.multinomial(P[1][y1], 1, generator=gen)[:, 0]  # the target continues a 1-token block
     y2 = torch.where(n >= 2, d2, torch.where(n == 1, x, sampled_y2))
@@ -266,11 +278,11 @@ def test_sampled_generation_follows_the_target(tiny_vocab, mode):
     K = 2); (first, second) and the third token follow the target's distributions (two tests, p > 0.001 each)."""
     target, draft = tiny_vocab
     truth = joint(next_token_tables(target, 3))
-    kwargs = dict(draft_model=draft) if mode == "draft" else dict(prompt_lookup=1)
     torch.manual_seed(1)
     counts, accepted = torch.zeros(V, V, V), []
     for _ in range(600):
-        res = speculative_generate(target, [CONTEXT], 3, SAMPLING, speculate_k=2, **kwargs)
+        proposer = DraftModel(draft) if mode == "draft" else PromptLookup(1)
+        res = speculative_generate(target, [CONTEXT], 3, SAMPLING, speculate_k=2, proposer=proposer)
         counts[tuple(res.tokens[0])] += 1
         accepted += res.accepted
     assert 0 in accepted and 2 in accepted
@@ -294,10 +306,10 @@ def int8_copy(hf_checkpoint, tmp_path_factory):
     return root
 
 
-def test_cli_compiled_with_an_int8_draft(target, int8_copy, tmp_path):
+def test_cli_compiled_with_an_int8_draft(cpu_target, int8_copy, tmp_path):
     tok = load_tokenizer(int8_copy / "tokenizer.model")
     text = "Yesterday the old farmer walks across the river and"
-    row = generate.generate(target, [tok.encode(text)], 16, GREEDY, tok.eos_ids).tokens[0]
+    row = decoding.generate(cpu_target, [tok.encode(text)], 16, GREEDY, tok.eos_ids).tokens[0]
     metrics = tmp_path / "m.json"
     proc = run_cli("--checkpoint_path", int8_copy / "model.pth", "--prompt", text, *BASE, "--num_samples", "2",
                    "--compile", "--draft_checkpoint_path", int8_copy / "model_int8.pth", "--speculate_k", "3",
@@ -315,10 +327,10 @@ def test_cli_compiled_with_an_int8_draft(target, int8_copy, tmp_path):
         assert s["new_tokens"] == [len(row)] and sum(s["accepted"]) + len(s["accepted"]) >= len(row) - 1
 
 
-def test_cli_prompt_lookup(target, int8_copy):
+def test_cli_prompt_lookup(cpu_target, int8_copy):
     tok = load_tokenizer(int8_copy / "tokenizer.model")
     text = "A king and a queen sing; a king and a queen"
-    row = generate.generate(target, [tok.encode(text)], 16, GREEDY, tok.eos_ids).tokens[0]
+    row = decoding.generate(cpu_target, [tok.encode(text)], 16, GREEDY, tok.eos_ids).tokens[0]
     proc = run_cli("--checkpoint_path", int8_copy / "model.pth", "--prompt", text, *BASE, "--prompt_lookup", "2")
     assert_ran_cleanly(proc)
     assert proc.stdout == text + tok.decode([t for t in row if t not in tok.eos_ids]) + "\n"
@@ -371,6 +383,13 @@ def test_cli_mistakes_exit_with_one_error_line(mistake_args, capsys, name):
 
 def test_python_api_refuses_batches_and_penalties(target, drafts):
     with pytest.raises(ValueError, match="batch size 1"):
-        speculative_generate(target, [[1, 2, 3], [4, 5, 6]], 4, GREEDY, prompt_lookup=1)
+        speculative_generate(target, [[1, 2, 3], [4, 5, 6]], 4, GREEDY, proposer=PromptLookup(1))
     with pytest.raises(ValueError, match="penalties"):
-        speculative_generate(target, [[1, 2, 3]], 4, SamplingConfig(presence_penalty=0.5), draft_model=drafts["copy"])
+        speculative_generate(target, [[1, 2, 3]], 4, SamplingConfig(presence_penalty=0.5),
+                             proposer=DraftModel(drafts["copy"]))
+
+
+def test_python_api_refuses_a_draft_with_another_vocabulary(target, hf_checkpoint, load_ours):
+    other = load_ours(hf_checkpoint("spec_other_vocab", vocab_size=512)[1])
+    with pytest.raises(ValueError, match="vocabulary"):
+        speculative_generate(target, [[1, 2, 3]], 4, GREEDY, proposer=DraftModel(other))

@@ -11,11 +11,13 @@ from pathlib import Path
 import pytest
 import torch
 
-import generate
-import quantize as Q
+import checkpoint
+import decoding
+import qlinear as Q
 import tp
-from generate import SamplingConfig
 from model import CONFIG_NAME
+from sampling import SamplingConfig
+from speculative import DraftModel, speculative_generate
 from tokenizer import load_tokenizer
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -38,7 +40,7 @@ def error_lines(proc) -> list:
 
 
 @pytest.fixture(scope="module")
-def checkpoints(hf_checkpoint, load_ours, tmp_path_factory) -> dict:
+def checkpoints(hf_checkpoint, load_cpu, tmp_path_factory) -> dict:
     """GQA (4 query heads, 2 KV heads) with an FFN of 192, which 2 processes split into whole int4 groups of 32:
     float32, int8 and int4 checkpoints."""
     _, d = hf_checkpoint("gqa_tp", num_key_value_heads=2, intermediate_size=192)
@@ -47,15 +49,15 @@ def checkpoints(hf_checkpoint, load_ours, tmp_path_factory) -> dict:
         shutil.copyfile(d / name, out / name)
     paths = {"float32": d / "model.pth"}
     for mode in ("int8", "int4"):
-        state, meta = Q.quantize_model(load_ours(d), mode, groupsize=32, progress=False)
+        state, meta = Q.quantize_model(load_cpu(d), mode, groupsize=32, progress=False)
         assert set(meta["layers"].values()) == {mode}  # every linear layer, the sharded ones included
         paths[mode] = out / f"model_{mode}.pth"
         torch.save({"quantization": meta, "state_dict": state}, paths[mode])
     return paths
 
 
-def test_indivisible_models_are_refused_before_sharding(hf_checkpoint, load_ours):
-    model = load_ours(hf_checkpoint("gqa")[1])  # 4 heads, 2 KV heads, FFN 172
+def test_indivisible_models_are_refused_before_sharding(hf_checkpoint, load_cpu):
+    model = load_cpu(hf_checkpoint("gqa")[1])  # 4 heads, 2 KV heads, FFN 172
     with pytest.raises(ValueError, match=r"divisible by 3: n_heads \(4\), n_kv_heads \(2\), intermediate_size "
                                          r"\(172\) are not"):
         tp.apply_tp(model, rank=0, world_size=3)
@@ -72,23 +74,23 @@ def test_two_processes_compute_what_one_does(checkpoints, sp_tokenizer, tmp_path
     assert proc.returncode == 0, proc.stderr[-3000:]
     results = torch.load(out, weights_only=True)
     for kind, path in checkpoints.items():
-        model = generate.load_model(path, "cpu", torch.float32)
+        model = checkpoint.load_model(path, "cpu", torch.float32)
         got = results[str(path)]
         with torch.inference_mode():
             logits = model(torch.tensor([prompt]))
         assert logits.std() > 0.3  # not near-uniform: greedy tokens are decided by clear margins
         torch.testing.assert_close(got["logits"], logits, atol=1e-5, rtol=0, msg=kind)
         torch.testing.assert_close(got["cached_logits"], logits, atol=1e-5, rtol=0, msg=kind)
-        expected = generate.generate(model, [prompt], N_NEW, SamplingConfig(temperature=0)).tokens[0]
+        expected = decoding.generate(model, [prompt], N_NEW, SamplingConfig(temperature=0)).tokens[0]
         assert got["tokens"] == expected, kind
         assert got["kv_cache_shape"] == (1, 1, len(prompt) + N_NEW, 16)  # 1 of the 2 KV heads per rank
 
 
 def test_cli_compiled_under_torchrun(checkpoints, tmp_path):
     path = checkpoints["float32"]
-    model = generate.load_model(path, "cpu", torch.float32)
+    model = checkpoint.load_model(path, "cpu", torch.float32)
     tok = load_tokenizer(path.parent / "tokenizer.model")
-    row = generate.generate(model, [tok.encode(PROMPT)], N_NEW, SamplingConfig(temperature=0), tok.eos_ids).tokens[0]
+    row = decoding.generate(model, [tok.encode(PROMPT)], N_NEW, SamplingConfig(temperature=0), tok.eos_ids).tokens[0]
     metrics = tmp_path / "metrics.json"
     proc = torchrun("generate.py", "--checkpoint_path", path, "--prompt", PROMPT, "--max_new_tokens", N_NEW,
                     "--num_samples", 1, "--temperature", 0, "--precision", "float32", "--device", "cpu",
@@ -102,21 +104,21 @@ def test_cli_compiled_under_torchrun(checkpoints, tmp_path):
     # every rank reads half of each attention and FFN weight, and all of the embedding, norms and output
     sharded = sum(t.numel() * t.element_size() for name, t in model.state_dict().items()
                   if name.rpartition(".")[0].endswith(("wqkv", "wo", "w13", "w2")))
-    assert (m["world_size"], m["weight_bytes"]) == (2, generate.weight_bytes(model) - sharded // 2)
+    assert (m["world_size"], m["weight_bytes"]) == (2, decoding.weight_bytes(model) - sharded // 2)
 
 
 def test_cli_speculative_with_a_sharded_draft(checkpoints, tmp_path):
     """The int8 copy of the target drafts (sharded too): the output is plain greedy's, and every verify step accepts
     what it accepts in one process, so the sharded draft proposed the same tokens."""
     path, draft_path = checkpoints["float32"], checkpoints["int8"]
-    model = generate.load_model(path, "cpu", torch.float32)
-    draft = generate.load_model(draft_path, "cpu", torch.float32)
+    model = checkpoint.load_model(path, "cpu", torch.float32)
+    draft = checkpoint.load_model(draft_path, "cpu", torch.float32)
     tok = load_tokenizer(path.parent / "tokenizer.model")
     prompt = tok.encode(PROMPT)
     greedy = SamplingConfig(temperature=0)
-    row = generate.generate(model, [prompt], N_NEW, greedy, tok.eos_ids).tokens[0]
-    single = generate.speculative_generate(model, [prompt], N_NEW, greedy, tok.eos_ids, draft_model=draft,
-                                           speculate_k=4)
+    row = decoding.generate(model, [prompt], N_NEW, greedy, tok.eos_ids).tokens[0]
+    single = speculative_generate(model, [prompt], N_NEW, greedy, tok.eos_ids, proposer=DraftModel(draft),
+                                  speculate_k=4)
     assert single.tokens[0] == row and sum(single.accepted) > 0
     metrics = tmp_path / "metrics.json"
     proc = torchrun("generate.py", "--checkpoint_path", path, "--draft_checkpoint_path", draft_path, "--speculate_k", 4,
@@ -148,11 +150,11 @@ def test_eval_under_torchrun(checkpoints, tmp_path):
         assert got[key] == pytest.approx(single[key], rel=1e-5), key
 
 
-def test_cli_refuses_int4_groups_that_do_not_split(hf_checkpoint, load_ours, tmp_path):
+def test_cli_refuses_int4_groups_that_do_not_split(hf_checkpoint, load_cpu, tmp_path):
     _, d = hf_checkpoint("gqa")  # FFN 172: w2's int4 groups of 32 cannot be split in two
     for name in (CONFIG_NAME, "tokenizer.model"):
         shutil.copyfile(d / name, tmp_path / name)
-    state, meta = Q.quantize_model(load_ours(d), "int4", groupsize=32, progress=False)
+    state, meta = Q.quantize_model(load_cpu(d), "int4", groupsize=32, progress=False)
     torch.save({"quantization": meta, "state_dict": state}, tmp_path / "model_int4.pth")
     proc = torchrun("generate.py", "--checkpoint_path", tmp_path / "model_int4.pth", "--device", "cpu")
     assert proc.returncode != 0

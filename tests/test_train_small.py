@@ -1,5 +1,5 @@
 """scripts/train_small.py: a few optimiser steps on a small text file lower the loss, and the written checkpoint
-loads through generate.load_model with the same logits as the trained module."""
+loads through checkpoint.load_model with the same logits as the trained module."""
 import sys
 from pathlib import Path
 
@@ -10,7 +10,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "scripts"))
 import train_small  # noqa: E402
 
-from generate import load_model  # noqa: E402
+from checkpoint import load_model  # noqa: E402
 from model import ModelArgs, Transformer  # noqa: E402
 
 

@@ -1,4 +1,4 @@
-"""Run by tests/test_tp.py under torchrun: loads each checkpoint sharded over the ranks (generate.load_model with
+"""Run by tests/test_tp.py under torchrun: loads each checkpoint sharded over the ranks (checkpoint.load_model with
 tensor_parallel=True) and saves, from rank 0, what the test compares with a single process: the logits of the
 prompt without and with the KV cache, and a greedy continuation.
 
@@ -15,8 +15,10 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-import generate  # noqa: E402
+import checkpoint  # noqa: E402
+import decoding  # noqa: E402
 import tp  # noqa: E402
+from sampling import SamplingConfig  # noqa: E402
 
 torch.set_num_threads(1)
 
@@ -28,7 +30,7 @@ def main():
     results = {}
     try:
         for path in checkpoints:
-            model = generate.load_model(path, "cpu", torch.float32, tensor_parallel=True)
+            model = checkpoint.load_model(path, "cpu", torch.float32, tensor_parallel=True)
             tokens = torch.tensor([prompt])
             with torch.inference_mode():
                 logits = model(tokens)
@@ -36,7 +38,7 @@ def main():
                     raise RuntimeError(f"rank {tp.rank()} fails on purpose")
                 model.setup_caches(1, len(prompt) + n_new)
                 cached_logits = model(tokens, torch.arange(len(prompt)))
-            greedy = generate.generate(model, [prompt], n_new, generate.SamplingConfig(temperature=0))
+            greedy = decoding.generate(model, [prompt], n_new, SamplingConfig(temperature=0))
             results[path] = {"logits": logits, "cached_logits": cached_logits, "tokens": greedy.tokens[0],
                              "kv_cache_shape": tuple(model.layers[0].attention.kv_cache.k_cache.shape)}
         if tp.rank() == 0:

@@ -1,0 +1,237 @@
+"""Quantized linear layers (weight-only): the int8 and int4 formats, their modules, and round-to-nearest
+quantization of a model as module swaps (torchao's approach).
+
+    int8: symmetric per output channel, ATen's _weight_int8pack_mm on CPU, a fused dequantising matmul elsewhere
+    int4: asymmetric per group of input features, PyTorch's packed int4 kernels on CPU and CUDA
+
+A checkpoint stores int4 codes in a portable layout (pack_int4); pack_for_device() converts them to the layout of
+the device's kernel after loading, so one file runs on CPU and CUDA. A new format is a module here with the same
+four parts: its tensors, pack_for_device(), forward(), and the two dicts that tell tp.py how to shard it.
+GPTQ (gptq.py) produces the int4 format with better rounding.
+"""
+import sys
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch import Tensor
+from tqdm import tqdm
+
+GROUP_SIZES = (32, 64, 128, 256)
+
+
+# ------------------------------------------------------------------------------------------------ the formats
+
+def quantize_int8(w: Tensor) -> tuple[Tensor, Tensor]:
+    """Symmetric per-output-channel: w ≈ q * scale[:, None], q in [-127, 127]."""
+    scales = w.float().abs().amax(dim=1).clamp(min=1e-8) / 127
+    q = torch.round(w.float() / scales[:, None]).clamp(-127, 127).to(torch.int8)
+    return q, scales
+
+
+def int4_qparams(w: Tensor, groupsize: int) -> Tensor:
+    """(N, K/g, 2) scale and zero per group: asymmetric min/max, zero in the float domain at code 8
+    (w ≈ (q - 8) * scale + zero), the convention of PyTorch's int4 kernels."""
+    groups = w.float().reshape(w.shape[0], -1, groupsize)
+    lo, hi = groups.amin(dim=-1), groups.amax(dim=-1)
+    scales = (hi - lo).clamp(min=1e-6) / 15
+    return torch.stack([scales, lo + 8 * scales], dim=-1)
+
+
+def quantize_int4(w: Tensor, qparams: Tensor, groupsize: int) -> Tensor:
+    """Codes 0..15 (uint8, shape of w) for the given per-group (scale, zero)."""
+    scales, zeros = qparams[..., 0].repeat_interleave(groupsize, 1), qparams[..., 1].repeat_interleave(groupsize, 1)
+    return torch.round((w.float() - (zeros - 8 * scales)) / scales).clamp(0, 15).to(torch.uint8)
+
+
+def dequantize_int4(q: Tensor, qparams: Tensor, groupsize: int) -> Tensor:
+    scales, zeros = qparams[..., 0].repeat_interleave(groupsize, 1), qparams[..., 1].repeat_interleave(groupsize, 1)
+    return (q.float() - 8) * scales + zeros
+
+
+def pack_int4(q: Tensor) -> Tensor:
+    """(N, K) codes -> (N, K/2) bytes, even column in the high nibble: the input layout of
+    aten._convert_weight_to_int4pack, and a plain, device-independent one to store."""
+    return (q[:, ::2] << 4 | q[:, 1::2]).to(torch.uint8)
+
+
+def unpack_int4(packed: Tensor) -> Tensor:
+    return torch.stack([packed >> 4, packed & 15], dim=-1).flatten(1)
+
+
+# ---------------------------------------------------------------------------------------- the quantized linears
+
+class Int8Linear(nn.Module):
+    # For tp.py: the dimension of each tensor that indexes output features / input features (scales are per
+    # output channel, so they apply to a row-parallel layer's partial sums as they do to the total).
+    output_dims = {"weight": 0, "scales": 0}
+    input_dims = {"weight": 1}
+
+    def __init__(self, in_features: int, out_features: int):
+        super().__init__()
+        self.in_features, self.out_features = in_features, out_features
+        self.register_buffer("weight", torch.empty(out_features, in_features, dtype=torch.int8))
+        self.register_buffer("scales", torch.empty(out_features))
+
+    @torch.no_grad()
+    def pack_for_device(self):
+        # ATen's CPU kernel reads rows in aligned 16-element blocks (a segfault with in_features=172), and inductor
+        # rewrites the generic path below into that kernel too: pad rows with zeros to a multiple of 32.
+        if self.weight.device.type == "cpu" and self.in_features % 32:
+            self.weight = F.pad(self.weight, (0, -self.in_features % 32))
+
+    def forward(self, x: Tensor) -> Tensor:
+        K = self.weight.shape[1]
+        if x.device.type == "cpu" and K % 32 == 0:  # ATen's vectorised int8 x bfloat16 CPU kernel
+            if K != self.in_features:
+                x = F.pad(x, (0, K - self.in_features))
+            y = torch.ops.aten._weight_int8pack_mm(x.reshape(-1, K), self.weight, self.scales.to(x.dtype))
+            return y.view(*x.shape[:-1], -1)
+        # On GPUs torch.compile fuses the int8 -> activation dtype conversion into the matmul's weight load.
+        return F.linear(x, self.weight.to(x.dtype)) * self.scales.to(x.dtype)
+
+
+class Int4Linear(nn.Module):
+    """Groupwise int4. `weight` holds the portable packed codes (N, K/2) until pack_for_device() converts it to
+    the layout of the device's kernel. K may be padded up to a multiple of the group size (padding columns are
+    zero; the activation is padded to match)."""
+    # For tp.py: codes (N, K/2) and per-group parameters (K/g, N, 2); sharding keeps whole groups (shard_error)
+    output_dims = {"weight": 0, "scales_and_zeros": 1}
+    input_dims = {"weight": 1, "scales_and_zeros": 0}
+
+    def __init__(self, in_features: int, out_features: int, groupsize: int):
+        super().__init__()
+        self.in_features, self.out_features, self.groupsize = in_features, out_features, groupsize
+        padded_in = -(-in_features // groupsize) * groupsize
+        self.register_buffer("weight", torch.empty(out_features, padded_in // 2, dtype=torch.uint8))
+        self.register_buffer("scales_and_zeros", torch.empty(padded_in // groupsize, out_features, 2))
+        self.kernel = None  # "cpu" or "cuda" once packed
+
+    @property
+    def padded_in(self) -> int:  # input features the kernel sees: a whole number of groups
+        return self.scales_and_zeros.shape[0] * self.groupsize
+
+    def shard_error(self, name: str, world_size: int, split_inputs: bool) -> str | None:
+        """Why this layer cannot be split over world_size processes (tp.py), or None."""
+        if self.kernel is not None:
+            return "shard int4 layers before qlinear.pack_for_device: packed codes cannot be split"
+        g = self.groupsize
+        if split_inputs and self.in_features % (g * world_size):
+            return (f"int4 {name} has {self.in_features} input features: {world_size} processes would split its "
+                    f"groups of {g} (needs a multiple of {g * world_size})")
+        if not split_inputs and self.out_features // world_size % 16:
+            return (f"int4 {name} would have {self.out_features // world_size} output features per process; the "
+                    f"int4 kernels need a multiple of 16")
+        return None
+
+    @torch.no_grad()
+    def pack_for_device(self):
+        device = self.weight.device
+        if device.type == "cpu":
+            self.weight = torch.ops.aten._convert_weight_to_int4pack_for_cpu(unpack_int4(self.weight).int(), 1)
+        elif device.type == "cuda":
+            inner_k_tiles = 8 if self.padded_in % 128 == 0 else 4 if self.padded_in % 64 == 0 else 2
+            self.weight = torch.ops.aten._convert_weight_to_int4pack(self.weight.contiguous(), inner_k_tiles)
+            self.scales_and_zeros = self.scales_and_zeros.to(torch.bfloat16)  # the CUDA kernel takes bf16 only
+        else:
+            raise ValueError(f"int4 weights need a CPU or CUDA device, not {device.type}")
+        self.kernel = device.type
+
+    def forward(self, x: Tensor) -> Tensor:
+        shape = x.shape
+        x = x.reshape(-1, shape[-1])
+        if self.padded_in != self.in_features:
+            x = F.pad(x, (0, self.padded_in - self.in_features))
+        if self.kernel == "cpu":
+            y = torch.ops.aten._weight_int4pack_mm_for_cpu(x, self.weight, self.groupsize,
+                                                          self.scales_and_zeros.to(x.dtype))
+        else:
+            y = torch.ops.aten._weight_int4pack_mm(x.to(torch.bfloat16), self.weight, self.groupsize,
+                                                   self.scales_and_zeros).to(x.dtype)
+        return y.view(*shape[:-1], -1)
+
+
+def linear_names(model: nn.Module, quantize_output: bool) -> list:
+    return [name for name, m in model.named_modules() if isinstance(m, nn.Linear)
+            and (quantize_output or name != "output")]
+
+
+def int4_skip_reason(layer: nn.Linear):
+    if layer.out_features % 16:  # the CPU packing works on blocks of 16 output rows (CUDA on 8)
+        return f"out_features {layer.out_features} is not a multiple of 16"
+    return None
+
+
+def swap_in_quantized(model: nn.Module, layers: dict, groupsize: int = 0):
+    """Replace each named nn.Linear by its quantized module ("int8" or "int4"); others stay as they are."""
+    for name, kind in layers.items():
+        if kind not in ("int8", "int4"):
+            continue
+        parent_name, _, child = name.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        old = getattr(parent, child)
+        new = Int8Linear(old.in_features, old.out_features) if kind == "int8" else \
+            Int4Linear(old.in_features, old.out_features, groupsize)
+        setattr(parent, child, new.to(old.weight.device) if old.weight.device.type != "meta" else new)
+    return model
+
+
+def pack_for_device(model: nn.Module):
+    for m in model.modules():
+        if isinstance(m, (Int8Linear, Int4Linear)):
+            m.pack_for_device()
+    return model
+
+
+# ------------------------------------------------------------------------------------------ quantizing a model
+
+@torch.no_grad()
+def quantize_linear(layer: nn.Linear, kind: str, groupsize: int) -> dict:
+    """State dict entries of the round-to-nearest quantized replacement of one nn.Linear."""
+    w = layer.weight.detach().float()
+    if kind == "int8":
+        q, scales = quantize_int8(w)
+        return {"weight": q, "scales": scales}
+    w = pad_to_groups(w, groupsize)
+    qparams = int4_qparams(w, groupsize)
+    return int4_entries(quantize_int4(w, qparams, groupsize), qparams)
+
+
+def pad_to_groups(w: Tensor, groupsize: int) -> Tensor:
+    """Zero columns up to a whole number of groups (Int4Linear pads its input to match)."""
+    return F.pad(w, (0, -w.shape[1] % groupsize))
+
+
+def int4_entries(codes: Tensor, qparams: Tensor) -> dict:
+    """Int4Linear's stored tensors from codes (N, K) and qparams (N, K/g, 2)."""
+    return {"weight": pack_int4(codes), "scales_and_zeros": qparams.transpose(0, 1).contiguous()}
+
+
+@torch.no_grad()
+def quantize_model(model: nn.Module, mode: str, groupsize: int = 128, quantize_output: bool = True,
+                   progress: bool = True) -> tuple[dict, dict]:
+    """Round-to-nearest int8 or int4 of every linear layer. Returns (state_dict, quantization metadata)."""
+    if mode not in ("int8", "int4"):
+        raise ValueError(f"quantize_model does round-to-nearest int8 or int4, not {mode}: GPTQ is gptq_quantize_model")
+    layers, state = {}, {}
+    names = linear_names(model, quantize_output)
+    for name in tqdm(names, desc=f"quantizing to {mode}", disable=not progress, file=sys.stderr):
+        layer = model.get_submodule(name)
+        reason = int4_skip_reason(layer) if mode == "int4" else None
+        if reason:
+            layers[name] = f"kept in {layer.weight.dtype}: {reason}"
+            continue
+        layers[name] = mode
+        for key, t in quantize_linear(layer, mode, groupsize).items():
+            state[f"{name}.{key}"] = t
+    meta = {"mode": mode, "groupsize": groupsize if mode == "int4" else None, "quantize_output": quantize_output,
+            "layers": layers}
+    return add_unquantized(model, state, layers), meta
+
+
+def add_unquantized(model: nn.Module, state: dict, layers: dict) -> dict:
+    """The model's other tensors (embeddings, norms, linears kept in float) join the quantized ones."""
+    for name, t in model.state_dict().items():
+        if layers.get(name.rpartition(".")[0]) not in ("int8", "int4"):
+            state.setdefault(name, t)
+    return state

@@ -1,0 +1,69 @@
+#!/usr/bin/env bash
+# One-command check on a machine with a CUDA GPU, about 10 minutes at most: the device-aware tests (pytest marker
+# `device`) with --device cuda, then Llama-2-7B-shaped decode benchmarks (random weights, --compile): bfloat16,
+# int8, int4 g128, and speculative decoding with an int4 g128 draft. Commands, their output, the GPU, the torch
+# version and the date are appended to one results file.
+#
+#     bash scripts/gpu_check.sh [RESULTS_FILE]          # default: gpu_check_results.txt
+#
+# Time limits in seconds, from the environment: TEST_TIMEOUT (default 300), BENCH_TIMEOUT (180 per benchmark) and
+# TOTAL_TIMEOUT (570 for the whole script: each step gets at most what is left; one with under 30 s is skipped).
+set -uo pipefail
+cd "$(dirname "$0")/.."
+OUT=${1:-gpu_check_results.txt}
+PY=${PYTHON:-python3}
+END=$(( $(date +%s) + ${TOTAL_TIMEOUT:-570} ))
+METRICS=$(mktemp -d)
+FAILED=0
+
+if ! "$PY" -c "import torch; assert torch.cuda.is_available()" 2>/dev/null; then
+  echo "error: no CUDA device is present ($PY -c 'import torch; assert torch.cuda.is_available()' failed)"
+  exit 1
+fi
+
+step() {  # step LIMIT COMMAND...: run COMMAND under timeout, its output shown and appended to $OUT
+  local limit=$1 left=$(( END - $(date +%s) )) start rc
+  shift
+  (( left < limit )) && limit=$left
+  printf '\n$ %s\n' "$*" | tee -a "$OUT"
+  if (( limit < 30 )); then
+    echo "[skipped: out of time]" | tee -a "$OUT"
+    FAILED=$(( FAILED + 1 ))
+    return
+  fi
+  start=$(date +%s)
+  timeout -k 10 "$limit" "$@" 2>&1 | tee -a "$OUT"
+  rc=${PIPESTATUS[0]}
+  echo "[exit $rc$( (( rc == 124 || rc == 137 )) && echo ": timed out after ${limit}s"), $(( $(date +%s) - start ))s]" \
+    | tee -a "$OUT"
+  (( rc == 0 )) || FAILED=$(( FAILED + 1 ))
+}
+
+bench() {  # bench NAME ARGS...: scripts/bench.py on the llama-2-7b preset, its metrics JSON appended to $OUT
+  step "${BENCH_TIMEOUT:-180}" "$PY" scripts/bench.py --model llama-2-7b --compile --device cuda --num_samples 3 \
+    --metrics_json "$METRICS/$1.json" "${@:2}"
+  [[ -f $METRICS/$1.json ]] && { echo "metrics ($1):"; cat "$METRICS/$1.json"; } >> "$OUT"
+}
+
+{
+  echo "=== gpu_check, $(date -u '+%Y-%m-%d %H:%M:%S UTC')"
+  nvidia-smi -L
+  "$PY" -c "import torch; print('torch', torch.__version__, 'CUDA', torch.version.cuda, torch.cuda.get_device_name())"
+} 2>&1 | tee -a "$OUT"
+
+IGNORE=()
+if ! "$PY" -c "import lm_eval" 2>/dev/null; then
+  # A machine that reaches PyPI can install it (bash scripts/setup.sh keeps the CUDA torch); a lent GPU machine
+  # without network needs its wheels carried in. Without it the other device tests still run.
+  echo "note: lm_eval is not installed here: tests/test_eval.py is left out" | tee -a "$OUT"
+  IGNORE=(--ignore tests/test_eval.py)
+fi
+step "${TEST_TIMEOUT:-300}" "$PY" -m pytest -q tests --device cuda -x -m device "${IGNORE[@]}"
+bench bf16
+bench int8 --quantize int8
+bench int4 --quantize int4 --groupsize 128
+bench speculative_int4_draft --draft int4 --groupsize 128
+
+echo "=== gpu_check done, $(date -u '+%H:%M:%S UTC'): $FAILED step(s) failed or skipped" | tee -a "$OUT"
+rm -rf "$METRICS"
+(( FAILED == 0 ))
