@@ -49,11 +49,14 @@ def read_config(checkpoint_path: Path) -> ModelArgs:
         raise ValueError(f"invalid {config_path}: {e}") from None
 
 
-def load_model(checkpoint_path, device="cpu", precision=torch.bfloat16, tensor_parallel=False) -> Transformer:
+def load_model(checkpoint_path, device="cpu", precision=torch.bfloat16, tensor_parallel=False,
+               cpu_kernels: str = "auto") -> Transformer:
     """Build the model described by model_config.json beside the checkpoint and load its weights. Quantized
     checkpoints from quantize.py get their quantized modules, packed for the device, and keep their metadata in
     model.quantization. precision=None keeps stored dtypes. tensor_parallel=True keeps only this rank's shard
-    (tp.apply_tp) of the process group that tp.maybe_init_dist set up."""
+    (tp.apply_tp) of the process group that tp.maybe_init_dist set up. On CPU the float linears use the matmul
+    kernel that is fastest on this machine (cpu_kernels="auto", see cpu_kernels.py) or the one named; "addmv"
+    keeps the weights as stored (e.g. to quantize them)."""
     path = Path(checkpoint_path)
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint not found: {path}")
@@ -74,7 +77,10 @@ def load_model(checkpoint_path, device="cpu", precision=torch.bfloat16, tensor_p
             raise ValueError(f"{path}: {e}") from None
     model = model.to(device=device, dtype=precision).eval().requires_grad_(False)
     model.quantization = quantization
-    return pack_for_device(model) if quantization else model
+    if quantization:
+        pack_for_device(model)
+    model.use_cpu_kernels(cpu_kernels)
+    return model
 
 
 def assign_weights(model: Transformer, state: dict, path: Path):

@@ -8,6 +8,7 @@ from pathlib import Path
 import torch
 
 import tp
+from cpu_kernels import KERNELS
 from tokenizer import TokenizerError
 
 PRECISIONS = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
@@ -21,11 +22,13 @@ def default_device() -> str:
 
 
 def add_model_args(p: argparse.ArgumentParser):
-    """--checkpoint_path, --tokenizer_path, --device and --precision, with the same meaning in every command."""
+    """--checkpoint_path, --tokenizer_path, --device, --precision and --cpu_kernels, with the same meaning in every command."""
     p.add_argument("--checkpoint_path", type=Path, default=DEFAULT_CHECKPOINT)
     p.add_argument("--tokenizer_path", type=Path, help="default: tokenizer.model beside the checkpoint")
     p.add_argument("--device", default=default_device())
     p.add_argument("--precision", choices=PRECISIONS, default="bfloat16")
+    p.add_argument("--cpu_kernels", choices=["auto", *KERNELS], default="auto",
+                   help="CPU matmul for float weights: auto = the fastest on this machine, measured once and cached")
 
 
 def check_device(device: str):

@@ -223,9 +223,10 @@ def weight_bytes(model: torch.nn.Module) -> int:
     (one row is read), unless it is tied to the output projection and so read whole."""
     seen, total = set(), 0
     for name, t in model.state_dict().items():
-        if name == "tok_embeddings.weight" or t.data_ptr() in seen:
+        key = id(t) if t.is_mkldnn else t.data_ptr()  # oneDNN-prepacked weights are opaque: no data pointer
+        if name == "tok_embeddings.weight" or key in seen:
             continue
-        seen.add(t.data_ptr())
+        seen.add(key)
         total += t.numel() * t.element_size()
     return total
 

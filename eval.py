@@ -32,9 +32,10 @@ DEFAULT_MAX_LENGTH = 2048  # scoring windows default to this or the model's cont
 
 
 def load(checkpoint_path: Path, given: Path | None = None, device="cpu", precision=torch.bfloat16,
-         tensor_parallel: bool = False):
-    """(model, tokenizer) for evaluation; tensor_parallel: this rank's shard (see tp.py)."""
-    model = load_model(checkpoint_path, device, precision, tensor_parallel)
+         tensor_parallel: bool = False, cpu_kernels: str = "auto"):
+    """(model, tokenizer) for evaluation; tensor_parallel: this rank's shard (see tp.py); given: the tokenizer
+    file (default: beside the checkpoint)."""
+    model = load_model(checkpoint_path, device, precision, tensor_parallel, cpu_kernels)
     tokenizer = load_tokenizer(tokenizer_path(checkpoint_path, given))
     check_vocab(tokenizer, model)
     return model, tokenizer
@@ -254,7 +255,7 @@ def run(args) -> int:
     if tp.world_size() > 1:  # tasks that sample draw the same numbers on every rank
         torch.manual_seed(tp.shared_seed())
     model, tokenizer = load(args.checkpoint_path, args.tokenizer_path, args.device, PRECISIONS[args.precision],
-                            tensor_parallel=tp.world_size() > 1)
+                            tensor_parallel=tp.world_size() > 1, cpu_kernels=args.cpu_kernels)
     lm = LlamaFastLM(model, tokenizer, args.batch_size, args.max_seq_length, args.compile, rank=rank)
     out = {}
     if args.tasks:

@@ -111,10 +111,11 @@ def load(args, texts: list, k: int):
     """(model, tokenizer, token-id prompts, proposer or None), every file checked."""
     t0, tensor_parallel = time.perf_counter(), tp.world_size() > 1
     precision = PRECISIONS[args.precision]
-    model = load_model(args.checkpoint_path, args.device, precision, tensor_parallel)
+    model = load_model(args.checkpoint_path, args.device, precision, tensor_parallel, args.cpu_kernels)
     proposer = PromptLookup(args.prompt_lookup) if k and args.prompt_lookup else None
     if args.draft_checkpoint_path:  # under torchrun the draft is sharded like the target: each rank streams half
-        proposer = DraftModel(load_model(args.draft_checkpoint_path, args.device, precision, tensor_parallel))
+        proposer = DraftModel(load_model(args.draft_checkpoint_path, args.device, precision, tensor_parallel,
+                                         args.cpu_kernels))
         proposer.check(model)
     tokenizer = load_tokenizer(tokenizer_path(args.checkpoint_path, args.tokenizer_path))
     check_vocab(tokenizer, model)
@@ -154,7 +155,7 @@ def run(args) -> int:
         print(f"Compilation time: {compile_seconds:.2f} seconds", file=sys.stderr)
     samples = [sample(i, gen, args, tokenizer, texts, prompts, eos_ids, weight_bytes(model), k)
                for i in range(args.num_samples)]
-    report(args, samples, sampling, weight_bytes(model), compile_seconds, k)
+    report(args, samples, sampling, weight_bytes(model), compile_seconds, k, model.cpu_kernel)
     return 0
 
 
@@ -202,13 +203,13 @@ def sample_metrics(i: int, result, batch_size: int, wbytes: int, k: int) -> dict
     return m
 
 
-def report(args, samples: list, sampling: SamplingConfig, wbytes: int, compile_seconds: float, k: int):
+def report(args, samples: list, sampling: SamplingConfig, wbytes: int, compile_seconds: float, k: int, kernel: str):
     """The means over the samples on stderr, and everything in --metrics_json (rank 0 only)."""
     mean = {key: sum(s[key] for s in samples) / len(samples) for key in
             ("time_to_first_token_s", "decode_tokens_per_sec", "total_tokens_per_sec", "bandwidth_gbps")}
     summary = {**mean, "peak_memory_bytes": peak_memory_bytes(args.device), "compile_seconds": compile_seconds,
                "weight_bytes": wbytes, "batch_size": len(samples[0]["new_tokens"]), "device": args.device,
-               "precision": args.precision, "samples": samples, "sampling": asdict(sampling),
+               "precision": args.precision, "cpu_kernel": kernel, "samples": samples, "sampling": asdict(sampling),
                "world_size": tp.world_size()}  # under tensor parallelism weight_bytes and bandwidth are per rank
     print(f"Average: {mean['decode_tokens_per_sec']:.2f} tokens/s per sequence, "
           f"{mean['bandwidth_gbps']:.2f} GB/s{' per rank' if tp.world_size() > 1 else ''}, "

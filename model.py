@@ -14,6 +14,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
+from cpu_kernels import KERNELS, choose
 
 CONFIG_NAME = "model_config.json"  # ModelArgs beside every checkpoint: loaders read it instead of guessing from paths
 
@@ -119,17 +120,26 @@ PRESETS = {
 
 
 class Linear(nn.Linear):
-    """nn.Linear without bias that, for a single token on CPU, uses torch.addmv: ATen's bf16 GEMV streams the
-    weight about 1.4x faster than mm's M=1 path. (decoding.cpu_inductor keeps inductor from decomposing it,
-    which would lose that again.)"""
+    """nn.Linear without bias whose CPU matmul is the kernel cpu_kernels chose for this machine (`kernel`): ATen's
+    addmv for one token (F.linear for several) unless use_kernel() switched it, e.g. to oneDNN on a prepacked
+    weight. (decoding.cpu_inductor keeps inductor from decomposing addmv into a slower generated reduction.)"""
+    kernel = "addmv"
 
     def __init__(self, in_features: int, out_features: int):
         super().__init__(in_features, out_features, bias=False)
 
+    @torch.no_grad()
+    def use_kernel(self, name: str):
+        """Switch to a cpu_kernels kernel, preparing (e.g. prepacking) the weight for it; after loading, on CPU."""
+        prepare, _ = KERNELS[name]
+        if name != self.kernel:
+            assert self.kernel == "addmv", "a prepared weight cannot be prepared again"
+            self.weight = nn.Parameter(prepare(self.weight.detach()), requires_grad=False)
+            self.kernel = name
+
     def forward(self, x: Tensor) -> Tensor:
-        if x.device.type == "cpu" and x.shape[:-1].numel() == 1:
-            # addmv, not mv: inductor's C++ wrapper has a direct (C shim) call for it; beta=0 ignores the bias term
-            return torch.addmv(x.new_zeros(()), self.weight, x.reshape(-1), beta=0).view(*x.shape[:-1], -1)
+        if x.device.type == "cpu":
+            return KERNELS[self.kernel][1](x, self.weight)
         return F.linear(x, self.weight)
 
 
@@ -163,6 +173,7 @@ class Transformer(nn.Module):
         self.register_buffer("freqs_cis", None, persistent=False)
         # the KV cache's shape; config.max_seq_len is the context the model was trained for, cache_len <= it
         self.max_batch_size = self.cache_len = 0
+        self.cpu_kernel = "addmv"  # the float linears' CPU matmul (use_cpu_kernels)
 
     def setup_caches(self, max_batch_size: int, cache_len: int):
         """Allocate KV caches and the RoPE table for up to max_batch_size sequences of cache_len tokens."""
@@ -177,6 +188,20 @@ class Transformer(nn.Module):
                                                self.config.head_dim, dtype, weight.device)
         self.freqs_cis = precompute_freqs_cis(cache_len, self.config, weight.device)
         self.max_batch_size, self.cache_len = max_batch_size, cache_len
+
+    def use_cpu_kernels(self, force: str = "auto") -> str:
+        """Give the float linears the CPU matmul kernel that is fastest here for their shapes (cpu_kernels.choose:
+        measured once per machine and cached), or the one `force` names. The output projection keeps addmv when
+        it shares its weight with the embedding. Returns the kernel's name."""
+        layers = [m for m in self.modules() if isinstance(m, Linear) and m.weight.device.type == "cpu"
+                  and m.weight is not self.tok_embeddings.weight]
+        if not layers:
+            return self.cpu_kernel
+        kernel = choose([tuple(m.weight.shape) for m in layers], layers[0].weight.dtype, force)
+        for m in layers:
+            m.use_kernel(kernel)
+        self.cpu_kernel = kernel
+        return kernel
 
     def forward(self, idx: Tensor, input_pos: Tensor | None = None, left_pad: Tensor | None = None,
                 last_only: bool = False, mask: Tensor | None = None) -> Tensor:

@@ -217,6 +217,9 @@ def quantize_model(model: nn.Module, mode: str, groupsize: int = 128, quantize_o
     names = linear_names(model, quantize_output)
     for name in tqdm(names, desc=f"quantizing to {mode}", disable=not progress, file=sys.stderr):
         layer = model.get_submodule(name)
+        if getattr(layer, "kernel", "addmv") != "addmv":  # its weight is in a kernel's private layout
+            raise ValueError(f"{name} holds a weight prepared for the {layer.kernel} kernel: quantize a model "
+                             "loaded with cpu_kernels='addmv'")
         reason = int4_skip_reason(layer) if mode == "int4" else None
         if reason:
             layers[name] = f"kept in {layer.weight.dtype}: {reason}"

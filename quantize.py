@@ -94,7 +94,7 @@ def quantize(args) -> tuple[Path, int]:
     if out.exists() and not args.force:
         raise ValueError(f"{out} exists; pass --force to overwrite it")
     calibration_data = calibration(args) if args.mode == "int4-gptq" else None
-    model = load_model(args.checkpoint_path, args.device, precision=None)  # keep the stored dtypes
+    model = load_model(args.checkpoint_path, args.device, precision=None, cpu_kernels="addmv")  # weights as stored
     if model.quantization:
         raise ValueError(f"{args.checkpoint_path} is already quantized")
     if calibration_data:

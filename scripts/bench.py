@@ -21,6 +21,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from checkpoint import load_model, tokenizer_path, write_json  # noqa: E402
 from cli import PRECISIONS, check_device, default_device  # noqa: E402
+from cpu_kernels import KERNELS  # noqa: E402
 from decoding import generate, make_steps, peak_memory_bytes, weight_bytes  # noqa: E402
 from model import CONFIG_NAME, PRESETS, ModelArgs, Transformer  # noqa: E402
 from qlinear import quantize_model  # noqa: E402
@@ -42,7 +43,7 @@ def random_model(name: str, device, dtype, seed: int = 0) -> Transformer:
     return model.eval().requires_grad_(False)
 
 
-def quantized(model: Transformer, mode: str, groupsize: int, device, dtype) -> Transformer:
+def quantized(model: Transformer, mode: str, groupsize: int, device, dtype, cpu_kernels: str) -> Transformer:
     """Round-to-nearest quantize in memory, then load through a real quantized checkpoint file (what
     generate.py would run)."""
     state, meta = quantize_model(model, mode, groupsize, progress=False)
@@ -50,7 +51,7 @@ def quantized(model: Transformer, mode: str, groupsize: int, device, dtype) -> T
         model.config.save(Path(tmp) / CONFIG_NAME)
         torch.save({"quantization": meta, "state_dict": {k: v.cpu() for k, v in state.items()}}, Path(tmp) / "q.pth")
         del state, model
-        return load_model(Path(tmp) / "q.pth", device, dtype)
+        return load_model(Path(tmp) / "q.pth", device, dtype, cpu_kernels=cpu_kernels)
 
 
 def measure_bandwidth(device, nbytes: int, repeats: int = 10) -> float:
@@ -82,6 +83,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quantize", choices=("int8", "int4"), help="round-to-nearest weight-only quantization first")
     p.add_argument("--groupsize", type=int, default=32, help="int4 group size")
     p.add_argument("--metrics_json", type=Path)
+    p.add_argument("--cpu_kernels", choices=["auto", *KERNELS], default="auto",
+                   help="CPU matmul for float weights (auto: the fastest here, measured once per machine)")
     s = p.add_argument_group("speculative decoding (batch 1, greedy): tokens/s against plain decoding of the same "
                              "target, runs alternating in this process")
     s.add_argument("--draft", choices=("int8", "int4"), help="draft: a copy of the target quantized in memory")
@@ -96,13 +99,15 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def load_target(args, dtype) -> tuple[Transformer, str]:
-    """The model to benchmark and its label: a checkpoint or a random preset, quantized in memory if asked."""
+    """The model to benchmark and its label: a checkpoint or a random preset, quantized in memory if asked; its
+    weights as stored (main() gives it its CPU kernels once any draft has been quantized from it)."""
     if args.checkpoint_path:
-        model, label = load_model(args.checkpoint_path, args.device, dtype), str(args.checkpoint_path)
+        model = load_model(args.checkpoint_path, args.device, dtype, cpu_kernels="addmv")
+        label = str(args.checkpoint_path)
     else:
         model, label = random_model(args.model, args.device, dtype), f"{args.model} (random weights)"
     if args.quantize:
-        model = quantized(model, args.quantize, args.groupsize, args.device, dtype)
+        model = quantized(model, args.quantize, args.groupsize, args.device, dtype, args.cpu_kernels)
         label += f" {args.quantize}" + (f" g{args.groupsize}" if args.quantize != "int8" else "")
     return model, label
 
@@ -115,12 +120,13 @@ def main(argv=None):
         model, label = load_target(args, dtype)
         if args.draft or args.draft_model or args.draft_checkpoint_path or args.prompt_lookup is not None:
             return bench_speculative(args, model, label, dtype)
+        kernel = model.use_cpu_kernels(args.cpu_kernels)
     except (FileNotFoundError, ValueError) as e:
         sys.exit(f"error: {e}")
-    bench_plain(args, model, label)
+    bench_plain(args, model, label, kernel)
 
 
-def bench_plain(args, model: Transformer, label: str):
+def bench_plain(args, model: Transformer, label: str, kernel: str):
     """Greedy decoding of random prompts: median tokens/s after a warm-up (compile) run, and the roofline."""
     wbytes = weight_bytes(model)
     gen = torch.Generator().manual_seed(0)
@@ -144,10 +150,10 @@ def bench_plain(args, model: Transformer, label: str):
         "time_to_first_token_s": ttft, "weight_bytes": wbytes, "achieved_bandwidth_gbps": tps * wbytes / 1e9,
         "measured_bandwidth_gbps": bandwidth / 1e9, "roofline_fraction": tps * wbytes / bandwidth,
         "compile_seconds": compile_seconds, "peak_memory_bytes": peak_memory_bytes(args.device),
-        "torch": torch.__version__,
+        "torch": torch.__version__, "cpu_kernel": kernel,
     }
     print(f"{label} {args.precision} {'compiled' if args.compile else 'eager'} batch {args.batch_size} on "
-          f"{args.device}: {tps:.1f} tokens/s, {metrics['achieved_bandwidth_gbps']:.1f} of "
+          f"{args.device} ({kernel}): {tps:.1f} tokens/s, {metrics['achieved_bandwidth_gbps']:.1f} of "
           f"{metrics['measured_bandwidth_gbps']:.1f} GB/s = {metrics['roofline_fraction']:.0%} of roofline "
           f"(weights {wbytes / 1e6:.0f} MB, compile {compile_seconds:.0f}s)")
     if args.metrics_json:
@@ -192,15 +198,16 @@ def make_proposer(args, model: Transformer, dtype):
     if args.prompt_lookup is not None:
         return PromptLookup(args.prompt_lookup), f"prompt lookup, {args.prompt_lookup}-grams"
     if args.draft:
-        draft = quantized(model, args.draft, args.groupsize, args.device, dtype)
+        draft = quantized(model, args.draft, args.groupsize, args.device, dtype, args.cpu_kernels)
         source = f"draft: {args.draft}{f' g{args.groupsize}' if args.draft == 'int4' else ''} copy of the target"
     elif args.draft_model:
         if ModelArgs.from_name(args.draft_model).vocab_size != model.config.vocab_size:  # before building it
             raise ValueError(f"--draft_model {args.draft_model}'s vocabulary differs from the target's")
         draft = random_model(args.draft_model, args.device, dtype, seed=1)
+        draft.use_cpu_kernels(args.cpu_kernels)
         source = f"draft: {args.draft_model} (random)"
     else:
-        draft = load_model(args.draft_checkpoint_path, args.device, dtype)
+        draft = load_model(args.draft_checkpoint_path, args.device, dtype, cpu_kernels=args.cpu_kernels)
         source = f"draft: {args.draft_checkpoint_path}"
     proposer = DraftModel(draft)
     proposer.check(model)
@@ -211,6 +218,7 @@ def bench_speculative(args, model, label: str, dtype):
     """Plain greedy decoding and speculative decoding of the same target, alternating, after a warm-up (compile) of
     each: median tokens/s of each, the speed-up, the acceptance histogram, and whether the outputs agree."""
     proposer, source = make_proposer(args, model, dtype)
+    model.use_cpu_kernels(args.cpu_kernels)  # after a draft was quantized from its weights
     K = args.speculate_k
     prompt, prompt_kind = bench_prompt(args, model.config.vocab_size)
     greedy, N = SamplingConfig(temperature=0), args.max_new_tokens

@@ -19,6 +19,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from cpu_kernels import candidates  # noqa: E402
 from model import Linear  # noqa: E402
 from qlinear import Int4Linear, Int8Linear, quantize_linear  # noqa: E402
 from scripts.bench import measure_bandwidth  # noqa: E402
@@ -60,13 +61,16 @@ def main():
     x = torch.randn(1, K, dtype=torch.bfloat16)
     dense = Linear(K, N).to(torch.bfloat16)
 
-    def report(name, layer):
+    def report(name, layer, kernel=None):
         layers = [layer] * calls if args.cached else [layer] + [copy.deepcopy(layer) for _ in range(calls - 1)]
+        for distinct in {id(m): m for m in layers}.values() if kernel else ():
+            distinct.use_kernel(kernel)  # after the copies: a prepacked weight cannot be copied
         t = median_seconds(layers, x, args.repeats)
         nbytes = sum(b.numel() * b.element_size() for b in [*layer.parameters(), *layer.buffers()])
         print(f"{name:34s} {N * K * calls / t / 1e9:6.2f} G weights/s {nbytes * calls / t / 1e9:6.2f} GB/s", flush=True)
 
-    report("bf16 (model.Linear: addmv)", dense)
+    for kernel in candidates(torch.bfloat16):  # what cpu_kernels.choose picks from
+        report(f"bf16 (model.Linear: {kernel})", copy.deepcopy(dense), kernel)
     int8 = Int8Linear(K, N)
     int8.load_state_dict(quantize_linear(dense, "int8", 0))
     int8.to(torch.bfloat16).pack_for_device()  # scales in the activation dtype, as checkpoint.load_model leaves them

@@ -4,6 +4,7 @@ import os
 import random
 import shutil
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -17,6 +18,9 @@ for _p in (ROOT, ROOT / "scripts"):
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+# cpu_kernels caches its measured choice per machine under $XDG_CACHE_HOME: the tests (and the commands they run)
+# measure into a cache of their own instead of the user's
+os.environ["XDG_CACHE_HOME"] = tempfile.mkdtemp(prefix="llama-fast-test-cache-")
 
 # The models here are tiny: with several intra-op threads every small op pays OpenMP start-up and, on a busy
 # 2-core machine, spin-wait contention (HF generate() of 32 tokens measured 1.4 s with 2 threads, 0.05 s with 1).

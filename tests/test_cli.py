@@ -78,8 +78,9 @@ def test_compile_and_metrics_json(ckpt, tmp_path):
     m = json.loads(metrics.read_text())
     assert set(m) == {"time_to_first_token_s", "decode_tokens_per_sec", "total_tokens_per_sec", "bandwidth_gbps",
                       "peak_memory_bytes", "compile_seconds", "weight_bytes", "batch_size", "device", "precision",
-                      "samples", "sampling", "world_size"}
+                      "samples", "sampling", "world_size", "cpu_kernel"}
     assert (m["batch_size"], m["device"], m["precision"], m["world_size"]) == (1, "cpu", "float32", 1)
+    assert m["cpu_kernel"] == "addmv"  # the only float32 kernel
     assert m["sampling"] == asdict(SamplingConfig(temperature=0.0))
     assert m["compile_seconds"] > 0 and m["peak_memory_bytes"] > 0
     # weights read per decode step: everything but the (untied) embedding table, 4 bytes per float32

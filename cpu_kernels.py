@@ -1,0 +1,133 @@
+"""CPU matmul kernels for the model's float linears, chosen by measurement on the machine at hand.
+
+Which one-token kernel streams a bf16 weight fastest depends on the CPU: on an Intel Xeon with AMX, ATen's addmv
+won; on an AMD EPYC (AVX-512, no AMX) oneDNN's linear on a prepacked weight streams 2.5-3x faster than addmv.
+So the candidates are timed once, briefly, on the model's own layer shapes; the winner is cached per machine (CPU
+model, threads, torch version) in $XDG_CACHE_HOME/llama-fast/cpu_kernels.json, and later runs read it.
+
+    kernel = choose(shapes, torch.bfloat16)             # "addmv" or "onednn" (measured, or from the cache)
+    use_kernel(model, kernel)                           # model.Linear layers switch, packing weights if needed
+
+A new candidate is an entry of KERNELS (how to prepare a weight, how to multiply), correct for any number of
+tokens, and callable from a compiled graph without Python per layer where possible.
+"""
+import functools
+import json
+import os
+import platform
+import statistics
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+ONEDNN_DTYPES = (torch.bfloat16, torch.float16)  # oneDNN's prepacked path is for 16-bit weights here
+
+
+@torch.library.custom_op("llama_fast::onednn_linear", mutates_args=())
+def onednn_linear(x: Tensor, packed_weight: Tensor) -> Tensor:
+    """x @ W.T with W prepacked by oneDNN (a custom op: inductor's own lowering of mkldnn._linear_pointwise only
+    takes the weights its freezing pass packed, so a compiled graph calls this as one extern kernel)."""
+    return torch.ops.mkldnn._linear_pointwise(x, packed_weight, None, "none", [], "")
+
+
+@onednn_linear.register_fake
+def _(x, packed_weight):
+    return x.new_empty(*x.shape[:-1], packed_weight.shape[0])
+
+
+def addmv(x: Tensor, weight: Tensor) -> Tensor:
+    """One token: ATen's GEMV (beta=0 ignores the bias term; inductor's C++ wrapper calls it directly); several
+    tokens: F.linear."""
+    if x.shape[:-1].numel() == 1:
+        return torch.addmv(x.new_zeros(()), weight, x.reshape(-1), beta=0).view(*x.shape[:-1], -1)
+    return F.linear(x, weight)
+
+
+# name -> (prepare a plain (N, K) weight, multiply x by a prepared weight)
+KERNELS = {
+    "addmv": (lambda w: w, addmv),
+    "onednn": (lambda w: torch.ops.mkldnn._reorder_linear_weight(w, 1), torch.ops.llama_fast.onednn_linear),
+}
+
+
+@functools.cache
+def candidates(dtype) -> list:
+    """The kernels this machine offers for weights of `dtype` (oneDNN's float16 path, for one, needs AVX512-FP16
+    or AVX-NE-CONVERT: a tiny weight is packed to find out)."""
+    if dtype not in ONEDNN_DTYPES or not torch.backends.mkldnn.is_available():
+        return ["addmv"]
+    try:
+        torch.ops.mkldnn._reorder_linear_weight(torch.zeros(16, 16, dtype=dtype), 1)
+    except RuntimeError:
+        return ["addmv"]
+    return ["addmv", "onednn"]
+
+
+def machine_key() -> str:
+    """What a measurement holds for: the CPU model, the threads used and the torch version."""
+    cpu = platform.processor() or platform.machine()
+    try:
+        cpu = next(line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                   if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    return f"{cpu} | {torch.get_num_threads()} threads | torch {torch.__version__}"
+
+
+def cache_path() -> Path:
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "llama-fast" / "cpu_kernels.json"
+
+
+@torch.no_grad()
+def measure(shapes: list, dtype, stream_bytes: float = 256e6, repeats: int = 3) -> dict:
+    """G weights/s of each candidate's one-token matmul over copies of the (N, K) shapes cycled through
+    stream_bytes of weights (so they come from memory, as a decode step's do): {kernel: rate}."""
+    per_pass = sum(n * k for n, k in shapes) * torch.finfo(dtype).bits // 8
+    copies = max(1, round(stream_bytes / per_pass))
+    weights = [torch.randn(n, k, dtype=dtype) * 0.02 for _ in range(copies) for n, k in shapes]
+    xs = {k: torch.randn(1, 1, k, dtype=dtype) for _, k in shapes}
+    rates = {}
+    for name in candidates(dtype):
+        prepare, mm = KERNELS[name]
+        prepared = [(prepare(w), xs[w.shape[1]]) for w in weights]
+        mm(prepared[0][1], prepared[0][0])  # warm-up (oneDNN picks its kernel on the first call)
+        times = []
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            for w, x in prepared:
+                mm(x, w)
+            times.append(time.perf_counter() - t0)
+        rates[name] = sum(w.numel() for w in weights) / statistics.median(times) / 1e9
+    return rates
+
+
+def choose(shapes: list, dtype, force: str = "auto", cache: Path | None = None) -> str:
+    """The kernel for these shapes and dtype: `force` if it names one, else the cached choice for this machine,
+    else the fastest by measure() (then cached)."""
+    if force != "auto":
+        if force not in candidates(dtype):
+            raise ValueError(f"--cpu_kernels {force}: not available for {str(dtype).removeprefix('torch.')} weights "
+                             f"here; choose from auto, {', '.join(candidates(dtype))}")
+        return force
+    if len(candidates(dtype)) == 1:
+        return candidates(dtype)[0]
+    cache = cache or cache_path()
+    key = f"{machine_key()} | {str(dtype).removeprefix('torch.')} | {sorted(set(map(tuple, shapes)))}"
+    try:
+        table = json.loads(cache.read_text())
+    except (OSError, ValueError):
+        table = {}
+    if key not in table:
+        rates = measure(shapes, dtype)
+        table[key] = {"kernel": max(rates, key=rates.get), "g_weights_per_s": rates}
+        try:  # a read-only home only costs the measurement next time
+            cache.parent.mkdir(parents=True, exist_ok=True)
+            tmp = cache.with_name(f".{cache.name}.tmp{os.getpid()}")
+            tmp.write_text(json.dumps(table, indent=2) + "\n")
+            os.replace(tmp, cache)
+        except OSError:
+            pass
+    return table[key]["kernel"]
