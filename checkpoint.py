@@ -79,6 +79,8 @@ def load_model(checkpoint_path, device="cpu", precision=torch.bfloat16, tensor_p
     model.quantization = quantization
     if quantization:
         pack_for_device(model)
+    if tensor_parallel:  # the replicated layers must compute alike on every rank: rank 0 measures, all use its choice
+        cpu_kernels = tp.from_rank0(model.use_cpu_kernels(cpu_kernels) if tp.rank() == 0 else None)
     model.use_cpu_kernels(cpu_kernels)
     return model
 

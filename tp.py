@@ -68,12 +68,17 @@ def destroy_dist():
         dist.destroy_process_group()
 
 
+def from_rank0(obj):
+    """Rank 0's `obj` (anything picklable), on every rank."""
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
 def shared_seed() -> int:
     """Rank 0's seed, for every rank: they then draw the same random numbers, so all ranks sample the same tokens
     and their KV caches stay in step."""
-    seed = [torch.initial_seed()]
-    dist.broadcast_object_list(seed, src=0)
-    return seed[0]
+    return from_rank0(torch.initial_seed())
 
 
 @contextlib.contextmanager
