@@ -64,6 +64,10 @@ def test_int8_linear_matches_dequantized_weights(in_features):
     assert ((w - layer.weight).abs() <= entries["scales"][:, None] / 2 + 1e-7).all()
     m = Q.Int8Linear(in_features, 48)
     m.load_state_dict(entries)
+    # 15 float32 tokens take the convert-then-GEMM path, 1 token the int8 kernel (when in_features allows it)
+    for x in (torch.randn(3, 5, in_features), torch.randn(1, 1, in_features)):
+        assert rel_err(m(x), F.linear(x, w)) <= 1e-3
+    m.pack_for_device()  # rows padded to a multiple of 32 for the CPU kernel: both paths pad the input to match
     for x in (torch.randn(3, 5, in_features), torch.randn(1, 1, in_features)):
         assert rel_err(m(x), F.linear(x, w)) <= 1e-3
 
