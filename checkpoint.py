@@ -99,7 +99,7 @@ def assign_weights(model: Transformer, state: dict, path: Path):
         model.output.weight = model.tok_embeddings.weight
 
 
-def tokenizer_path(checkpoint_path, given=None) -> Path:
+def tokenizer_file(checkpoint_path, given=None) -> Path:
     """The tokenizer to use with a checkpoint: `given`, else tokenizer.model beside the checkpoint."""
     return Path(given) if given else Path(checkpoint_path).parent / TOKENIZER_NAME
 

@@ -5,8 +5,8 @@ won; on an AMD EPYC (AVX-512, no AMX) oneDNN's linear on a prepacked weight stre
 So the candidates are timed once, briefly, on the model's own layer shapes; the winner is cached per machine (CPU
 model, threads, torch version) in $XDG_CACHE_HOME/llama-fast/cpu_kernels.json, and later runs read it.
 
-    kernel = choose(shapes, torch.bfloat16)             # "addmv" or "onednn" (measured, or from the cache)
-    use_kernel(model, kernel)                           # model.Linear layers switch, packing weights if needed
+    kernel = choose(shapes, torch.bfloat16)      # "addmv" or "onednn" (measured, or from the cache)
+    model.use_cpu_kernels()                      # a Transformer's float linears: choose, then prepare their weights
 
 A new candidate is an entry of KERNELS (how to prepare a weight, how to multiply), correct for any number of
 tokens, and callable from a compiled graph without Python per layer where possible.
@@ -123,7 +123,8 @@ def choose(shapes: list, dtype, force: str = "auto", cache: Path | None = None) 
     if key not in table:
         rates = measure(shapes, dtype)
         table[key] = {"kernel": max(rates, key=rates.get), "g_weights_per_s": rates}
-        try:  # a read-only home only costs the measurement next time
+        try:  # a read-only home only costs the measurement next time (checkpoint.atomic_save's pattern: this
+            # module sits below checkpoint.py, so it cannot import it)
             cache.parent.mkdir(parents=True, exist_ok=True)
             tmp = cache.with_name(f".{cache.name}.tmp{os.getpid()}")
             tmp.write_text(json.dumps(table, indent=2) + "\n")

@@ -22,7 +22,7 @@ from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
 from tqdm import tqdm
 
 import tp
-from checkpoint import check_vocab, load_model, tokenizer_path, write_json
+from checkpoint import check_vocab, load_model, tokenizer_file, write_json
 from cli import PRECISIONS, add_model_args, check_device, cli_main
 from decoding import generate, make_steps
 from sampling import SamplingConfig
@@ -31,12 +31,11 @@ from tokenizer import StreamDecoder, load_tokenizer
 DEFAULT_MAX_LENGTH = 2048  # scoring windows default to this or the model's context, whichever is shorter
 
 
-def load(checkpoint_path: Path, given: Path | None = None, device="cpu", precision=torch.bfloat16,
+def load(checkpoint_path: Path, tokenizer_path: Path | None = None, device="cpu", precision=torch.bfloat16,
          tensor_parallel: bool = False, cpu_kernels: str = "auto"):
-    """(model, tokenizer) for evaluation; tensor_parallel: this rank's shard (see tp.py); given: the tokenizer
-    file (default: beside the checkpoint)."""
+    """(model, tokenizer) for evaluation; tensor_parallel: this rank's shard (see tp.py)."""
     model = load_model(checkpoint_path, device, precision, tensor_parallel, cpu_kernels)
-    tokenizer = load_tokenizer(tokenizer_path(checkpoint_path, given))
+    tokenizer = load_tokenizer(tokenizer_file(checkpoint_path, tokenizer_path))
     check_vocab(tokenizer, model)
     return model, tokenizer
 

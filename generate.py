@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 
 import tp
-from checkpoint import check_vocab, load_model, tokenizer_path, write_json
+from checkpoint import check_vocab, load_model, tokenizer_file, write_json
 from cli import PRECISIONS, add_model_args, check_device, cli_main
 from decoding import generate, make_steps, peak_memory_bytes, weight_bytes
 from sampling import SamplingConfig
@@ -117,7 +117,7 @@ def load(args, texts: list, k: int):
         proposer = DraftModel(load_model(args.draft_checkpoint_path, args.device, precision, tensor_parallel,
                                          args.cpu_kernels))
         proposer.check(model)
-    tokenizer = load_tokenizer(tokenizer_path(args.checkpoint_path, args.tokenizer_path))
+    tokenizer = load_tokenizer(tokenizer_file(args.checkpoint_path, args.tokenizer_path))
     check_vocab(tokenizer, model)
     prompts = [tokenizer.encode(t) for t in texts]
     longest = max(map(len, prompts), default=0)
@@ -153,9 +153,9 @@ def run(args) -> int:
         gen()
         compile_seconds = time.perf_counter() - t0
         print(f"Compilation time: {compile_seconds:.2f} seconds", file=sys.stderr)
-    samples = [sample(i, gen, args, tokenizer, texts, prompts, eos_ids, weight_bytes(model), k)
-               for i in range(args.num_samples)]
-    report(args, samples, sampling, weight_bytes(model), compile_seconds, k, model.cpu_kernel)
+    wbytes = weight_bytes(model)
+    samples = [sample(i, gen, args, tokenizer, texts, prompts, eos_ids, wbytes, k) for i in range(args.num_samples)]
+    report(args, samples, sampling, wbytes, compile_seconds, k, model.cpu_kernel)
     return 0
 
 

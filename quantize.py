@@ -14,7 +14,7 @@ import sys
 import time
 from pathlib import Path
 
-from checkpoint import atomic_save, check_vocab, load_model, tokenizer_path
+from checkpoint import atomic_save, check_vocab, load_model, tokenizer_file
 from gptq import calibration_sequences, gptq_quantize_model, read_calibration_text
 from qlinear import GROUP_SIZES, quantize_model
 from tokenizer import load_tokenizer
@@ -69,7 +69,7 @@ def calibration(args):
     mistakes show at once."""
     text, source = read_calibration_text(args.calibration_file, args.calibration_tasks,
                                          max_chars=args.calibration_limit * args.calibration_seq_length * 16)
-    return load_tokenizer(tokenizer_path(args.checkpoint_path, args.tokenizer_path)), text, source
+    return load_tokenizer(tokenizer_file(args.checkpoint_path, args.tokenizer_path)), text, source
 
 
 def quantize_gptq(model, args, tokenizer, text: str, source: str) -> tuple[dict, dict]:

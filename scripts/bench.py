@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from checkpoint import load_model, tokenizer_path, write_json  # noqa: E402
+from checkpoint import load_model, tokenizer_file, write_json  # noqa: E402
 from cli import PRECISIONS, check_device, default_device  # noqa: E402
 from cpu_kernels import KERNELS  # noqa: E402
 from decoding import generate, make_steps, peak_memory_bytes, weight_bytes  # noqa: E402
@@ -174,7 +174,7 @@ DRAFT_PROMPT = "Once upon a time, in a small village by the sea, there lived"
 
 
 def bench_prompt(args, vocab_size: int) -> tuple[list, str]:
-    tok_path = tokenizer_path(args.checkpoint_path, args.tokenizer_path) if args.checkpoint_path else \
+    tok_path = tokenizer_file(args.checkpoint_path, args.tokenizer_path) if args.checkpoint_path else \
         args.tokenizer_path
     if tok_path is None or not tok_path.is_file():
         if args.tokenizer_path or args.prompt:
