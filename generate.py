@@ -15,7 +15,7 @@ import torch
 import tp
 from checkpoint import check_vocab, load_model, tokenizer_file, write_json
 from cli import PRECISIONS, add_model_args, check_device, cli_main
-from decoding import generate, make_steps, peak_memory_bytes, weight_bytes
+from decoding import compile_cache_counts, generate, make_steps, peak_memory_bytes, weight_bytes
 from sampling import SamplingConfig
 from speculative import DraftModel, PromptLookup, acceptance_stats, check_speculation, speculative_generate
 from tokenizer import StreamDecoder, load_tokenizer
@@ -147,15 +147,16 @@ def run(args) -> int:
                                         speculate_k=k, **options)
         return generate(model, prompts, args.max_new_tokens, sampling, eos_ids, **options)
 
-    compile_seconds = 0.0
+    compiled = {"compile_seconds": 0.0}
     if args.compile:  # compile (and warm up) outside the measured samples
         t0 = time.perf_counter()
         gen()
-        compile_seconds = time.perf_counter() - t0
-        print(f"Compilation time: {compile_seconds:.2f} seconds", file=sys.stderr)
+        compiled = {"compile_seconds": time.perf_counter() - t0, **compile_cache_counts()}
+        print(f"Compilation time: {compiled['compile_seconds']:.2f} seconds ({compiled['graphs_from_cache']} graphs "
+              f"from inductor's cache, {compiled['graphs_compiled']} compiled)", file=sys.stderr)
     wbytes = weight_bytes(model)
     samples = [sample(i, gen, args, tokenizer, texts, prompts, eos_ids, wbytes, k) for i in range(args.num_samples)]
-    report(args, samples, sampling, wbytes, compile_seconds, k, model.cpu_kernel)
+    report(args, samples, sampling, wbytes, compiled, k, model.cpu_kernel)
     return 0
 
 
@@ -203,11 +204,11 @@ def sample_metrics(i: int, result, batch_size: int, wbytes: int, k: int) -> dict
     return m
 
 
-def report(args, samples: list, sampling: SamplingConfig, wbytes: int, compile_seconds: float, k: int, kernel: str):
+def report(args, samples: list, sampling: SamplingConfig, wbytes: int, compiled: dict, k: int, kernel: str):
     """The means over the samples on stderr, and everything in --metrics_json (rank 0 only)."""
     mean = {key: sum(s[key] for s in samples) / len(samples) for key in
             ("time_to_first_token_s", "decode_tokens_per_sec", "total_tokens_per_sec", "bandwidth_gbps")}
-    summary = {**mean, "peak_memory_bytes": peak_memory_bytes(args.device), "compile_seconds": compile_seconds,
+    summary = {**mean, "peak_memory_bytes": peak_memory_bytes(args.device), **compiled,
                "weight_bytes": wbytes, "batch_size": len(samples[0]["new_tokens"]), "device": args.device,
                "precision": args.precision, "cpu_kernel": kernel, "samples": samples, "sampling": asdict(sampling),
                "world_size": tp.world_size()}  # under tensor parallelism weight_bytes and bandwidth are per rank

@@ -9,6 +9,7 @@ the device's kernel after loading, so one file runs on CPU and CUDA. A new forma
 four parts: its tensors, pack_for_device(), forward(), and the two dicts that tell tp.py how to shard it.
 GPTQ (gptq.py) produces the int4 format with better rounding.
 """
+import functools
 import sys
 
 import torch
@@ -18,7 +19,13 @@ from torch import Tensor
 from tqdm import tqdm
 
 GROUP_SIZES = (32, 64, 128, 256)
-FLOAT32_GEMM_TOKENS = 8  # Int8Linear: from this many float32 tokens on, convert the weights and use a GEMM
+
+
+def use_gemm(x: Tensor, gemm_tokens: dict) -> bool:
+    """On CPU, from gemm_tokens[x.dtype] tokens on (prefill, eval's scoring), a quantized linear dequantizes its
+    weights once per call and runs the dense GEMM of the activation dtype: ATen's int8/int4 kernels are made for a
+    few tokens, and slow with float32 ones (crossovers measured on a 2-core EPYC, see the classes)."""
+    return x.device.type == "cpu" and x.shape[:-1].numel() >= gemm_tokens.get(x.dtype, 1 << 62)
 
 
 # ------------------------------------------------------------------------------------------------ the formats
@@ -60,6 +67,32 @@ def unpack_int4(packed: Tensor) -> Tensor:
     return torch.stack([packed >> 4, packed & 15], dim=-1).flatten(1)
 
 
+def unpack_int4_cpu(packed: Tensor, block_n: int) -> Tensor:
+    """Codes (N, K) from the layout of aten._convert_weight_to_int4pack_for_cpu, which depends on the CPU's vector
+    width (block_n = 64 rows with AVX-512, 32 with AVX2): per block of rows, k-major bytes; byte j of a full block
+    holds row j (low nibble) and row j + block_n/2 (high nibble); a shorter last block pairs rows 2j and 2j + 1."""
+    N, K = packed.shape[0], packed.shape[1] * 2
+    full = N // block_n * block_n
+    blocks = packed[:full].reshape(-1, K, block_n // 2).transpose(1, 2)  # (N/block_n, block_n/2, K)
+    rows = [torch.cat([blocks & 15, blocks >> 4], dim=1).reshape(full, K)]
+    if full < N:
+        tail = packed[full:].reshape(K, (N - full) // 2).t()
+        rows.append(torch.stack([tail & 15, tail >> 4], dim=1).reshape(N - full, K))
+    return torch.cat(rows)
+
+
+@functools.cache
+def cpu_int4_block() -> int | None:
+    """The row block of this machine's int4 CPU packing (unpack_int4_cpu), found by packing known codes (a full
+    block and a short one); None if the layout is none of those (then float32 batches use the kernel itself)."""
+    codes = torch.randint(0, 16, (80, 64), dtype=torch.int32, generator=torch.Generator().manual_seed(0))
+    packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes, 1)
+    for block_n in (64, 32):
+        if packed.shape == (80, 32) and torch.equal(unpack_int4_cpu(packed, block_n).int(), codes):
+            return block_n
+    return None
+
+
 # ---------------------------------------------------------------------------------------- the quantized linears
 
 class Int8Linear(nn.Module):
@@ -67,6 +100,9 @@ class Int8Linear(nn.Module):
     # output channel, so they apply to a row-parallel layer's partial sums as they do to the total).
     output_dims = {"weight": 0, "scales": 0}
     input_dims = {"weight": 1}
+    # use_gemm: 5632 x 2048, 2-core EPYC: float32 4.4 ms/token in the kernel, crossover between 4 and 8 tokens;
+    # bf16 512 tokens 37 ms in the kernel, 1.5 ms to dequantize + 14 ms GEMM (scripts/bench_gemv.py --tokens)
+    GEMM_TOKENS = {torch.float32: 8, torch.bfloat16: 64, torch.float16: 64}
 
     def __init__(self, in_features: int, out_features: int):
         super().__init__()
@@ -81,15 +117,17 @@ class Int8Linear(nn.Module):
         if self.weight.device.type == "cpu" and self.in_features % 32:
             self.weight = F.pad(self.weight, (0, -self.in_features % 32))
 
+    def dequantized(self, dtype) -> Tensor:
+        """(N, K) weights in dtype (K padded as the kernel's rows are)."""
+        return self.weight.to(dtype) * self.scales.to(dtype)[:, None]
+
     def forward(self, x: Tensor) -> Tensor:
         K = self.weight.shape[1]
         if K != self.in_features:  # rows padded for the CPU kernel (pack_for_device)
             x = F.pad(x, (0, K - self.in_features))
-        # ATen's int8 CPU kernel is vectorised for 16-bit activations; with float32 ones it costs ~4 ms per token on
-        # a 5632 x 2048 layer (2-core EPYC), so from FLOAT32_GEMM_TOKENS tokens on (eval's scoring, prefill) the
-        # weights are converted once per call and multiplied by a float32 GEMM instead: 23x faster at 256 tokens
-        float32_batch = x.dtype == torch.float32 and x.shape[:-1].numel() >= FLOAT32_GEMM_TOKENS
-        if x.device.type == "cpu" and K % 32 == 0 and not float32_batch:
+        if use_gemm(x, self.GEMM_TOKENS):
+            return F.linear(x, self.dequantized(x.dtype))
+        if x.device.type == "cpu" and K % 32 == 0:
             y = torch.ops.aten._weight_int8pack_mm(x.reshape(-1, K), self.weight, self.scales.to(x.dtype))
             return y.view(*x.shape[:-1], -1)
         # On GPUs torch.compile fuses the int8 -> activation dtype conversion into the matmul's weight load.
@@ -103,6 +141,9 @@ class Int4Linear(nn.Module):
     # For tp.py: codes (N, K/2) and per-group parameters (K/g, N, 2); sharding keeps whole groups (shard_error)
     output_dims = {"weight": 0, "scales_and_zeros": 1}
     input_dims = {"weight": 1, "scales_and_zeros": 0}
+    # use_gemm: 5632 x 2048 g32, 2-core EPYC: float32 256 tokens 2.4 s in the kernel, 0.13 s dequantized + GEMM;
+    # bf16 512 tokens 39 ms in the kernel, 13 ms to unpack and dequantize + 14 ms GEMM, 64 tokens 5 ms vs 15 ms
+    GEMM_TOKENS = {torch.float32: 8, torch.bfloat16: 256, torch.float16: 256}
 
     def __init__(self, in_features: int, out_features: int, groupsize: int):
         super().__init__()
@@ -111,6 +152,7 @@ class Int4Linear(nn.Module):
         self.register_buffer("weight", torch.empty(out_features, padded_in // 2, dtype=torch.uint8))
         self.register_buffer("scales_and_zeros", torch.empty(padded_in // groupsize, out_features, 2))
         self.kernel = None  # "cpu" or "cuda" once packed
+        self.cpu_block = None  # with the CPU kernel: its layout's row block (unpack_int4_cpu), None if unknown
 
     @property
     def padded_in(self) -> int:  # input features the kernel sees: a whole number of groups
@@ -134,6 +176,7 @@ class Int4Linear(nn.Module):
         device = self.weight.device
         if device.type == "cpu":
             self.weight = torch.ops.aten._convert_weight_to_int4pack_for_cpu(unpack_int4(self.weight).int(), 1)
+            self.cpu_block = cpu_int4_block()  # here, not in forward(): torch.compile cannot trace the probe
         elif device.type == "cuda":
             inner_k_tiles = 8 if self.padded_in % 128 == 0 else 4 if self.padded_in % 64 == 0 else 2
             self.weight = torch.ops.aten._convert_weight_to_int4pack(self.weight.contiguous(), inner_k_tiles)
@@ -142,12 +185,22 @@ class Int4Linear(nn.Module):
             raise ValueError(f"int4 weights need a CPU or CUDA device, not {device.type}")
         self.kernel = device.type
 
+    def dequantized(self, dtype) -> Tensor:
+        """(N, padded_in) weights in dtype, from the CPU kernel's layout (known where cpu_block is set): computed in
+        dtype, (q - 8) * scale + zero per group, as dequantize_int4 does in float32."""
+        codes = unpack_int4_cpu(self.weight, self.cpu_block)
+        N, groups = codes.shape[0], self.scales_and_zeros.shape[0]
+        scales, zeros = self.scales_and_zeros.to(dtype).permute(2, 1, 0).unsqueeze(-1)  # each (N, groups, 1)
+        return ((codes.view(N, groups, self.groupsize).to(dtype) - 8) * scales + zeros).view(N, -1)
+
     def forward(self, x: Tensor) -> Tensor:
         shape = x.shape
         x = x.reshape(-1, shape[-1])
         if self.padded_in != self.in_features:
             x = F.pad(x, (0, self.padded_in - self.in_features))
-        if self.kernel == "cpu":
+        if self.cpu_block and use_gemm(x, self.GEMM_TOKENS):
+            y = F.linear(x, self.dequantized(x.dtype))
+        elif self.kernel == "cpu":
             y = torch.ops.aten._weight_int4pack_mm_for_cpu(x, self.weight, self.groupsize,
                                                           self.scales_and_zeros.to(x.dtype))
         else:

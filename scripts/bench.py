@@ -22,7 +22,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from checkpoint import load_model, tokenizer_file, write_json  # noqa: E402
 from cli import PRECISIONS, check_device, default_device  # noqa: E402
 from cpu_kernels import KERNELS  # noqa: E402
-from decoding import generate, make_steps, peak_memory_bytes, weight_bytes  # noqa: E402
+from decoding import compile_cache_counts, generate, make_steps, peak_memory_bytes, weight_bytes  # noqa: E402
 from model import CONFIG_NAME, PRESETS, ModelArgs, Transformer  # noqa: E402
 from qlinear import quantize_model  # noqa: E402
 from sampling import SamplingConfig  # noqa: E402
@@ -74,6 +74,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", default="stories110M", help=f"preset with random weights: {', '.join(PRESETS)}")
     p.add_argument("--checkpoint_path", type=Path, help="benchmark a real checkpoint instead of a preset")
     p.add_argument("--compile", action="store_true")
+    p.add_argument("--compile_prefill", action="store_true", help="with --compile: prefill too (dynamic shapes)")
     p.add_argument("--precision", choices=PRECISIONS, default="bfloat16")
     p.add_argument("--device", default=default_device())
     p.add_argument("--batch_size", type=int, default=1)
@@ -131,7 +132,7 @@ def bench_plain(args, model: Transformer, label: str, kernel: str):
     wbytes = weight_bytes(model)
     gen = torch.Generator().manual_seed(0)
     prompts = torch.randint(0, model.config.vocab_size, (args.batch_size, args.prompt_length), generator=gen).tolist()
-    greedy, steps = SamplingConfig(temperature=0), make_steps(args.device, args.compile)
+    greedy, steps = SamplingConfig(temperature=0), make_steps(args.device, args.compile, args.compile_prefill)
 
     def run():
         return generate(model, prompts, args.max_new_tokens, greedy, steps=steps)
@@ -149,7 +150,7 @@ def bench_plain(args, model: Transformer, label: str, kernel: str):
         "batch_size": args.batch_size, "tokens_per_sec": tps, "total_tokens_per_sec": tps * args.batch_size,
         "time_to_first_token_s": ttft, "weight_bytes": wbytes, "achieved_bandwidth_gbps": tps * wbytes / 1e9,
         "measured_bandwidth_gbps": bandwidth / 1e9, "roofline_fraction": tps * wbytes / bandwidth,
-        "compile_seconds": compile_seconds, "peak_memory_bytes": peak_memory_bytes(args.device),
+        "compile_seconds": compile_seconds, **compile_cache_counts(), "peak_memory_bytes": peak_memory_bytes(args.device),
         "torch": torch.__version__, "cpu_kernel": kernel,
     }
     print(f"{label} {args.precision} {'compiled' if args.compile else 'eager'} batch {args.batch_size} on "
@@ -249,7 +250,7 @@ def bench_speculative(args, model, label: str, dtype):
         "identical_outputs": f"{same}/{len(runs)}",
         "plain_runs_tokens_per_sec": [p.decode_tokens_per_sec for p, _ in runs],
         "speculative_runs_tokens_per_sec": [s.decode_tokens_per_sec for _, s in runs],
-        "compile_seconds": compile_seconds, "peak_memory_bytes": peak_memory_bytes(args.device),
+        "compile_seconds": compile_seconds, **compile_cache_counts(), "peak_memory_bytes": peak_memory_bytes(args.device),
         "torch": torch.__version__,
     }
     mode = "compiled" if args.compile else "eager"

@@ -3,11 +3,14 @@
     python scripts/bench_gemv.py                 # tinyllama's w1|w3 shape, weights streamed from DRAM
     python scripts/bench_gemv.py --cached        # one matrix over and over: it stays in cache (compute ceiling)
     python scripts/bench_gemv.py --out_features 4096 --in_features 4096 --threads 1
+    python scripts/bench_gemv.py --tokens 64      # a batch of 64 tokens (prefill): where dequantize + GEMM wins
 
 Decode is a chain of GEMVs over weights read once per token, so its speed is set by how fast each kernel streams
 weights from memory. By default the benchmark cycles through enough copies of the matrix (0.9 GB of int8) that
 no cache holds them, which is what happens in a model bigger than the last-level cache. Reported: G weights/s and
 GB/s of weight bytes (median of --repeats passes), and this process's plain read bandwidth for comparison.
+Each quantized format is shown with its kernel and with the alternative of dequantizing its weights to bf16 and
+running the dense matmul (what qlinear does from qlinear.GEMM_TOKENS tokens on).
 """
 import argparse
 import copy
@@ -17,6 +20,7 @@ import time
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from cpu_kernels import candidates  # noqa: E402
@@ -47,7 +51,10 @@ def main():
     p.add_argument("--stream_bytes", type=float, default=0.9e9, help="int8 bytes cycled through when not --cached")
     p.add_argument("--groupsizes", type=int, nargs="+", default=[32, 64, 128, 256])
     p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--tokens", type=int, default=1, help="rows of the activation (1: a decode step)")
     args = p.parse_args()
+    if args.tokens < 1 or args.repeats < 1 or args.threads < 1:
+        sys.exit("error: --tokens, --repeats and --threads must be at least 1")
     if not set(args.groupsizes) <= {32, 64, 128, 256}:
         sys.exit("error: --groupsizes must be among 32 64 128 256")
     if args.in_features % max(args.groupsizes) or args.out_features % 16:  # what the int4 CPU packer takes
@@ -57,29 +64,34 @@ def main():
     N, K = args.out_features, args.in_features
     calls = max(2, round(args.stream_bytes / (N * K)))  # layers per pass: distinct copies, or one repeated
     where = "one matrix, cached" if args.cached else f"{calls} copies cycled, streamed from memory"
-    print(f"{N} x {K} weights, {where}, {torch.get_num_threads()} threads, torch {torch.__version__}")
-    x = torch.randn(1, K, dtype=torch.bfloat16)
+    print(f"{N} x {K} weights, {where}, {args.tokens} token(s), {torch.get_num_threads()} threads, "
+          f"torch {torch.__version__}")
+    x = torch.randn(args.tokens, K, dtype=torch.bfloat16)
     dense = Linear(K, N).to(torch.bfloat16)
 
-    def report(name, layer, kernel=None):
+    def report(name, layer, kernel=None, dequantize=False):
         layers = [layer] * calls if args.cached else [layer] + [copy.deepcopy(layer) for _ in range(calls - 1)]
         for distinct in {id(m): m for m in layers}.values() if kernel else ():
             distinct.use_kernel(kernel)  # after the copies: a prepacked weight cannot be copied
+        if dequantize:
+            layers = [lambda x, m=m: F.linear(x, m.dequantized(x.dtype)) for m in layers]
         t = median_seconds(layers, x, args.repeats)
         nbytes = sum(b.numel() * b.element_size() for b in [*layer.parameters(), *layer.buffers()])
-        print(f"{name:34s} {N * K * calls / t / 1e9:6.2f} G weights/s {nbytes * calls / t / 1e9:6.2f} GB/s", flush=True)
+        print(f"{name:42s} {N * K * calls / t / 1e9:6.2f} G weights/s {nbytes * calls / t / 1e9:6.2f} GB/s", flush=True)
 
     for kernel in candidates(torch.bfloat16):  # what cpu_kernels.choose picks from
         report(f"bf16 (model.Linear: {kernel})", copy.deepcopy(dense), kernel)
     int8 = Int8Linear(K, N)
     int8.load_state_dict(quantize_linear(dense, "int8", 0))
     int8.to(torch.bfloat16).pack_for_device()  # scales in the activation dtype, as checkpoint.load_model leaves them
-    report("int8 (Int8Linear: int8pack_mm)", int8)
+    report("int8 (int8pack_mm)", int8)
+    report("int8 (dequantize to bf16 + F.linear)", int8, dequantize=True)
     for g in args.groupsizes:
         int4 = Int4Linear(K, N, g)
         int4.load_state_dict(quantize_linear(dense, "int4", g))
         int4.to(torch.bfloat16).pack_for_device()
-        report(f"int4 g{g} (Int4Linear: int4pack_mm)", int4)
+        report(f"int4 g{g} (int4pack_mm)", int4)
+        report(f"int4 g{g} (dequantize to bf16 + F.linear)", int4, dequantize=True)
     print(f"read bandwidth (float32 sum over 1 GiB): {measure_bandwidth('cpu', 1 << 30) / 1e9:.2f} GB/s")
 
 

@@ -22,10 +22,10 @@ BASE = ["--max_new_tokens", str(N_NEW), "--num_samples", "1", "--temperature", "
 PROMPTS = ["The quick dog sees a red bird", "A king", "Yesterday the old farmer walks across the river and"]
 
 
-def run_cli(*args) -> subprocess.CompletedProcess:
+def run_cli(*args, env: dict | None = None) -> subprocess.CompletedProcess:
     # KINETO_LOG_LEVEL: a CUDA build of torch profiling on a machine with no GPU logs "ERROR ... gpuGetDeviceCount
     # failed" from its profiler library (seen with torch 2.11+cu130); not ours, and it would trip assert_ran_cleanly
-    env = {**os.environ, "PYTHONIOENCODING": "utf-8", "OMP_NUM_THREADS": "1", "KINETO_LOG_LEVEL": "5"}
+    env = {**os.environ, "PYTHONIOENCODING": "utf-8", "OMP_NUM_THREADS": "1", "KINETO_LOG_LEVEL": "5", **(env or {})}
     proc = subprocess.run([sys.executable, "generate.py", *map(str, args)], cwd=ROOT, env=env, capture_output=True,
                           timeout=300)
     # bytes, decoded here: text mode would turn a generated "\r" into "\n"
@@ -66,19 +66,25 @@ def test_single_prompt(ckpt):
 
 
 def test_compile_and_metrics_json(ckpt, tmp_path):
+    """--compile twice with a fresh inductor cache: the first run compiles the decode step, the second loads it
+    from the cache (reported in the metrics), and both print what eager generate() gives."""
     d, tok, model = ckpt
     row = expected_rows(ckpt, PROMPTS[2:])[0]
     metrics = tmp_path / "metrics.json"
-    proc = run_cli("--checkpoint_path", d / "model.pth", "--prompt", PROMPTS[2], *BASE, "--num_samples", "2",
-                   "--compile", "--metrics_json", metrics)
-    assert_ran_cleanly(proc)
-    assert "Compilation time" in proc.stderr
-    assert proc.stdout == (PROMPTS[2] + shown(tok, row) + "\n") * 2
+    cache = {"TORCHINDUCTOR_CACHE_DIR": str(tmp_path / "inductor")}
+    for run in ("cold", "warm"):
+        proc = run_cli("--checkpoint_path", d / "model.pth", "--prompt", PROMPTS[2], *BASE, "--num_samples", "2",
+                       "--compile", "--metrics_json", metrics, env=cache)
+        assert_ran_cleanly(proc)
+        assert "Compilation time" in proc.stderr
+        assert proc.stdout == (PROMPTS[2] + shown(tok, row) + "\n") * 2
+        m = json.loads(metrics.read_text())
+        assert (m["graphs_compiled"] > 0, m["graphs_from_cache"] > 0) == ((True, False) if run == "cold" else
+                                                                          (False, True)), m
 
-    m = json.loads(metrics.read_text())
     assert set(m) == {"time_to_first_token_s", "decode_tokens_per_sec", "total_tokens_per_sec", "bandwidth_gbps",
-                      "peak_memory_bytes", "compile_seconds", "weight_bytes", "batch_size", "device", "precision",
-                      "samples", "sampling", "world_size", "cpu_kernel"}
+                      "peak_memory_bytes", "compile_seconds", "graphs_from_cache", "graphs_compiled", "weight_bytes",
+                      "batch_size", "device", "precision", "samples", "sampling", "world_size", "cpu_kernel"}
     assert (m["batch_size"], m["device"], m["precision"], m["world_size"]) == (1, "cpu", "float32", 1)
     assert m["cpu_kernel"] == "addmv"  # the only float32 kernel
     assert m["sampling"] == asdict(SamplingConfig(temperature=0.0))

@@ -64,12 +64,15 @@ def test_int8_linear_matches_dequantized_weights(in_features):
     assert ((w - layer.weight).abs() <= entries["scales"][:, None] / 2 + 1e-7).all()
     m = Q.Int8Linear(in_features, 48)
     m.load_state_dict(entries)
-    # 15 float32 tokens take the convert-then-GEMM path, 1 token the int8 kernel (when in_features allows it)
+    # 15 float32 tokens take the dequantize + GEMM path, 1 token the int8 kernel (when in_features allows it)
     for x in (torch.randn(3, 5, in_features), torch.randn(1, 1, in_features)):
         assert rel_err(m(x), F.linear(x, w)) <= 1e-3
     m.pack_for_device()  # rows padded to a multiple of 32 for the CPU kernel: both paths pad the input to match
     for x in (torch.randn(3, 5, in_features), torch.randn(1, 1, in_features)):
         assert rel_err(m(x), F.linear(x, w)) <= 1e-3
+    for tokens in (15, Q.Int8Linear.GEMM_TOKENS[torch.bfloat16]):  # bf16: the kernel, then dequantize + GEMM
+        x = torch.randn(tokens, in_features, dtype=torch.bfloat16)
+        assert rel_err(m(x).float(), F.linear(x.float(), w)) <= 1e-2
 
 
 @pytest.mark.parametrize("groupsize", Q.GROUP_SIZES)
@@ -85,10 +88,40 @@ def test_int4_linear_cpu_kernel_matches_dequantized_weights(groupsize, in_featur
     m.load_state_dict(entries)
     m.pack_for_device()
     assert m.kernel == "cpu" and m.padded_in == -(-in_features // groupsize) * groupsize
+    # 15 float32 tokens take the dequantize-then-GEMM path, 1 token and bf16 the int4 kernel
     for x in (torch.randn(3, 5, in_features), torch.randn(1, 1, in_features)):
         y = m(x)
         assert y.shape == (*x.shape[:-1], 48)
         assert rel_err(y, F.linear(x, w)) <= 1e-3
+        padded = F.pad(x.reshape(-1, in_features), (0, m.padded_in - in_features))
+        kernel = torch.ops.aten._weight_int4pack_mm_for_cpu(padded, m.weight, groupsize, m.scales_and_zeros)
+        assert rel_err(y.reshape(kernel.shape), kernel) <= 1e-5
+    # bf16: the kernel below GEMM_TOKENS tokens, dequantize + bf16 GEMM from there on (prefill)
+    for tokens in (15, Q.Int4Linear.GEMM_TOKENS[torch.bfloat16]):
+        x = torch.randn(tokens, in_features, dtype=torch.bfloat16)
+        assert rel_err(m(x).float(), F.linear(x.float(), w)) <= 1e-2
+
+
+def test_quantized_linears_compile_on_the_kernel_and_the_gemm_path():
+    """A compiled prefill (dynamic shapes) crosses GEMM_TOKENS: both paths trace and agree with eager."""
+    torch.manual_seed(0)
+    layer = nn.Linear(256, 64, bias=False)
+    for kind, module in (("int8", Q.Int8Linear(256, 64)), ("int4", Q.Int4Linear(256, 64, 32))):
+        module.load_state_dict(Q.quantize_linear(layer, kind, 32))
+        module.to(torch.bfloat16).pack_for_device()
+        compiled = torch.compile(module, fullgraph=True, dynamic=True)
+        for tokens in (3, module.GEMM_TOKENS[torch.bfloat16] + 5):
+            x = torch.randn(tokens, 256, dtype=torch.bfloat16)
+            assert rel_err(compiled(x).float(), module(x).float()) <= 1e-2
+
+
+@pytest.mark.parametrize("shape", [(80, 64), (5632, 256), (48, 96), (16, 32), (4128, 64)])
+def test_unpack_int4_cpu_inverts_the_cpu_packing(shape):
+    """The CPU kernel's private layout, read back: full row blocks and a short last one."""
+    assert Q.cpu_int4_block() in (64, 32)
+    codes = torch.randint(0, 16, shape, dtype=torch.int32, generator=torch.Generator().manual_seed(1))
+    packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes, 1)
+    assert torch.equal(Q.unpack_int4_cpu(packed, Q.cpu_int4_block()).int(), codes)
 
 
 def test_gptq_without_correlations_is_round_to_nearest():
