@@ -39,7 +39,7 @@ def _(x, packed_weight):
 
 
 def addmv(x: Tensor, weight: Tensor) -> Tensor:
-    """One token: ATen's GEMV (beta=0 ignores the bias term; inductor's C++ wrapper calls it directly); several
+    """One token: ATen's GEMV (beta=0 ignores the bias term; decoding.cpu_inductor keeps it an ATen call); several
     tokens: F.linear."""
     if x.shape[:-1].numel() == 1:
         return torch.addmv(x.new_zeros(()), weight, x.reshape(-1), beta=0).view(*x.shape[:-1], -1)

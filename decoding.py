@@ -60,30 +60,46 @@ def make_steps(device: str, compile: bool = False, compile_prefill: bool = False
     length varies, is compiled with dynamic shapes only if compile_prefill."""
     if not compile:
         return Steps()
-    return Steps(prefill=torch.compile(prefill, fullgraph=True, dynamic=True) if compile_prefill else prefill,
+    return Steps(prefill=compile_dynamic(prefill) if compile_prefill else prefill,
                  decode=compile_static(decode_one_token, device), draft=compile_static(draft_step, device),
                  verify=compile_static(verify, device))
 
 
 def cpu_inductor(options=None):
-    """Inductor with the C++ wrapper (no Python between kernels), which keeps aten.addmv as a call to ATen's GEMV
-    kernel instead of decomposing it into a slower generated reduction (see model.Linear). Weights are not frozen
-    into the graph: freezing was no faster here and turns off the AOT autograd cache (a warm compile of
-    stories110M: 5.2 s frozen, 2.8 s not). The addmv decomposition is removed from inductor's own table rather
-    than passed as a table of ours: a table passed to compile_fx cannot be pickled into a cache key, which turned
-    off inductor's on-disk FX graph cache (a second run of the same command then compiled from scratch)."""
+    """Inductor for CPU steps, keeping aten.addmv a call to ATen's GEMV kernel instead of decomposing it into a
+    slower generated reduction (see model.Linear). Two choices keep inductor's on-disk cache working, so a second
+    run of the same command loads its graphs (tinyllama: 3.6 s instead of a 14 s compile): weights are not frozen
+    into the graph (the AOT autograd cache refuses frozen graphs, and freezing was no faster here), and the addmv
+    decomposition is removed from inductor's own table, not passed as a table of ours (which cannot be pickled into
+    a cache key). The Python wrapper, not the C++ one: the C++ wrapper cannot call the layers' shared graph
+    (model.TransformerBlock.shared_forward), and decoded no faster."""
     from torch._inductor import decomposition, lowering
     from torch._inductor.compile_fx import compile_fx
-    addmv = torch.ops.aten.addmv.default
-    if addmv not in lowering.lowerings:  # an explicit fallback: the implicit one is an error when $CI is set
-        lowering.make_fallback(addmv, warn=False, override_decomp=True)
-    decomposition.decompositions.pop(addmv, None)
-    return functools.partial(compile_fx, config_patches=options or {"cpp_wrapper": True})
+    # ATen calls, not inductor's versions: addmv would be decomposed into a slower generated reduction, and
+    # inductor's int4 lowering passes the group size as a tensor constant that a shared layer graph breaks
+    for op in (torch.ops.aten.addmv.default, torch.ops.aten._weight_int4pack_mm_for_cpu.default):
+        decomposition.decompositions.pop(op, None)
+        if op not in lowering.fallbacks:
+            lowering.lowerings.pop(op, None)
+            lowering.make_fallback(op, warn=False, override_decomp=True)
+    return functools.partial(compile_fx, config_patches=options or {})
+
+
+def compile_dynamic(fn):
+    """torch.compile with dynamic shapes (a prefill of any length, eval's batches), floats specialized: with
+    symbolic floats (a module's constant such as RMSNorm's eps would be one) the layers' shared graph
+    (model.TransformerBlock.shared_forward) cannot be traced."""
+    compiled = torch.compile(fn, fullgraph=True, dynamic=True)
+
+    def run(*args, **kwargs):
+        with torch._dynamo.config.patch(specialize_float=True):
+            return compiled(*args, **kwargs)
+    return run
 
 
 def compile_static(step, device: str):
     """torch.compile a step whose shapes never change, so that it is one graph: with CUDA graphs on CUDA; on CPU
-    with the C++ wrapper, which removes most of the per-step Python overhead."""
+    with cpu_inductor()."""
     if device.startswith("cuda"):
         return torch.compile(step, mode="reduce-overhead", fullgraph=True)
     if device == "cpu":

@@ -24,7 +24,7 @@ from tqdm import tqdm
 import tp
 from checkpoint import check_vocab, load_model, tokenizer_file, write_json
 from cli import PRECISIONS, add_model_args, check_device, cli_main
-from decoding import generate, make_steps
+from decoding import compile_dynamic, generate, make_steps
 from sampling import SamplingConfig
 from tokenizer import StreamDecoder, load_tokenizer
 
@@ -57,7 +57,7 @@ class LlamaFastLM(TemplateLM):
         self.max_length = max_length or min(DEFAULT_MAX_LENGTH, context)
         self._device = model.output.weight.device
         # Scoring sees every sequence length; generation decodes over a KV cache of one fixed length when compiled.
-        self.score = torch.compile(model, dynamic=True) if compile else model
+        self.score = compile_dynamic(model) if compile else model
         self.steps = make_steps(self.device.type, compile)
         # compiled decoding keeps one KV cache length, so that the decode step is one graph
         self.cache_len = self.max_length if compile else 0

@@ -214,7 +214,10 @@ class Transformer(nn.Module):
         mask = causal if mask is None else mask[:, None]
         x = self.tok_embeddings(idx)
         for layer in self.layers:
-            x = layer(x, freqs, mask, input_pos)
+            # On CPU torch.compile makes one graph of a block and calls it for every layer (shared_forward), so
+            # inductor compiles one block instead of n_layers: tinyllama 14 s instead of 40 s on 2 cores, same speed
+            x = (layer.shared_forward(x, freqs, mask, input_pos) if x.device.type == "cpu" else
+                 layer(x, freqs, mask, input_pos))
         if last_only:
             x = x[:, -1:]
         return self.output(self.norm(x)).float()
@@ -249,6 +252,9 @@ class TransformerBlock(nn.Module):
     def forward(self, x, freqs, mask, input_pos):
         h = x + self.attention(self.attention_norm(x), freqs, mask, input_pos)
         return h + self.feed_forward(self.ffn_norm(h))
+
+    # forward as one compiled region that every layer reuses (eager: forward itself); see Transformer.forward
+    shared_forward = torch.compiler.nested_compile_region(forward)
 
 
 class Attention(nn.Module):

@@ -9,7 +9,6 @@ the device's kernel after loading, so one file runs on CPU and CUDA. A new forma
 four parts: its tensors, pack_for_device(), forward(), and the two dicts that tell tp.py how to shard it.
 GPTQ (gptq.py) produces the int4 format with better rounding.
 """
-import functools
 import sys
 
 import torch
@@ -21,11 +20,11 @@ from tqdm import tqdm
 GROUP_SIZES = (32, 64, 128, 256)
 
 
-def use_gemm(x: Tensor, gemm_tokens: dict) -> bool:
-    """On CPU, from gemm_tokens[x.dtype] tokens on (prefill, eval's scoring), a quantized linear dequantizes its
-    weights once per call and runs the dense GEMM of the activation dtype: ATen's int8/int4 kernels are made for a
-    few tokens, and slow with float32 ones (crossovers measured on a 2-core EPYC, see the classes)."""
-    return x.device.type == "cpu" and x.shape[:-1].numel() >= gemm_tokens.get(x.dtype, 1 << 62)
+def use_gemm(x: Tensor, gemm_tokens: tuple) -> bool:
+    """On CPU, from gemm_tokens = (float32, 16-bit) tokens on (prefill, eval's scoring), a quantized linear
+    dequantizes its weights once per call and runs the dense GEMM of the activation dtype: ATen's int8/int4 kernels
+    are made for a few tokens, and slow with float32 ones (crossovers measured on a 2-core EPYC, see the classes)."""
+    return x.device.type == "cpu" and x.shape[:-1].numel() >= gemm_tokens[x.dtype != torch.float32]
 
 
 # ------------------------------------------------------------------------------------------------ the formats
@@ -81,16 +80,22 @@ def unpack_int4_cpu(packed: Tensor, block_n: int) -> Tensor:
     return torch.cat(rows)
 
 
-@functools.cache
 def cpu_int4_block() -> int | None:
     """The row block of this machine's int4 CPU packing (unpack_int4_cpu), found by packing known codes (a full
-    block and a short one); None if the layout is none of those (then float32 batches use the kernel itself)."""
+    block and a short one); None if the layout is none of those (then Int4Linear always uses the kernel)."""
     codes = torch.randint(0, 16, (80, 64), dtype=torch.int32, generator=torch.Generator().manual_seed(0))
-    packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes, 1)
+    try:
+        packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes, 1)
+    except (RuntimeError, AttributeError):
+        return None
     for block_n in (64, 32):
         if packed.shape == (80, 32) and torch.equal(unpack_int4_cpu(packed, block_n).int(), codes):
             return block_n
     return None
+
+
+# Found once, at import (microseconds): a constant that compiled graphs read, not a probe they would have to trace
+CPU_INT4_BLOCK = cpu_int4_block()
 
 
 # ---------------------------------------------------------------------------------------- the quantized linears
@@ -102,13 +107,15 @@ class Int8Linear(nn.Module):
     input_dims = {"weight": 1}
     # use_gemm: 5632 x 2048, 2-core EPYC: float32 4.4 ms/token in the kernel, crossover between 4 and 8 tokens;
     # bf16 512 tokens 37 ms in the kernel, 1.5 ms to dequantize + 14 ms GEMM (scripts/bench_gemv.py --tokens)
-    GEMM_TOKENS = {torch.float32: 8, torch.bfloat16: 64, torch.float16: 64}
+    GEMM_TOKENS = (8, 64)
 
     def __init__(self, in_features: int, out_features: int):
         super().__init__()
         self.in_features, self.out_features = in_features, out_features
         self.register_buffer("weight", torch.empty(out_features, in_features, dtype=torch.int8))
         self.register_buffer("scales", torch.empty(out_features))
+        self.gemm_tokens = self.GEMM_TOKENS  # read in forward from the instance: a compiled graph shared by the
+        # layers (model.TransformerBlock.shared_forward) cannot guard on a class attribute
 
     @torch.no_grad()
     def pack_for_device(self):
@@ -125,7 +132,7 @@ class Int8Linear(nn.Module):
         K = self.weight.shape[1]
         if K != self.in_features:  # rows padded for the CPU kernel (pack_for_device)
             x = F.pad(x, (0, K - self.in_features))
-        if use_gemm(x, self.GEMM_TOKENS):
+        if use_gemm(x, self.gemm_tokens):
             return F.linear(x, self.dequantized(x.dtype))
         if x.device.type == "cpu" and K % 32 == 0:
             y = torch.ops.aten._weight_int8pack_mm(x.reshape(-1, K), self.weight, self.scales.to(x.dtype))
@@ -143,7 +150,7 @@ class Int4Linear(nn.Module):
     input_dims = {"weight": 1, "scales_and_zeros": 0}
     # use_gemm: 5632 x 2048 g32, 2-core EPYC: float32 256 tokens 2.4 s in the kernel, 0.13 s dequantized + GEMM;
     # bf16 512 tokens 39 ms in the kernel, 13 ms to unpack and dequantize + 14 ms GEMM, 64 tokens 5 ms vs 15 ms
-    GEMM_TOKENS = {torch.float32: 8, torch.bfloat16: 256, torch.float16: 256}
+    GEMM_TOKENS = (8, 256)
 
     def __init__(self, in_features: int, out_features: int, groupsize: int):
         super().__init__()
@@ -151,8 +158,8 @@ class Int4Linear(nn.Module):
         padded_in = -(-in_features // groupsize) * groupsize
         self.register_buffer("weight", torch.empty(out_features, padded_in // 2, dtype=torch.uint8))
         self.register_buffer("scales_and_zeros", torch.empty(padded_in // groupsize, out_features, 2))
+        self.gemm_tokens = self.GEMM_TOKENS  # as Int8Linear
         self.kernel = None  # "cpu" or "cuda" once packed
-        self.cpu_block = None  # with the CPU kernel: its layout's row block (unpack_int4_cpu), None if unknown
 
     @property
     def padded_in(self) -> int:  # input features the kernel sees: a whole number of groups
@@ -176,7 +183,6 @@ class Int4Linear(nn.Module):
         device = self.weight.device
         if device.type == "cpu":
             self.weight = torch.ops.aten._convert_weight_to_int4pack_for_cpu(unpack_int4(self.weight).int(), 1)
-            self.cpu_block = cpu_int4_block()  # here, not in forward(): torch.compile cannot trace the probe
         elif device.type == "cuda":
             inner_k_tiles = 8 if self.padded_in % 128 == 0 else 4 if self.padded_in % 64 == 0 else 2
             self.weight = torch.ops.aten._convert_weight_to_int4pack(self.weight.contiguous(), inner_k_tiles)
@@ -186,24 +192,30 @@ class Int4Linear(nn.Module):
         self.kernel = device.type
 
     def dequantized(self, dtype) -> Tensor:
-        """(N, padded_in) weights in dtype, from the CPU kernel's layout (known where cpu_block is set): computed in
-        dtype, (q - 8) * scale + zero per group, as dequantize_int4 does in float32."""
-        codes = unpack_int4_cpu(self.weight, self.cpu_block)
+        """(N, padded_in) weights in dtype, from the CPU kernel's layout (where CPU_INT4_BLOCK is known): computed
+        in dtype, (q - 8) * scale + zero per group, as dequantize_int4 does in float32."""
+        codes = unpack_int4_cpu(self.weight, CPU_INT4_BLOCK)
         N, groups = codes.shape[0], self.scales_and_zeros.shape[0]
         scales, zeros = self.scales_and_zeros.to(dtype).permute(2, 1, 0).unsqueeze(-1)  # each (N, groups, 1)
-        return ((codes.view(N, groups, self.groupsize).to(dtype) - 8) * scales + zeros).view(N, -1)
+        return ((codes.view(N, groups, -1).to(dtype) - 8) * scales + zeros).view(N, -1)
 
     def forward(self, x: Tensor) -> Tensor:
         shape = x.shape
         x = x.reshape(-1, shape[-1])
-        if self.padded_in != self.in_features:
-            x = F.pad(x, (0, self.padded_in - self.in_features))
-        if self.cpu_block and use_gemm(x, self.GEMM_TOKENS):
-            y = F.linear(x, self.dequantized(x.dtype))
-        elif self.kernel == "cpu":
-            y = torch.ops.aten._weight_int4pack_mm_for_cpu(x, self.weight, self.groupsize,
-                                                          self.scales_and_zeros.to(x.dtype))
+        if self.kernel == "cpu":
+            # sizes from the tensors, not from int attributes: in the layers' shared graph
+            # (model.TransformerBlock.shared_forward) those are symbolic inputs, and the kernel needs constants
+            K = self.weight.shape[1] * 2
+            if K != shape[-1]:
+                x = F.pad(x, (0, K - shape[-1]))
+            if CPU_INT4_BLOCK and use_gemm(x, self.gemm_tokens):
+                y = F.linear(x, self.dequantized(x.dtype))
+            else:
+                y = torch.ops.aten._weight_int4pack_mm_for_cpu(x, self.weight, K // self.scales_and_zeros.shape[0],
+                                                              self.scales_and_zeros.to(x.dtype))
         else:
+            if self.padded_in != self.in_features:
+                x = F.pad(x, (0, self.padded_in - self.in_features))
             y = torch.ops.aten._weight_int4pack_mm(x.to(torch.bfloat16), self.weight, self.groupsize,
                                                    self.scales_and_zeros).to(x.dtype)
         return y.view(*shape[:-1], -1)

@@ -21,6 +21,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 # cpu_kernels caches its measured choice per machine under $XDG_CACHE_HOME: the tests (and the commands they run)
 # measure into a cache of their own instead of the user's
 os.environ["XDG_CACHE_HOME"] = tempfile.mkdtemp(prefix="llama-fast-test-cache-")
+# and inductor compiles into a cache of its own: graphs compiled by another version of this code are never reused
+os.environ["TORCHINDUCTOR_CACHE_DIR"] = os.path.join(os.environ["XDG_CACHE_HOME"], "inductor")
 
 # The models here are tiny: with several intra-op threads every small op pays OpenMP start-up and, on a busy
 # 2-core machine, spin-wait contention (HF generate() of 32 tokens measured 1.4 s with 2 threads, 0.05 s with 1).

@@ -70,7 +70,7 @@ def test_int8_linear_matches_dequantized_weights(in_features):
     m.pack_for_device()  # rows padded to a multiple of 32 for the CPU kernel: both paths pad the input to match
     for x in (torch.randn(3, 5, in_features), torch.randn(1, 1, in_features)):
         assert rel_err(m(x), F.linear(x, w)) <= 1e-3
-    for tokens in (15, Q.Int8Linear.GEMM_TOKENS[torch.bfloat16]):  # bf16: the kernel, then dequantize + GEMM
+    for tokens in (15, Q.Int8Linear.GEMM_TOKENS[1]):  # bf16: the kernel, then dequantize + GEMM
         x = torch.randn(tokens, in_features, dtype=torch.bfloat16)
         assert rel_err(m(x).float(), F.linear(x.float(), w)) <= 1e-2
 
@@ -97,7 +97,7 @@ def test_int4_linear_cpu_kernel_matches_dequantized_weights(groupsize, in_featur
         kernel = torch.ops.aten._weight_int4pack_mm_for_cpu(padded, m.weight, groupsize, m.scales_and_zeros)
         assert rel_err(y.reshape(kernel.shape), kernel) <= 1e-5
     # bf16: the kernel below GEMM_TOKENS tokens, dequantize + bf16 GEMM from there on (prefill)
-    for tokens in (15, Q.Int4Linear.GEMM_TOKENS[torch.bfloat16]):
+    for tokens in (15, Q.Int4Linear.GEMM_TOKENS[1]):
         x = torch.randn(tokens, in_features, dtype=torch.bfloat16)
         assert rel_err(m(x).float(), F.linear(x.float(), w)) <= 1e-2
 
@@ -110,7 +110,7 @@ def test_quantized_linears_compile_on_the_kernel_and_the_gemm_path():
         module.load_state_dict(Q.quantize_linear(layer, kind, 32))
         module.to(torch.bfloat16).pack_for_device()
         compiled = torch.compile(module, fullgraph=True, dynamic=True)
-        for tokens in (3, module.GEMM_TOKENS[torch.bfloat16] + 5):
+        for tokens in (3, module.GEMM_TOKENS[1] + 5):
             x = torch.randn(tokens, 256, dtype=torch.bfloat16)
             assert rel_err(compiled(x).float(), module(x).float()) <= 1e-2
 
