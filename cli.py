@@ -2,6 +2,7 @@
 ends (a user mistake exits with one "error: ..." line, never a traceback).
 """
 import argparse
+import os
 import sys
 from pathlib import Path
 
@@ -34,6 +35,23 @@ def add_model_args(p: argparse.ArgumentParser):
 def check_device(device: str):
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise ValueError(f"--device {device}: CUDA is not available")
+
+
+def check_output_path(path: Path | None, what: str, force: bool = True):
+    """Before any work: an output file's folder exists and is writable, the path is not a folder, and without
+    `force` no file is there yet (nothing a user owns is replaced unasked). `what` names it in the error (the
+    flag, or "output"). None (no output asked for) passes."""
+    if path is None:
+        return
+    path = Path(path)
+    if path.is_dir():
+        raise ValueError(f"{what} {path} is a folder; give a file name")
+    if not path.parent.is_dir():
+        raise FileNotFoundError(f"{what} {path}: folder {path.parent} does not exist")
+    if not os.access(path.parent, os.W_OK | os.X_OK):
+        raise ValueError(f"{what} {path}: folder {path.parent} is not writable")
+    if path.exists() and not force:
+        raise ValueError(f"{what} {path} exists; pass --force to replace it")
 
 
 def cli_main(run, args):

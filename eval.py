@@ -23,7 +23,7 @@ from tqdm import tqdm
 
 import tp
 from checkpoint import check_vocab, load_model, tokenizer_file, write_json
-from cli import PRECISIONS, add_model_args, check_device, cli_main
+from cli import PRECISIONS, add_model_args, check_device, check_output_path, cli_main
 from decoding import compile_dynamic, generate, make_steps
 from sampling import SamplingConfig
 from tokenizer import StreamDecoder, load_tokenizer
@@ -246,8 +246,7 @@ def run(args) -> int:
         raise FileNotFoundError(f"checkpoint not found: {args.checkpoint_path}")
     if args.text_file and not args.text_file.is_file():
         raise FileNotFoundError(f"text file not found: {args.text_file}")
-    if args.output_path and args.output_path.is_dir():
-        raise ValueError(f"--output_path {args.output_path} is a folder")
+    check_output_path(args.output_path, "--output_path")  # before hours of scoring, not after
     manager = check_tasks(args) if args.tasks else None
     args.device = tp.maybe_init_dist(args.device)  # under torchrun: every rank scores every request on its shard
     rank = tp.rank()

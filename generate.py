@@ -14,7 +14,7 @@ import torch
 
 import tp
 from checkpoint import check_vocab, load_model, tokenizer_file, write_json
-from cli import PRECISIONS, add_model_args, check_device, cli_main
+from cli import PRECISIONS, add_model_args, check_device, check_output_path, cli_main
 from decoding import compile_cache_counts, generate, make_steps, peak_memory_bytes, weight_bytes
 from sampling import SamplingConfig
 from speculative import DraftModel, PromptLookup, acceptance_stats, check_speculation, speculative_generate
@@ -96,6 +96,8 @@ def start_processes(args):
     if args.max_new_tokens < 1 or args.num_samples < 1:
         raise ValueError("--max_new_tokens and --num_samples must be >= 1")
     check_device(args.device)
+    check_output_path(args.metrics_json, "--metrics_json")  # before the model loads, not after the run
+    check_output_path(args.profile, "--profile")
     args.device = tp.maybe_init_dist(args.device)  # under torchrun: a process group, and this rank's GPU
     if tp.world_size() > 1 and args.interactive:
         raise ValueError("--interactive does not run under torchrun (tensor parallelism): only rank 0 has a terminal")

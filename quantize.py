@@ -15,6 +15,7 @@ import time
 from pathlib import Path
 
 from checkpoint import atomic_save, check_vocab, load_model, tokenizer_file
+from cli import check_output_path
 from gptq import calibration_sequences, gptq_quantize_model, read_calibration_text
 from qlinear import GROUP_SIZES, quantize_model
 from tokenizer import load_tokenizer
@@ -90,9 +91,10 @@ def quantize_gptq(model, args, tokenizer, text: str, source: str) -> tuple[dict,
 def quantize(args) -> tuple[Path, int]:
     """Check everything, quantize, write the output; returns its path and size in bytes."""
     check_args(args)
+    if not args.checkpoint_path.is_file():  # the input first: its folder is also the output's
+        raise FileNotFoundError(f"checkpoint not found: {args.checkpoint_path}")
     out = output_path(args.checkpoint_path, args.mode, args.groupsize)
-    if out.exists() and not args.force:
-        raise ValueError(f"{out} exists; pass --force to overwrite it")
+    check_output_path(out, "output", force=args.force)
     calibration_data = calibration(args) if args.mode == "int4-gptq" else None
     model = load_model(args.checkpoint_path, args.device, precision=None, cpu_kernels="addmv")  # weights as stored
     if model.quantization:

@@ -10,6 +10,7 @@ import argparse
 import json
 import shutil
 import sys
+from dataclasses import asdict
 from pathlib import Path
 
 import torch
@@ -18,7 +19,8 @@ from tqdm import tqdm
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from checkpoint import TOKENIZER_NAME, atomic_save, read_state_dict  # noqa: E402
-from model import CONFIG_NAME, ModelArgs  # noqa: E402
+from cli import check_output_path  # noqa: E402
+from model import CONFIG_NAME, ModelArgs, Transformer  # noqa: E402
 
 LAYER_TENSORS = ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj", "mlp.gate_proj",
                  "mlp.up_proj", "mlp.down_proj", "input_layernorm", "post_attention_layernorm"]
@@ -83,7 +85,26 @@ def convert_state_dict(hf: dict, config: ModelArgs) -> dict:
     return {k: v.contiguous() for k, v in out.items()}
 
 
-def convert(checkpoint_dir, output_name: str = "model.pth") -> Path:
+def check_shapes(state: dict, config: ModelArgs, config_path: Path):
+    """Every converted tensor has the shape the config implies (a config field that disagrees with the weights is
+    caught here, before anything is written, not when the model is loaded)."""
+    with torch.device("meta"):
+        expected = Transformer(config).state_dict()
+    for name, t in state.items():
+        if name in expected and t.shape != expected[name].shape:
+            raise ValueError(f"weights do not match {config_path}: {name} is {tuple(t.shape)}, the config implies "
+                             f"{tuple(expected[name].shape)}")
+
+
+def same_config(path: Path, config: ModelArgs) -> bool:
+    try:
+        return path.is_file() and json.loads(path.read_text()) == json.loads(json.dumps(asdict(config)))
+    except ValueError:
+        return False
+
+
+def convert(checkpoint_dir, output_name: str = "model.pth", force: bool = False) -> Path:
+    """Write our checkpoint and config beside the HF files; existing ones are only replaced with force."""
     checkpoint_dir = Path(checkpoint_dir)
     config_path = checkpoint_dir / "config.json"
     if not config_path.exists():
@@ -101,10 +122,15 @@ def convert(checkpoint_dir, output_name: str = "model.pth") -> Path:
     if out_path in files:  # single-file HF checkpoints are themselves called model.safetensors
         raise ValueError(f"--output_name {output_name} would overwrite the Hugging Face weights in {checkpoint_dir};"
                          " choose another name, e.g. model_converted.safetensors")
+    # before reading gigabytes of weights; a config file that already says the same is not a replacement
+    check_output_path(out_path, "output", force)
+    config_out = checkpoint_dir / CONFIG_NAME
+    check_output_path(config_out, "output", force or same_config(config_out, config))
     try:
         state = convert_state_dict(load_hf_state_dict(files), config)
     except RuntimeError as e:  # a view/cat on tensors of unexpected shapes
         raise ValueError(f"weights do not match {config_path}: {str(e).splitlines()[0][:200]}") from None
+    check_shapes(state, config, config_path)
     try:
         if output_name.endswith(".safetensors"):
             if config.tie_embeddings:
@@ -114,7 +140,7 @@ def convert(checkpoint_dir, output_name: str = "model.pth") -> Path:
             atomic_save(state, out_path)  # tied weights share one storage, so torch.save writes them once
     except RuntimeError as e:  # torch.save reports a full disk as a RuntimeError
         raise OSError(f"cannot write {out_path}: {str(e).splitlines()[0][:200]}") from None
-    atomic_save(config, checkpoint_dir / CONFIG_NAME, save=lambda c, p: c.save(p))
+    atomic_save(config, config_out, save=lambda c, p: c.save(p))
     if not (checkpoint_dir / TOKENIZER_NAME).exists():
         if (checkpoint_dir / "original/tokenizer.model").exists():  # Llama-3 ships it only there
             atomic_save(checkpoint_dir / "original/tokenizer.model", checkpoint_dir / TOKENIZER_NAME,
@@ -130,11 +156,12 @@ def main(argv=None):
     parser.add_argument("--checkpoint_dir", type=Path, required=True, help="directory holding the HF files")
     parser.add_argument("--output_name", default="model.pth", help="model.pth (default) or a name ending in "
                         ".safetensors; written beside the HF files")
+    parser.add_argument("--force", action="store_true", help="replace an existing converted checkpoint and config")
     args = parser.parse_args(argv)
     if Path(args.output_name).name != args.output_name:
         sys.exit(f"error: --output_name must be a file name, not a path: {args.output_name}")
     try:
-        out = convert(args.checkpoint_dir, args.output_name)
+        out = convert(args.checkpoint_dir, args.output_name, args.force)
     except (OSError, ValueError) as e:  # user mistakes and unreadable/unwritable files: one line, no traceback
         sys.exit(f"error: {e}")
     print(f"wrote {out} and {out.parent / CONFIG_NAME}")

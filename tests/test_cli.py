@@ -210,6 +210,14 @@ MISTAKES = {
                           "cannot load tokenizer"),
     "missing_prompt_file": (lambda f: ["--checkpoint_path", f["good"], "--prompt_file", f["missing"].parent / "p.txt"],
                             "prompt file not found"),
+    # output locations are checked before the model loads (cli.check_output_path), not after the run
+    "metrics_json_in_missing_folder": (lambda f: ["--checkpoint_path", f["good"], "--metrics_json",
+                                                  f["missing"].parent / "no_such_folder" / "m.json"],
+                                       "no_such_folder does not exist"),
+    "metrics_json_is_a_folder": (lambda f: ["--checkpoint_path", f["good"], "--metrics_json", f["good"].parent],
+                                 "is a folder"),
+    "profile_in_missing_folder": (lambda f: ["--checkpoint_path", f["good"], "--profile",
+                                             f["missing"].parent / "no_such_folder" / "trace.json"], "--profile"),
 }
 
 def _cases():

@@ -144,7 +144,7 @@ def test_convert_matches_hf(checkpoints, name):
 
 def test_llama3_tokenizer_copied(checkpoints):
     path, _ = checkpoints["llama3"]
-    conv.convert(path)
+    conv.convert(path, force=True)  # converted before, by test_convert_matches_hf
     assert (path / "tokenizer.model").read_bytes() == TOKENIZER_BYTES
     config = json.loads((path / conv.CONFIG_NAME).read_text())
     assert config["tie_embeddings"] and config["rope_scaling"]["rope_type"] == "llama3"
@@ -175,6 +175,29 @@ def test_cli_refuses_to_overwrite_hf_weights(checkpoints):
     assert "overwrite" in result.stderr and (path / "model.safetensors").read_bytes() == before
 
 
+def test_cli_replaces_a_converted_checkpoint_only_with_force(tmp_path, checkpoints):
+    """A second conversion into the same folder is refused before any work, the files untouched; --force
+    replaces them. A model_config.json that already says the same is not in the way (another --output_name)."""
+    src, hf = checkpoints["single"]
+    path = tmp_path / "ckpt"
+    path.mkdir()
+    for f in ("config.json", "model.safetensors"):
+        (path / f).write_bytes((src / f).read_bytes())
+    assert run_script("scripts/convert_hf_checkpoint.py", "--checkpoint_dir", str(path)).returncode == 0
+    edited = {**json.loads((path / conv.CONFIG_NAME).read_text()), "norm_eps": 1e-6}  # a user's edit
+    (path / conv.CONFIG_NAME).write_text(json.dumps(edited))
+    before = {f.name: f.read_bytes() for f in path.iterdir()}
+    for name in ("model.pth", "model_copy.pth"):  # the weights, then the edited config, are in the way
+        refused = run_script("scripts/convert_hf_checkpoint.py", "--checkpoint_dir", str(path), "--output_name", name)
+        assert_one_line_error(refused)
+        assert "--force" in refused.stderr
+        assert {f.name: f.read_bytes() for f in path.iterdir()} == before
+    forced = run_script("scripts/convert_hf_checkpoint.py", "--checkpoint_dir", str(path), "--force")
+    assert forced.returncode == 0, forced.stderr
+    assert_same_logits(path / "model.pth", hf)
+    assert not list(path.glob(".*.tmp*"))
+
+
 def broken_checkpoint(tmp_path, checkpoints, problem) -> Path:
     src, _ = checkpoints["sharded" if problem == "missing shard" else "single"]
     path = tmp_path / "ckpt"
@@ -186,6 +209,8 @@ def broken_checkpoint(tmp_path, checkpoints, problem) -> Path:
         config["model_type"] = "gpt2"
     if problem == "config without hidden_size":
         del config["hidden_size"]
+    if problem == "config disagrees with the weights":  # the tensors still concatenate: only shapes tell
+        config["intermediate_size"] += 16
     (path / "config.json").write_text(json.dumps(config))
     if problem == "missing tensor":
         state = load_file(src / "model.safetensors")
@@ -197,20 +222,26 @@ def broken_checkpoint(tmp_path, checkpoints, problem) -> Path:
         sorted(path.glob("model-*-of-*.safetensors"))[-1].unlink()
     if problem == "corrupt weights":
         (path / "model.safetensors").write_bytes(b"\x00" * 100)
+    if problem == "config disagrees with the weights":
+        (path / "model.safetensors").write_bytes((src / "model.safetensors").read_bytes())
     return path
 
 
 @pytest.mark.parametrize("problem", ["no config.json", "unsupported model_type", "config without hidden_size",
-                                     "no weights", "missing tensor", "missing shard", "corrupt weights"])
+                                     "no weights", "missing tensor", "missing shard", "corrupt weights",
+                                     "config disagrees with the weights"])
 def test_cli_errors_are_one_line(tmp_path, checkpoints, problem):
     path = broken_checkpoint(tmp_path, checkpoints, problem)
     result = run_script("scripts/convert_hf_checkpoint.py", "--checkpoint_dir", str(path))
     assert_one_line_error(result)
-    assert not (path / "model.pth").exists()
+    assert not (path / "model.pth").exists() and not (path / conv.CONFIG_NAME).exists()
+    assert not list(path.glob(".*.tmp*"))
     expected = {"no config.json": "config.json not found", "unsupported model_type": "unsupported model_type",
                 "config without hidden_size": "hidden_size", "no weights": "no model.safetensors",
                 "missing tensor": "layers.1.mlp.up_proj.weight", "missing shard": "listed in model.safetensors.index.json",
-                "corrupt weights": "cannot read"}[problem]
+                "corrupt weights": "cannot read",
+                "config disagrees with the weights": "layers.0.feed_forward.w13.weight is (320, 64), the config "
+                                                     "implies (352, 64)"}[problem]
     assert expected in result.stderr
 
 
@@ -339,7 +370,7 @@ def test_download_offline_is_one_line_error(tmp_path):
 # -------------------------------------------------------------------------------------------------- prepare
 
 def test_prepare_usage():
-    for args in ([], ["a/b", "extra"]):
+    for args in ([], ["a/b", "extra"], ["a/b", "--force", "extra"], ["--force"]):
         result = run_script(str(ROOT / "scripts/prepare.sh"), *args)
         assert result.returncode != 0 and "usage:" in result.stderr and not result.stdout
 

@@ -260,6 +260,9 @@ def test_cli_int8_end_to_end(setup, tmp_path):
     (["--text_file", "nope.txt"], "text file not found"),
     (["--text_file", __file__, "--max_seq_length", "1000"], "exceeds the model's context of 256"),
     (["--tasks", "local_helaswag"], "unknown task 'local_helaswag'; did you mean local_hellaswag"),
+    # checked before the model loads and any scoring starts (the test would take minutes otherwise)
+    (["--text_file", __file__, "--output_path", "no_such_folder/results.json"], "no_such_folder does not exist"),
+    (["--text_file", __file__, "--output_path", "."], "is a folder"),
 ])
 def test_user_mistakes(setup, args, message, capsys):
     d, root, _, _ = setup

@@ -457,7 +457,7 @@ def test_cli_refuses_to_overwrite_without_force(cli):
     old = sha256(out)
     refused, forced = run_all(("quantize.py", "--checkpoint_path", d / "model.pth", "--mode", "int8"),
                               ("quantize.py", "--checkpoint_path", d / "model.pth", "--mode", "int8", "--force"))
-    assert refused.returncode != 0 and refused.stderr.strip() == f"error: {out} exists; pass --force to overwrite it"
+    assert refused.returncode != 0 and refused.stderr.strip() == f"error: output {out} exists; pass --force to replace it"
     assert forced.returncode == 0, forced.stderr
     assert sha256(out) == old  # quantization is deterministic: the same bytes again
     assert sha256(d / "model.pth") == before and not list(d.glob(".*tmp*"))
