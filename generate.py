@@ -61,7 +61,10 @@ def read_prompts(args) -> list:
     if args.prompt_file:
         if not args.prompt_file.is_file():
             raise FileNotFoundError(f"prompt file not found: {args.prompt_file}")
-        prompts += [line for line in args.prompt_file.read_text().splitlines() if line.strip()]
+        lines = [line for line in args.prompt_file.read_text().splitlines() if line.strip()]
+        if not lines:  # not the built-in prompt: the user meant to give some
+            raise ValueError(f"prompt file {args.prompt_file} has no non-blank line")
+        prompts += lines
     prompts = prompts or ["Hello, my name is"]
     batch_size = len(prompts) if args.batch_size is None else args.batch_size
     if batch_size < 1 or batch_size % len(prompts):

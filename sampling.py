@@ -4,6 +4,7 @@ Penalties (repetition, frequency, presence), then temperature, top-k, top-p and 
 distribution; greedy when the temperature is 0. A new filter goes into logits_to_probs (and a field of
 SamplingConfig), and every decoding path (plain, speculative, eval) uses it.
 """
+import math
 from dataclasses import dataclass
 
 import torch
@@ -22,6 +23,9 @@ class SamplingConfig:
     presence_penalty: float = 0.0
 
     def __post_init__(self):
+        for name, value in vars(self).items():  # NaN passes every comparison below, and inf is no setting either
+            if not math.isfinite(value):
+                raise ValueError(f"{name} must be a finite number, not {value}")
         checks = [(self.temperature >= 0, "temperature must be >= 0"), (self.top_k >= 0, "top_k must be >= 0"),
                   (0 < self.top_p <= 1, "top_p must be in (0, 1]"), (0 <= self.min_p < 1, "min_p must be in [0, 1)"),
                   (self.repetition_penalty > 0, "repetition_penalty must be > 0")]

@@ -177,6 +177,8 @@ def bad_files(ckpt, hf_checkpoint, tmp_path_factory):
     files["big_tokenizer"] = root / "big_tokenizer.model"
     (root / "garbage.model").write_bytes(b"this is not a tokenizer\n")
     files["garbage_tokenizer"] = root / "garbage.model"
+    (root / "blank_prompts.txt").write_text("\n   \n\t\n")
+    files["blank_prompts"] = root / "blank_prompts.txt"
     _, short = hf_checkpoint("short_context", max_position_embeddings=32)
     files["short"] = short / "model.pth"
     return files
@@ -210,6 +212,12 @@ MISTAKES = {
                           "cannot load tokenizer"),
     "missing_prompt_file": (lambda f: ["--checkpoint_path", f["good"], "--prompt_file", f["missing"].parent / "p.txt"],
                             "prompt file not found"),
+    "frequency_penalty_nan": (lambda f: ["--checkpoint_path", f["good"], "--frequency_penalty", "nan"],
+                              "frequency_penalty must be a finite number"),
+    "temperature_inf": (lambda f: ["--checkpoint_path", f["good"], "--temperature", "inf"],
+                        "temperature must be a finite number"),
+    "blank_prompt_file": (lambda f: ["--checkpoint_path", f["good"], "--prompt_file", f["blank_prompts"]],
+                          "has no non-blank line"),
     # output locations are checked before the model loads (cli.check_output_path), not after the run
     "metrics_json_in_missing_folder": (lambda f: ["--checkpoint_path", f["good"], "--metrics_json",
                                                   f["missing"].parent / "no_such_folder" / "m.json"],
