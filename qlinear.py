@@ -51,9 +51,11 @@ def quantize_int4(w: Tensor, qparams: Tensor, groupsize: int) -> Tensor:
     return torch.round((w.float() - (zeros - 8 * scales)) / scales).clamp(0, 15).to(torch.uint8)
 
 
-def dequantize_int4(q: Tensor, qparams: Tensor, groupsize: int) -> Tensor:
-    scales, zeros = qparams[..., 0].repeat_interleave(groupsize, 1), qparams[..., 1].repeat_interleave(groupsize, 1)
-    return (q.float() - 8) * scales + zeros
+def dequantize_int4(q: Tensor, qparams: Tensor, groupsize: int, dtype=torch.float32) -> Tensor:
+    """(q - 8) * scale + zero per group, computed in dtype (broadcast over each group: no (N, K) copies of them)."""
+    N, K = q.shape
+    scales, zeros = qparams.to(dtype).unsqueeze(2).unbind(-1)  # each (N, K/g, 1)
+    return ((q.reshape(N, -1, groupsize).to(dtype) - 8) * scales + zeros).reshape(N, K)
 
 
 def pack_int4(q: Tensor) -> Tensor:
@@ -114,8 +116,6 @@ class Int8Linear(nn.Module):
         self.in_features, self.out_features = in_features, out_features
         self.register_buffer("weight", torch.empty(out_features, in_features, dtype=torch.int8))
         self.register_buffer("scales", torch.empty(out_features))
-        self.gemm_tokens = self.GEMM_TOKENS  # read in forward from the instance: a compiled graph shared by the
-        # layers (model.TransformerBlock.shared_forward) cannot guard on a class attribute
 
     @torch.no_grad()
     def pack_for_device(self):
@@ -132,7 +132,7 @@ class Int8Linear(nn.Module):
         K = self.weight.shape[1]
         if K != self.in_features:  # rows padded for the CPU kernel (pack_for_device)
             x = F.pad(x, (0, K - self.in_features))
-        if use_gemm(x, self.gemm_tokens):
+        if use_gemm(x, self.GEMM_TOKENS):
             return F.linear(x, self.dequantized(x.dtype))
         if x.device.type == "cpu" and K % 32 == 0:
             y = torch.ops.aten._weight_int8pack_mm(x.reshape(-1, K), self.weight, self.scales.to(x.dtype))
@@ -158,7 +158,6 @@ class Int4Linear(nn.Module):
         padded_in = -(-in_features // groupsize) * groupsize
         self.register_buffer("weight", torch.empty(out_features, padded_in // 2, dtype=torch.uint8))
         self.register_buffer("scales_and_zeros", torch.empty(padded_in // groupsize, out_features, 2))
-        self.gemm_tokens = self.GEMM_TOKENS  # as Int8Linear
         self.kernel = None  # "cpu" or "cuda" once packed
 
     @property
@@ -192,30 +191,21 @@ class Int4Linear(nn.Module):
         self.kernel = device.type
 
     def dequantized(self, dtype) -> Tensor:
-        """(N, padded_in) weights in dtype, from the CPU kernel's layout (where CPU_INT4_BLOCK is known): computed
-        in dtype, (q - 8) * scale + zero per group, as dequantize_int4 does in float32."""
+        """(N, padded_in) weights in dtype, from the CPU kernel's layout (where CPU_INT4_BLOCK is known)."""
         codes = unpack_int4_cpu(self.weight, CPU_INT4_BLOCK)
-        N, groups = codes.shape[0], self.scales_and_zeros.shape[0]
-        scales, zeros = self.scales_and_zeros.to(dtype).permute(2, 1, 0).unsqueeze(-1)  # each (N, groups, 1)
-        return ((codes.view(N, groups, -1).to(dtype) - 8) * scales + zeros).view(N, -1)
+        return dequantize_int4(codes, self.scales_and_zeros.transpose(0, 1), self.groupsize, dtype)
 
     def forward(self, x: Tensor) -> Tensor:
         shape = x.shape
         x = x.reshape(-1, shape[-1])
-        if self.kernel == "cpu":
-            # sizes from the tensors, not from int attributes: in the layers' shared graph
-            # (model.TransformerBlock.shared_forward) those are symbolic inputs, and the kernel needs constants
-            K = self.weight.shape[1] * 2
-            if K != shape[-1]:
-                x = F.pad(x, (0, K - shape[-1]))
-            if CPU_INT4_BLOCK and use_gemm(x, self.gemm_tokens):
-                y = F.linear(x, self.dequantized(x.dtype))
-            else:
-                y = torch.ops.aten._weight_int4pack_mm_for_cpu(x, self.weight, K // self.scales_and_zeros.shape[0],
-                                                              self.scales_and_zeros.to(x.dtype))
+        if self.padded_in != self.in_features:
+            x = F.pad(x, (0, self.padded_in - self.in_features))
+        if self.kernel == "cpu" and CPU_INT4_BLOCK and use_gemm(x, self.GEMM_TOKENS):
+            y = F.linear(x, self.dequantized(x.dtype))
+        elif self.kernel == "cpu":
+            y = torch.ops.aten._weight_int4pack_mm_for_cpu(x, self.weight, self.groupsize,
+                                                          self.scales_and_zeros.to(x.dtype))
         else:
-            if self.padded_in != self.in_features:
-                x = F.pad(x, (0, self.padded_in - self.in_features))
             y = torch.ops.aten._weight_int4pack_mm(x.to(torch.bfloat16), self.weight, self.groupsize,
                                                    self.scales_and_zeros).to(x.dtype)
         return y.view(*shape[:-1], -1)

@@ -18,6 +18,7 @@ and prints a Markdown table (also written to --out as JSON).
 """
 import argparse
 import json
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -57,8 +58,6 @@ def run(cmd: list, **kwargs) -> str:
 
 def random_hf_model(name: str, tokenizer: Path, out: Path):
     """A random LlamaForCausalLM of the preset's shape, saved as a Hugging Face checkpoint with the tokenizer."""
-    import shutil
-
     from transformers import LlamaConfig, LlamaForCausalLM
     a = ModelArgs.from_name(name)
     if a.vocab_size != 32000:

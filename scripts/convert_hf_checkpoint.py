@@ -98,7 +98,7 @@ def check_shapes(state: dict, config: ModelArgs, config_path: Path):
 
 def same_config(path: Path, config: ModelArgs) -> bool:
     try:
-        return path.is_file() and json.loads(path.read_text()) == json.loads(json.dumps(asdict(config)))
+        return path.is_file() and json.loads(path.read_text()) == asdict(config)
     except ValueError:
         return False
 
