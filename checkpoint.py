@@ -7,8 +7,11 @@ A checkpoint is model.pth (or .safetensors) with model_config.json (ModelArgs) b
 {"quantization": {...}, "state_dict": {...}} and load with their quantized modules. No pickled code is executed:
 torch.load runs with weights_only=True, or the file is safetensors.
 """
+import errno
 import json
 import os
+import pickle
+import shutil
 import zipfile
 from pathlib import Path
 
@@ -17,7 +20,7 @@ from safetensors.torch import load_file
 
 import tp
 from model import CONFIG_NAME, ModelArgs, Transformer
-from qlinear import pack_for_device, swap_in_quantized
+from qlinear import GROUP_SIZES, pack_for_device, swap_in_quantized
 
 TOKENIZER_NAME = "tokenizer.model"  # beside the checkpoint unless a path is given
 
@@ -25,18 +28,48 @@ TOKENIZER_NAME = "tokenizer.model"  # beside the checkpoint unless a path is giv
 def read_state_dict(path) -> dict:
     """The tensors of a .safetensors file or a torch.save file (memory-mapped when it is in the zip format, so a
     large checkpoint is not read into memory at once; older non-zip files are read whole). A file that is not a
-    state dict raises a one-line ValueError."""
+    state dict raises a one-line ValueError that says what the file is."""
     path = Path(path)
+    check_is_file(path, "checkpoint")
     try:
         if path.suffix == ".safetensors":
             state = load_file(str(path))
         else:
             state = torch.load(path, map_location="cpu", mmap=zipfile.is_zipfile(path), weights_only=True)
+    except pickle.UnpicklingError as e:
+        found = next((ln.strip() for ln in str(e).splitlines() if "GLOBAL" in ln), "")
+        if not found:  # not a pickle of ours at all: random bytes, a damaged file
+            raise ValueError(f"cannot read checkpoint {path}: {file_kind(path)}") from None
+        # weights_only refused a Python object: say which, and that nothing ran
+        raise ValueError(f"refused to load checkpoint {path}: it holds Python objects, not only tensors "
+                         f"({found[:160]}); no pickled code is run (weights_only=True)") from None
     except Exception as e:  # truncated, corrupt or not a checkpoint at all: say so in one line
-        raise ValueError(f"cannot read checkpoint {path}: {str(e).splitlines()[0][:200]}") from None
+        raise ValueError(f"cannot read checkpoint {path}: {file_kind(path) or str(e).splitlines()[0][:200]}") from None
     if not isinstance(state, dict):
-        raise ValueError(f"cannot read checkpoint {path}: not a state dict")
+        raise ValueError(f"cannot read checkpoint {path}: not a state dict but a {type(state).__name__}")
     return state
+
+
+def check_is_file(path: Path, what: str):
+    if path.is_dir():
+        raise ValueError(f"{what} {path} is a folder; give the file inside it (e.g. {path / 'model.pth'})")
+    if not path.is_file():
+        raise FileNotFoundError(f"{what} not found: {path}")
+    if path.stat().st_size == 0:
+        raise ValueError(f"{what} {path} is empty (0 bytes): an interrupted download or copy?")
+
+
+def file_kind(path: Path) -> str:
+    """Why a file that torch.load or safetensors could not read is not a checkpoint, in words ("" if unknown)."""
+    with open(path, "rb") as f:
+        head = f.read(8)
+    if head.startswith(b"PK\x03\x04"):
+        return "a zip archive without its end: truncated (an interrupted download or copy?)"
+    if head.startswith(b"\x80") and len(head) > 1 and head[1] <= 5:
+        return "a pickle that is truncated or damaged"
+    if path.suffix == ".safetensors":
+        return "not a valid safetensors file (truncated or damaged?)"
+    return f"not a PyTorch or safetensors checkpoint (it starts with bytes {head.hex(' ')})"
 
 
 def read_config(checkpoint_path: Path) -> ModelArgs:
@@ -58,12 +91,12 @@ def load_model(checkpoint_path, device="cpu", precision=torch.bfloat16, tensor_p
     kernel that is fastest on this machine (cpu_kernels="auto", see cpu_kernels.py) or the one named; "addmv"
     keeps the weights as stored (e.g. to quantize them)."""
     path = Path(checkpoint_path)
-    if not path.is_file():
-        raise FileNotFoundError(f"checkpoint not found: {path}")
+    check_is_file(path, "checkpoint")
     config = read_config(path)
     state = read_state_dict(path)
     quantization = state.get("quantization") if isinstance(state.get("quantization"), dict) else None
     if quantization:
+        check_quantization(state, path)
         state = state["state_dict"]
     with torch.device("meta"):
         model = Transformer(config)
@@ -85,18 +118,42 @@ def load_model(checkpoint_path, device="cpu", precision=torch.bfloat16, tensor_p
     return model
 
 
+def check_quantization(saved: dict, path: Path):
+    """A quantize.py file has a state dict and metadata naming each layer's format (and int4's group size)."""
+    meta, why = saved["quantization"], ""
+    if not isinstance(saved.get("state_dict"), dict):
+        why = "no state_dict"
+    elif not isinstance(meta.get("layers"), dict):
+        why = "its quantization metadata has no 'layers' table"
+    elif "int4" in meta["layers"].values() and meta.get("groupsize") not in GROUP_SIZES:
+        why = f"int4 layers with groupsize {meta.get('groupsize')!r} (one of {', '.join(map(str, GROUP_SIZES))})"
+    if why:
+        raise ValueError(f"cannot read quantized checkpoint {path}: {why}; write it again with quantize.py")
+
+
 def assign_weights(model: Transformer, state: dict, path: Path):
     """Load `state` into the meta-device model (assign=True: the tensors are used as they are, no copy)."""
     tied = model.config.tie_embeddings and isinstance(model.output, torch.nn.Linear)  # a quantized output is a copy
     if tied:
         state.setdefault("output.weight", state.get("tok_embeddings.weight"))
+    check_shapes(state, model, path.parent / CONFIG_NAME)
     try:
         model.load_state_dict(state, assign=True)
-    except RuntimeError as e:
+    except RuntimeError as e:  # missing or unexpected tensors
         raise ValueError(f"checkpoint {path} does not match {path.parent / CONFIG_NAME}: "
                          f"{' '.join(str(e).split())[:300]}") from None
     if tied:
         model.output.weight = model.tok_embeddings.weight
+
+
+def check_shapes(state: dict, model: Transformer, config_path: Path):
+    """Every tensor has the shape the config implies: a config field that disagrees with the weights, named by
+    the first tensor it puts out of shape."""
+    expected = model.state_dict()
+    for name, t in state.items():
+        if name in expected and t.shape != expected[name].shape:
+            raise ValueError(f"weights do not match {config_path}: {name} is {tuple(t.shape)}, the config implies "
+                             f"{tuple(expected[name].shape)}")
 
 
 def tokenizer_file(checkpoint_path, given=None) -> Path:
@@ -112,14 +169,26 @@ def check_vocab(tokenizer, model: Transformer):
 
 
 def atomic_save(obj, path: Path, save=torch.save):
-    """Write to a temporary file beside `path`, then rename: a crash never leaves a half-written file there."""
+    """Write to a temporary file beside `path`, then rename: a crash never leaves a half-written file there, and a
+    failed write leaves no temporary file. A full disk is reported as such (torch.save says "unexpected pos")."""
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
     try:
         save(obj, tmp)
         os.replace(tmp, path)
+    except Exception as e:
+        if disk_full(e, tmp):
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path)) from None
+        raise
     finally:
         tmp.unlink(missing_ok=True)
+
+
+def disk_full(e: Exception, written: Path) -> bool:
+    if isinstance(e, OSError) and e.errno == errno.ENOSPC or "No space left on device" in str(e):
+        return True
+    # torch.save's own writer reports only a position mismatch: look at the disk while the partial file is there
+    return isinstance(e, RuntimeError) and written.exists() and shutil.disk_usage(written.parent).free < 1 << 20
 
 
 def write_json(path: Path, obj):

@@ -1,16 +1,36 @@
-"""What the command-line entry points share: the flags that name a model, device and precision, and how a run
-ends (a user mistake exits with one "error: ..." line, never a traceback).
+"""What the command-line entry points share: the flags that name a model, device and precision, the checks every
+argument and output location goes through before any work starts, and how a run ends (a user mistake or a fault
+exits with one "error: ..." line, never a traceback; Ctrl-C exits 130).
+
+Every entry point imports this module before torch, so that a Ctrl-C while the libraries load (seconds) also ends
+in one line: the hook below is in place before anything heavy is imported.
 """
-import argparse
 import os
 import sys
-from pathlib import Path
 
-import torch
 
-import tp
-from cpu_kernels import KERNELS
-from tokenizer import TokenizerError
+def _interrupted_hook(kind, value, tb, default=sys.excepthook):
+    if issubclass(kind, KeyboardInterrupt):  # only reached before cli_main runs, i.e. while importing
+        sys.stdout.flush()
+        print("error: interrupted", file=sys.stderr, flush=True)
+        os._exit(130)
+    default(kind, value, tb)
+
+
+sys.excepthook = _interrupted_hook
+
+import argparse  # noqa: E402 -- after the hook, on purpose
+import errno  # noqa: E402
+import math  # noqa: E402
+import re  # noqa: E402
+import signal  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+import torch  # noqa: E402
+
+import tp  # noqa: E402
+from cpu_kernels import KERNELS  # noqa: E402
+from tokenizer import TokenizerError  # noqa: E402
 
 PRECISIONS = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 DEFAULT_CHECKPOINT = Path("checkpoints/meta-llama/Llama-2-7b-chat-hf/model.pth")
@@ -33,8 +53,64 @@ def add_model_args(p: argparse.ArgumentParser):
 
 
 def check_device(device: str):
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise ValueError(f"--device {device}: CUDA is not available")
+    """cpu, cuda[:N] when CUDA is there and N exists, mps when present; anything else is one line."""
+    try:
+        kind = torch.device(device)
+    except (RuntimeError, ValueError):
+        raise ValueError(f"--device {device}: not a device; use cpu, cuda or cuda:N") from None
+    if kind.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"--device {device}: CUDA is not available")
+        if kind.index is not None and kind.index >= torch.cuda.device_count():
+            raise ValueError(f"--device {device}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+    elif kind.type == "mps":
+        if not torch.backends.mps.is_available():
+            raise ValueError(f"--device {device}: MPS (Apple GPU) is not available on this machine")
+    elif kind.type != "cpu":
+        raise ValueError(f"--device {device}: not supported; use cpu, cuda or cuda:N")
+
+
+def check_at_least(args, **minimums):
+    """Each named flag of `args` (unless None) is a finite number >= its minimum: check_at_least(args, steps=1)."""
+    for name, low in minimums.items():
+        value = getattr(args, name)
+        if value is not None and not (math.isfinite(value) and value >= low):
+            raise ValueError(f"--{name} must be {'a finite number ' if isinstance(low, float) else ''}>= {low}, "
+                             f"got {value}")
+
+
+def check_text(text: str, what: str) -> str:
+    """Text from the command line that will be encoded: bytes that are not UTF-8 arrive as surrogate escapes."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        bad = os.fsencode(text[e.start:e.end]).hex(" ")
+        raise ValueError(f"{what} is not valid UTF-8 (byte {bad} at character {e.start}); check the terminal's "
+                         "encoding") from None
+    return text
+
+
+def read_text_file(path: Path, what: str) -> str:
+    """A UTF-8 text file the user named, or one line saying why it cannot be read."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{what} not found: {path}" + (" (a folder)" if path.is_dir() else ""))
+    try:
+        return path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{what} {path} is not UTF-8 text (byte 0x{e.object[e.start]:02x} at offset {e.start})") \
+            from None
+
+
+def check_output_folder(path: Path, what: str):
+    """An output folder is a folder or can be made: no file in its place, and its nearest existing parent is a
+    writable folder."""
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise ValueError(f"{what} {path} is a file, not a folder")
+    parent = next(p for p in [path, *path.parents] if p.exists())
+    if not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK):
+        raise ValueError(f"{what} {path}: {parent} is not a writable folder")
 
 
 def check_output_path(path: Path | None, what: str, force: bool = True):
@@ -46,6 +122,8 @@ def check_output_path(path: Path | None, what: str, force: bool = True):
     path = Path(path)
     if path.is_dir():
         raise ValueError(f"{what} {path} is a folder; give a file name")
+    if path.parent.exists() and not path.parent.is_dir():
+        raise ValueError(f"{what} {path}: {path.parent} is a file, not a folder")
     if not path.parent.is_dir():
         raise FileNotFoundError(f"{what} {path}: folder {path.parent} does not exist")
     if not os.access(path.parent, os.W_OK | os.X_OK):
@@ -54,17 +132,61 @@ def check_output_path(path: Path | None, what: str, force: bool = True):
         raise ValueError(f"{what} {path} exists; pass --force to replace it")
 
 
+class Terminated(Exception):
+    """SIGTERM: under torchrun, the launcher stopping this process because another one failed."""
+
+
+def _terminate(signum, frame):
+    raise Terminated
+
+
+def fault_message(e: BaseException) -> str | None:
+    """The one line for a fault that is not a mistake in the code: a full disk, a file the OS refuses, a dead peer
+    process under torchrun, a stop by signal. None: a bug, which keeps its traceback."""
+    if isinstance(e, Terminated):
+        return ("stopped by torchrun (SIGTERM): another process of the launch failed" if tp.world_size() > 1 else
+                "terminated (SIGTERM)")
+    if isinstance(e, OSError) and e.errno == errno.ENOSPC:
+        return f"no space left on device{f' writing {e.filename}' if e.filename else ''}"
+    if isinstance(e, OSError) and type(e).__module__ == "builtins":  # permissions, read-only file systems, ...
+        return str(e)
+    if isinstance(e, RuntimeError) and "No space left on device" in str(e):  # how torch.save reports a full disk
+        return "no space left on device"
+    if isinstance(e, RuntimeError) and tp.world_size() > 1 and _peer_lost(str(e)):
+        detail = re.sub(r"^\[[^\]]*\]\s*", "", str(e).splitlines()[0])  # without gloo's source file and line
+        return f"another process of this torchrun launch stopped ({detail[:160]})"
+    return None
+
+
+def _peer_lost(message: str) -> bool:
+    return any(s in message for s in ("Connection closed by peer", "Connection reset by peer", "Broken pipe",
+                                      "Socket Timeout", "timed out", "Timeout"))
+
+
 def cli_main(run, args):
-    """Exit with run(args)'s code; a user mistake (a ValueError, FileNotFoundError or TokenizerError) exits with one
-    "error: ..." line instead of a traceback. Under torchrun only rank 0 prints; errors are reported by every rank,
-    and the process group is torn down however the run ends."""
+    """Return when run(args) returns 0, else exit with its code. A user mistake (ValueError, FileNotFoundError, TokenizerError) or a fault (see
+    fault_message) exits 1 with one "error: ..." line instead of a traceback; Ctrl-C exits 130 and SIGTERM 143, with
+    one line each. Under torchrun only rank 0 prints; errors are reported by every rank, and the process group is
+    torn down however the run ends."""
+    previous = signal.signal(signal.SIGTERM, _terminate)
     try:
         with tp.rank0_output():
             code = run(args)
-        sys.exit(code)
+        if code:
+            sys.exit(code)
     except (FileNotFoundError, ValueError, TokenizerError) as e:  # user mistakes: one line, no traceback
         sys.exit(f"error: {e}")
     except KeyboardInterrupt:
+        sys.stdout.flush()
+        print("error: interrupted", file=sys.stderr)
         sys.exit(130)
+    except (OSError, RuntimeError, Terminated) as e:
+        message = fault_message(e)
+        if message is None:
+            raise
+        sys.stdout.flush()
+        print(f"error: {message}", file=sys.stderr)
+        sys.exit(143 if isinstance(e, Terminated) else 1)
     finally:
+        signal.signal(signal.SIGTERM, previous)
         tp.destroy_dist()

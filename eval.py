@@ -9,6 +9,8 @@ choice), loglikelihood_rolling (perplexity) and generate_until (generative tasks
 TaskManager knows runs, plus local task YAMLs (--include_path). Datasets come from the Hugging Face cache;
 HF_DATASETS_OFFLINE=1 uses it without the network.
 """
+# first, before torch: cli's Ctrl-C hook must be in place while the libraries load (see cli.py)
+from cli import PRECISIONS, add_model_args, check_at_least, check_device, check_output_path, cli_main
 import argparse
 import difflib
 import json
@@ -22,8 +24,7 @@ from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
 from tqdm import tqdm
 
 import tp
-from checkpoint import check_vocab, load_model, tokenizer_file, write_json
-from cli import PRECISIONS, add_model_args, check_device, check_output_path, cli_main
+from checkpoint import check_is_file, check_vocab, load_model, tokenizer_file, write_json
 from decoding import compile_dynamic, generate, make_steps
 from sampling import SamplingConfig
 from tokenizer import StreamDecoder, load_tokenizer
@@ -220,10 +221,30 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def check_task_files(folder: Path):
+    """Every task YAML under --include_path parses (lm-eval would skip a broken one and call its task unknown)."""
+    import yaml
+
+    if not folder.is_dir():
+        raise FileNotFoundError(f"--include_path {folder} is not a folder")
+
+    class Loader(yaml.SafeLoader):  # lm-eval's own tags (!function) are lm-eval's to check
+        pass
+
+    Loader.add_multi_constructor("!", lambda loader, suffix, node: None)
+    for path in sorted(folder.rglob("*.yaml")):
+        try:
+            yaml.load(path.read_text(encoding="utf-8"), Loader=Loader)  # noqa: S506 -- a SafeLoader
+        except (yaml.YAMLError, UnicodeDecodeError) as e:
+            mark = getattr(e, "problem_mark", None)
+            where = f", line {mark.line + 1}" if mark else ""
+            raise ValueError(f"task file {path}{where}: {getattr(e, 'problem', None) or e}") from None
+
+
 def check_tasks(args):
     """The TaskManager (lm-eval's tasks plus --include_path), after checking that every task name exists."""
-    if args.include_path and not args.include_path.is_dir():
-        raise FileNotFoundError(f"--include_path {args.include_path} is not a folder")
+    if args.include_path:
+        check_task_files(args.include_path)
     from lm_eval.tasks import TaskManager
     manager = TaskManager(include_path=str(args.include_path) if args.include_path else None)
     known = set(manager.all_tasks)
@@ -239,11 +260,9 @@ def run(args) -> int:
         raise ValueError("nothing to evaluate: pass --tasks and/or --text_file")
     if args.limit is not None and (args.limit <= 0 or (args.limit >= 1 and args.limit != int(args.limit))):
         raise ValueError("--limit must be a whole number of documents or a fraction in (0, 1)")
-    if args.batch_size < 1 or args.max_seq_length < 0:
-        raise ValueError("--batch_size must be >= 1 and --max_seq_length >= 0")
+    check_at_least(args, batch_size=1, max_seq_length=0)
     check_device(args.device)
-    if not args.checkpoint_path.is_file():
-        raise FileNotFoundError(f"checkpoint not found: {args.checkpoint_path}")
+    check_is_file(args.checkpoint_path, "checkpoint")
     if args.text_file and not args.text_file.is_file():
         raise FileNotFoundError(f"text file not found: {args.text_file}")
     check_output_path(args.output_path, "--output_path")  # before hours of scoring, not after

@@ -3,6 +3,8 @@ or an interactive chat; under torchrun, tensor-parallel.
 
     python generate.py --compile --checkpoint_path checkpoints/<repo>/model.pth --prompt "Hello, my name is"
 """
+from cli import (PRECISIONS, add_model_args, check_at_least, check_device, check_output_path, check_text, cli_main,
+                 read_text_file)  # first, before torch: its Ctrl-C hook (see cli.py)
 import argparse
 import contextlib
 import sys
@@ -14,7 +16,6 @@ import torch
 
 import tp
 from checkpoint import check_vocab, load_model, tokenizer_file, write_json
-from cli import PRECISIONS, add_model_args, check_device, check_output_path, cli_main
 from decoding import compile_cache_counts, generate, make_steps, peak_memory_bytes, weight_bytes
 from sampling import SamplingConfig
 from speculative import DraftModel, PromptLookup, acceptance_stats, check_speculation, speculative_generate
@@ -57,17 +58,16 @@ def build_parser() -> argparse.ArgumentParser:
 # --------------------------------------------------------------------------------- checking the arguments
 
 def read_prompts(args) -> list:
-    prompts = list(args.prompt or [])
+    prompts = [check_text(p, "--prompt") for p in args.prompt or []]
     if args.prompt_file:
-        if not args.prompt_file.is_file():
-            raise FileNotFoundError(f"prompt file not found: {args.prompt_file}")
-        lines = [line for line in args.prompt_file.read_text().splitlines() if line.strip()]
+        lines = [line for line in read_text_file(args.prompt_file, "prompt file").splitlines() if line.strip()]
         if not lines:  # not the built-in prompt: the user meant to give some
             raise ValueError(f"prompt file {args.prompt_file} has no non-blank line")
         prompts += lines
     prompts = prompts or ["Hello, my name is"]
     batch_size = len(prompts) if args.batch_size is None else args.batch_size
-    if batch_size < 1 or batch_size % len(prompts):
+    check_at_least(args, batch_size=1)
+    if batch_size % len(prompts):
         raise ValueError(f"--batch_size {batch_size} is not a multiple of the {len(prompts)} prompts given")
     return prompts * (batch_size // len(prompts))
 
@@ -96,8 +96,7 @@ def speculate_k(args, sampling: SamplingConfig, batch_size: int) -> int:
 
 def start_processes(args):
     """The device this process runs on; under torchrun a process group, and the same seed on every rank."""
-    if args.max_new_tokens < 1 or args.num_samples < 1:
-        raise ValueError("--max_new_tokens and --num_samples must be >= 1")
+    check_at_least(args, max_new_tokens=1, num_samples=1)
     check_device(args.device)
     check_output_path(args.metrics_json, "--metrics_json")  # before the model loads, not after the run
     check_output_path(args.profile, "--profile")

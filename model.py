@@ -6,7 +6,7 @@ Weights use Meta's interleaved RoPE layout (as gpt-fast does); the HF converter 
 """
 import json
 import math
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 import torch
@@ -17,6 +17,27 @@ from torch import Tensor
 from cpu_kernels import KERNELS, choose
 
 CONFIG_NAME = "model_config.json"  # ModelArgs beside every checkpoint: loaders read it instead of guessing from paths
+
+
+# The smallest value of each numeric ModelArgs field; 0 means "derive it" where the field's comment says so.
+FIELD_MINIMUM = {"dim": 1, "n_layers": 1, "n_heads": 1, "n_kv_heads": 0, "vocab_size": 1, "intermediate_size": 0,
+                 "head_dim": 0, "max_seq_len": 1, "norm_eps": 0.0, "rope_theta": 0.0}
+_KIND = {int: "an integer", float: "a number", bool: "true or false", dict: "a JSON object"}
+
+
+def checked_field(name: str, value, kind: type, minimum=None):
+    """`value` as a `kind` (int, float, bool or dict; an int is also a float, a bool is not an int), or a one-line
+    ValueError naming the field. Floats must be finite and, with a minimum of 0.0, strictly positive."""
+    ok = isinstance(value, kind) and (kind is bool or not isinstance(value, bool))
+    if kind is float and isinstance(value, int) and not isinstance(value, bool):
+        value, ok = float(value), True
+    if not ok:
+        raise ValueError(f"{name} must be {_KIND[kind]}, got {value!r}")
+    if kind is float and not (math.isfinite(value) and value > minimum):
+        raise ValueError(f"{name} must be a finite number > {minimum}, got {value}")
+    if kind is int and minimum is not None and value < minimum:
+        raise ValueError(f"{name} must be >= {minimum}, got {value}")
+    return value
 
 
 @dataclass
@@ -35,7 +56,11 @@ class ModelArgs:
     tie_embeddings: bool = False
 
     def __post_init__(self):
+        for f in fields(self):  # a hand-edited model_config.json: one line naming the field at fault
+            setattr(self, f.name, checked_field(f.name, getattr(self, f.name), f.type, FIELD_MINIMUM.get(f.name)))
         self.n_kv_heads = self.n_kv_heads or self.n_heads
+        if not self.head_dim and self.dim % self.n_heads:
+            raise ValueError(f"dim ({self.dim}) must be a multiple of n_heads ({self.n_heads}), or head_dim given")
         self.head_dim = self.head_dim or self.dim // self.n_heads
         if not self.intermediate_size:
             hidden = int(2 * 4 * self.dim / 3)
@@ -57,29 +82,39 @@ class ModelArgs:
             raise ValueError("unsupported Llama variant: needs hidden_act=silu and no attention/MLP biases")
         # transformers 5 keeps RoPE settings in `rope_parameters`; older configs use rope_theta + rope_scaling.
         rope = dict(cfg.get("rope_parameters") or cfg.get("rope_scaling") or {})
-        theta = rope.pop("rope_theta", None) or cfg.get("rope_theta", 10000.0)
+        theta = rope.pop("rope_theta", None) or cfg.get("rope_theta") or 10000.0
         rope_type = rope.get("rope_type", rope.get("type", "default"))
         if rope_type not in ("default", "llama3", "linear"):
             raise ValueError(f"unsupported rope_type {rope_type!r}: supported are default, llama3, linear")
         scaling = {} if rope_type == "default" else {k: v for k, v in rope.items() if k != "type"} | {"rope_type": rope_type}
-        return cls(
-            dim=cfg["hidden_size"],
-            n_layers=cfg["num_hidden_layers"],
-            n_heads=cfg["num_attention_heads"],
-            n_kv_heads=cfg.get("num_key_value_heads") or cfg["num_attention_heads"],
-            vocab_size=cfg["vocab_size"],
-            intermediate_size=cfg["intermediate_size"],
-            head_dim=cfg.get("head_dim") or cfg["hidden_size"] // cfg["num_attention_heads"],
-            norm_eps=cfg.get("rms_norm_eps", 1e-5),
-            rope_theta=float(theta),
-            rope_scaling=scaling,
-            max_seq_len=cfg.get("max_position_embeddings", 2048),
-            tie_embeddings=bool(cfg.get("tie_word_embeddings", False)),
-        )
+
+        def get(key: str, kind: type = int, default=None):  # a field of config.json, named if missing or mistyped
+            if cfg.get(key) is None:
+                if default is None:
+                    raise ValueError(f"config.json has no {key}")
+                return default
+            return checked_field(key, cfg[key], kind, FIELD_MINIMUM["dim"] if kind is int else 0.0)
+
+        heads = get("num_attention_heads")
+        return cls(dim=get("hidden_size"), n_layers=get("num_hidden_layers"), n_heads=heads,
+                   n_kv_heads=get("num_key_value_heads", int, heads), vocab_size=get("vocab_size"),
+                   intermediate_size=get("intermediate_size"), head_dim=get("head_dim", int, 0),
+                   norm_eps=get("rms_norm_eps", float, 1e-5), rope_theta=checked_field("rope_theta", theta, float, 0.0),
+                   rope_scaling=scaling, max_seq_len=get("max_position_embeddings", int, 2048),
+                   tie_embeddings=get("tie_word_embeddings", bool, False))
 
     @classmethod
     def load(cls, path) -> "ModelArgs":
-        return cls(**json.loads(Path(path).read_text()))
+        try:
+            values = json.loads(Path(path).read_text(encoding="utf-8"))
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise ValueError(f"not valid JSON ({e})") from None
+        if not isinstance(values, dict):
+            raise ValueError("not a JSON object of ModelArgs fields")
+        unknown = sorted(set(values) - {f.name for f in fields(cls)})
+        if unknown:
+            raise ValueError(f"unknown field {unknown[0]} (the fields are {', '.join(f.name for f in fields(cls))})")
+        return cls(**values)
 
     def save(self, path):
         Path(path).write_text(json.dumps(asdict(self), indent=2) + "\n")

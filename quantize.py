@@ -9,13 +9,14 @@ The output (model_int8.pth, model_int4.g32.pth, model_int4-gptq.g32.pth beside t
 holds {"quantization": {...}, "state_dict": {...}}, and stores int4 weights in a portable layout that is packed
 for the device's kernel when loaded, so one file runs on CPU and CUDA.
 """
+# first, before torch: cli's Ctrl-C hook must be in place while the libraries load (see cli.py)
+from cli import check_at_least, check_device, check_output_path, cli_main
 import argparse
 import sys
 import time
 from pathlib import Path
 
 from checkpoint import atomic_save, check_vocab, load_model, tokenizer_file
-from cli import check_output_path
 from gptq import calibration_sequences, gptq_quantize_model, read_calibration_text
 from qlinear import GROUP_SIZES, quantize_model
 from tokenizer import load_tokenizer
@@ -29,6 +30,7 @@ def output_path(checkpoint_path: Path, mode: str, groupsize: int) -> Path:
 
 
 def check_args(args):
+    check_device(args.device)
     if args.mode not in MODES:
         raise ValueError(f"unknown --mode {args.mode!r}; choose from {', '.join(MODES)}")
     if args.mode != "int8" and args.groupsize not in GROUP_SIZES:
@@ -37,10 +39,7 @@ def check_args(args):
         if args.calibration_file or args.calibration_tasks:
             raise ValueError(f"calibration data is for --mode int4-gptq; --mode {args.mode} does not use it")
         return
-    if args.calibration_limit < 1 or args.calibration_seq_length < 2:
-        raise ValueError("--calibration_limit must be >= 1 and --calibration_seq_length >= 2")
-    if args.percdamp < 0 or args.blocksize < 1:
-        raise ValueError("--percdamp must be >= 0 and --blocksize >= 1")
+    check_at_least(args, calibration_limit=1, calibration_seq_length=2, percdamp=0.0, blocksize=1)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -112,14 +111,15 @@ def quantize(args) -> tuple[Path, int]:
     return out, sum(v.numel() * v.element_size() for v in state.values())
 
 
-def main(argv=None):
-    args = build_parser().parse_args(argv)
+def run(args) -> int:
     t0 = time.perf_counter()
-    try:
-        out, size = quantize(args)
-    except (OSError, ValueError) as e:  # FileNotFoundError and TokenizerError included
-        sys.exit(f"error: {e}")
+    out, size = quantize(args)
     print(f"wrote {out} ({size / 1e6:.0f} MB) in {time.perf_counter() - t0:.1f}s")
+    return 0
+
+
+def main(argv=None):
+    cli_main(run, build_parser().parse_args(argv))
 
 
 if __name__ == "__main__":

@@ -16,15 +16,16 @@ import tempfile
 import time
 from pathlib import Path
 
-import torch
-
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+# first, before torch: cli's Ctrl-C hook must be in place while the libraries load (see cli.py)
+from cli import PRECISIONS, check_at_least, check_device, check_output_path, cli_main, default_device  # noqa: E402
+import torch  # noqa: E402
+
 from checkpoint import load_model, tokenizer_file, write_json  # noqa: E402
-from cli import PRECISIONS, check_device, default_device  # noqa: E402
 from cpu_kernels import KERNELS  # noqa: E402
 from decoding import compile_cache_counts, generate, make_steps, peak_memory_bytes, weight_bytes  # noqa: E402
 from model import CONFIG_NAME, PRESETS, ModelArgs, Transformer  # noqa: E402
-from qlinear import quantize_model  # noqa: E402
+from qlinear import GROUP_SIZES, quantize_model  # noqa: E402
 from sampling import SamplingConfig  # noqa: E402
 from speculative import DraftModel, PromptLookup, acceptance_stats, speculative_generate  # noqa: E402
 from tokenizer import load_tokenizer  # noqa: E402
@@ -113,18 +114,32 @@ def load_target(args, dtype) -> tuple[Transformer, str]:
     return model, label
 
 
+def check_args(args):
+    """Every argument, before a model is built."""
+    check_device(args.device)
+    check_at_least(args, batch_size=1, prompt_length=1, max_new_tokens=1, num_samples=1, speculate_k=1,
+                   prompt_lookup=1)
+    if "int4" in (args.quantize, args.draft) and args.groupsize not in GROUP_SIZES:
+        raise ValueError(f"--groupsize must be one of {', '.join(map(str, GROUP_SIZES))}, got {args.groupsize}")
+    check_output_path(args.metrics_json, "--metrics_json")
+
+
+def run(args) -> int:
+    check_args(args)
+    dtype = PRECISIONS[args.precision]
+    model, label = load_target(args, dtype)
+    if args.draft or args.draft_model or args.draft_checkpoint_path or args.prompt_lookup is not None:
+        bench_speculative(args, model, label, dtype)
+        return 0
+    if args.prompt_length + args.max_new_tokens > model.config.max_seq_len:
+        raise ValueError(f"--prompt_length {args.prompt_length} + --max_new_tokens {args.max_new_tokens} exceeds "
+                         f"the model's context of {model.config.max_seq_len}")
+    bench_plain(args, model, label, model.use_cpu_kernels(args.cpu_kernels))
+    return 0
+
+
 def main(argv=None):
-    args = build_parser().parse_args(argv)
-    try:
-        check_device(args.device)
-        dtype = PRECISIONS[args.precision]
-        model, label = load_target(args, dtype)
-        if args.draft or args.draft_model or args.draft_checkpoint_path or args.prompt_lookup is not None:
-            return bench_speculative(args, model, label, dtype)
-        kernel = model.use_cpu_kernels(args.cpu_kernels)
-    except (FileNotFoundError, ValueError) as e:
-        sys.exit(f"error: {e}")
-    bench_plain(args, model, label, kernel)
+    cli_main(run, build_parser().parse_args(argv))
 
 
 def bench_plain(args, model: Transformer, label: str, kernel: str):

@@ -13,13 +13,13 @@ import sys
 from dataclasses import asdict
 from pathlib import Path
 
-import torch
-from safetensors.torch import save_file
-from tqdm import tqdm
-
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from checkpoint import TOKENIZER_NAME, atomic_save, read_state_dict  # noqa: E402
-from cli import check_output_path  # noqa: E402
+from cli import check_output_path, cli_main  # noqa: E402 -- first, before torch: its Ctrl-C hook (see cli.py)
+import torch  # noqa: E402
+from safetensors.torch import save_file  # noqa: E402
+from tqdm import tqdm  # noqa: E402
+
+from checkpoint import TOKENIZER_NAME, atomic_save, check_shapes, read_state_dict  # noqa: E402
 from model import CONFIG_NAME, ModelArgs, Transformer  # noqa: E402
 
 LAYER_TENSORS = ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj", "mlp.gate_proj",
@@ -85,17 +85,6 @@ def convert_state_dict(hf: dict, config: ModelArgs) -> dict:
     return {k: v.contiguous() for k, v in out.items()}
 
 
-def check_shapes(state: dict, config: ModelArgs, config_path: Path):
-    """Every converted tensor has the shape the config implies (a config field that disagrees with the weights is
-    caught here, before anything is written, not when the model is loaded)."""
-    with torch.device("meta"):
-        expected = Transformer(config).state_dict()
-    for name, t in state.items():
-        if name in expected and t.shape != expected[name].shape:
-            raise ValueError(f"weights do not match {config_path}: {name} is {tuple(t.shape)}, the config implies "
-                             f"{tuple(expected[name].shape)}")
-
-
 def same_config(path: Path, config: ModelArgs) -> bool:
     try:
         return path.is_file() and json.loads(path.read_text()) == asdict(config)
@@ -115,8 +104,8 @@ def convert(checkpoint_dir, output_name: str = "model.pth", force: bool = False)
         raise ValueError(f"cannot read {config_path}: {e}") from None
     try:
         config = ModelArgs.from_hf_config(hf_config)
-    except (KeyError, TypeError, AttributeError) as e:  # a field missing or of the wrong type
-        raise ValueError(f"cannot read {config_path}: bad or missing field {e}") from None
+    except (ValueError, TypeError, AttributeError) as e:  # a field missing, of the wrong type or out of range
+        raise ValueError(f"invalid {config_path}: {e}") from None
     files = weight_files(checkpoint_dir)
     out_path = checkpoint_dir / output_name
     if out_path in files:  # single-file HF checkpoints are themselves called model.safetensors
@@ -130,16 +119,14 @@ def convert(checkpoint_dir, output_name: str = "model.pth", force: bool = False)
         state = convert_state_dict(load_hf_state_dict(files), config)
     except RuntimeError as e:  # a view/cat on tensors of unexpected shapes
         raise ValueError(f"weights do not match {config_path}: {str(e).splitlines()[0][:200]}") from None
-    check_shapes(state, config, config_path)
-    try:
-        if output_name.endswith(".safetensors"):
-            if config.tie_embeddings:
-                state.pop("output.weight")  # safetensors refuses shared storage; loaders re-tie from the config
-            atomic_save(state, out_path, save=lambda s, p: save_file(s, str(p)))
-        else:
-            atomic_save(state, out_path)  # tied weights share one storage, so torch.save writes them once
-    except RuntimeError as e:  # torch.save reports a full disk as a RuntimeError
-        raise OSError(f"cannot write {out_path}: {str(e).splitlines()[0][:200]}") from None
+    with torch.device("meta"):
+        check_shapes(state, Transformer(config), config_path)  # before anything is written
+    if output_name.endswith(".safetensors"):
+        if config.tie_embeddings:
+            state.pop("output.weight")  # safetensors refuses shared storage; loaders re-tie from the config
+        atomic_save(state, out_path, save=lambda s, p: save_file(s, str(p)))
+    else:
+        atomic_save(state, out_path)  # tied weights share one storage, so torch.save writes them once
     atomic_save(config, config_out, save=lambda c, p: c.save(p))
     if not (checkpoint_dir / TOKENIZER_NAME).exists():
         if (checkpoint_dir / "original/tokenizer.model").exists():  # Llama-3 ships it only there
@@ -157,14 +144,15 @@ def main(argv=None):
     parser.add_argument("--output_name", default="model.pth", help="model.pth (default) or a name ending in "
                         ".safetensors; written beside the HF files")
     parser.add_argument("--force", action="store_true", help="replace an existing converted checkpoint and config")
-    args = parser.parse_args(argv)
+    cli_main(run, parser.parse_args(argv))
+
+
+def run(args) -> int:
     if Path(args.output_name).name != args.output_name:
-        sys.exit(f"error: --output_name must be a file name, not a path: {args.output_name}")
-    try:
-        out = convert(args.checkpoint_dir, args.output_name, args.force)
-    except (OSError, ValueError) as e:  # user mistakes and unreadable/unwritable files: one line, no traceback
-        sys.exit(f"error: {e}")
+        raise ValueError(f"--output_name must be a file name, not a path: {args.output_name}")
+    out = convert(args.checkpoint_dir, args.output_name, args.force)
     print(f"wrote {out} and {out.parent / CONFIG_NAME}")
+    return 0
 
 
 if __name__ == "__main__":

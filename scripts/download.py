@@ -11,6 +11,9 @@ import re
 import sys
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from cli import check_output_folder, cli_main  # noqa: E402
+
 EXTRAS = ["config.json", "generation_config.json", "tokenizer_config.json",
           "tokenizer.model", "original/tokenizer.model"]  # Llama-3 ships its tiktoken file only under original/
 # HF's own weight names (model.safetensors, model-00001-of-00004.safetensors, pytorch_model*.bin). Anything else is
@@ -63,8 +66,8 @@ def hub_error(e: Exception, repo_id: str, token) -> str:
     return f"cannot reach huggingface.co ({type(e).__name__}: {first_line(e)}): check the network or proxy settings"
 
 
-class DownloadError(Exception):
-    pass
+class DownloadError(ValueError):
+    """A Hub or network failure, said in one line (cli_main prints it as the error)."""
 
 
 def download(repo_id: str, checkpoint_dir: Path, token=None) -> Path:
@@ -95,14 +98,14 @@ def main(argv=None):
     parser.add_argument("--repo_id", required=True, help="e.g. meta-llama/Llama-3.2-1B")
     parser.add_argument("--hf_token", default=os.environ.get("HF_TOKEN"), help="default: $HF_TOKEN")
     parser.add_argument("--checkpoint_dir", type=Path, default=Path("checkpoints"))
-    args = parser.parse_args(argv)
-    try:
-        local_dir = download(args.repo_id, args.checkpoint_dir, args.hf_token or None)
-    except DownloadError as e:
-        sys.exit(f"error: {e}")
-    except KeyboardInterrupt:  # partial files stay under temporary names; rerunning resumes
-        sys.exit(130)
+    cli_main(run, parser.parse_args(argv))
+
+
+def run(args) -> int:
+    check_output_folder(args.checkpoint_dir, "--checkpoint_dir")  # before the network; an interrupted download
+    local_dir = download(args.repo_id, args.checkpoint_dir, args.hf_token or None)  # resumes when rerun
     print(f"downloaded {args.repo_id} to {local_dir}")
+    return 0
 
 
 if __name__ == "__main__":

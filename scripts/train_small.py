@@ -13,14 +13,16 @@ import sys
 import time
 from pathlib import Path
 
-import torch
-import torch.nn.functional as F
-
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+# first, before torch: cli's Ctrl-C hook must be in place while the libraries load (see cli.py)
+from cli import check_at_least, check_output_folder, check_output_path, cli_main, read_text_file  # noqa: E402
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+
 from checkpoint import TOKENIZER_NAME, atomic_save  # noqa: E402
 from model import CONFIG_NAME, ModelArgs, Transformer  # noqa: E402
-from tokenizer import TokenizerError, load_tokenizer  # noqa: E402
+from tokenizer import load_tokenizer  # noqa: E402
 
 
 def train(model: Transformer, data: torch.Tensor, steps: int, seq_len: int, batch_size: int, lr: float,
@@ -67,18 +69,27 @@ def main(argv=None):
     p.add_argument("--minutes", type=float, default=0.0, help="stop early after this long (0: no limit)")
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--seed", type=int, default=0)
-    args = p.parse_args(argv)
-    try:
-        if not args.text_file.is_file():
-            raise FileNotFoundError(f"text file not found: {args.text_file}")
-        tokenizer = load_tokenizer(args.tokenizer_path)
-        data = torch.tensor(tokenizer.encode(args.text_file.read_text(errors="replace")), dtype=torch.long)
-        if len(data) <= args.seq_len + 1:
-            raise ValueError(f"{args.text_file} has {len(data)} tokens: too few for --seq_len {args.seq_len}")
-        config = ModelArgs(dim=args.dim, n_layers=args.n_layers, n_heads=args.n_heads, n_kv_heads=args.n_kv_heads,
-                           vocab_size=tokenizer.vocab_size, max_seq_len=args.seq_len)
-    except (FileNotFoundError, ValueError, TokenizerError) as e:
-        sys.exit(f"error: {e}")
+    p.add_argument("--force", action="store_true", help="replace a model already in --out")
+    cli_main(run, p.parse_args(argv))
+
+
+def check_args(args):
+    check_at_least(args, dim=1, n_layers=1, n_heads=1, n_kv_heads=1, seq_len=2, batch_size=1, steps=1,
+                   minutes=0.0, lr=0.0)
+    check_output_folder(args.out, "--out")
+    for name in ("model.pth", CONFIG_NAME) if args.out.is_dir() else ():
+        check_output_path(args.out / name, "--out", force=args.force)
+
+
+def run(args) -> int:
+    check_args(args)
+    tokenizer = load_tokenizer(args.tokenizer_path)
+    text = read_text_file(args.text_file, "text file")
+    data = torch.tensor(tokenizer.encode(text), dtype=torch.long)
+    if len(data) <= args.seq_len + 1:
+        raise ValueError(f"{args.text_file} has {len(data)} tokens: too few for --seq_len {args.seq_len}")
+    config = ModelArgs(dim=args.dim, n_layers=args.n_layers, n_heads=args.n_heads, n_kv_heads=args.n_kv_heads,
+                       vocab_size=tokenizer.vocab_size, max_seq_len=args.seq_len)
     torch.manual_seed(args.seed)
     model = Transformer(config)
     for name, param in model.named_parameters():  # GPT-2 style init; the norms keep their ones
@@ -90,11 +101,12 @@ def main(argv=None):
           log=lambda s: print(s, file=sys.stderr, flush=True))
     args.out.mkdir(parents=True, exist_ok=True)
     atomic_save({k: v.detach().to(torch.bfloat16) for k, v in model.state_dict().items()}, args.out / "model.pth")
-    config.save(args.out / CONFIG_NAME)
+    atomic_save(config, args.out / CONFIG_NAME, save=lambda c, path: c.save(path))
     link = args.out / TOKENIZER_NAME
     if not link.exists():
         os.symlink(args.tokenizer_path.resolve(), link)
     print(f"wrote {args.out / 'model.pth'}")
+    return 0
 
 
 if __name__ == "__main__":

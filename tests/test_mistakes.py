@@ -1,0 +1,626 @@
+"""A catalogue of user mistakes and faults, tried through every command as a new user would make them: generate.py,
+quantize.py, eval.py, the converter, download, bench.py, train_small.py and a 2-process torchrun. Each must end
+with a non-zero exit status, no traceback, exactly one "error:" line naming what is at fault, the user's files
+byte-identical afterwards and no temporary file left behind.
+
+Every case runs in a folder of its own (its "work" folder, holding any files the case makes first); the shared
+user files (a converted checkpoint, its int8 file, the Hugging Face files) are compared once all cases have run.
+Full-disk and read-only-folder cases mount a small tmpfs when the tests run as root and skip otherwise.
+"""
+import hashlib
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import english_ish
+
+import qlinear as Q
+
+ROOT = Path(__file__).resolve().parent.parent
+IS_ROOT = hasattr(os, "geteuid") and os.geteuid() == 0
+ENV = {"PYTHONIOENCODING": "utf-8", "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "KINETO_LOG_LEVEL": "5",
+       "TOKENIZERS_PARALLELISM": "false"}
+GEN = ["--device", "cpu", "--precision", "float32", "--max_new_tokens", "4"]
+
+
+def run(command: list, env: dict | None = None, timeout: float = 300) -> subprocess.CompletedProcess:
+    """python COMMAND from the repository root; stdout and stderr decoded here (text mode would rewrite "\\r")."""
+    proc = subprocess.run([sys.executable, *map(os.fsdecode, command)], cwd=ROOT, capture_output=True,
+                          env={**os.environ, **ENV, **(env or {})}, timeout=timeout)
+    proc.stdout, proc.stderr = proc.stdout.decode("utf-8", "replace"), proc.stderr.decode("utf-8", "replace")
+    return proc
+
+
+def run_or_timeout(argv):
+    try:
+        return run(argv, timeout=120)
+    except subprocess.TimeoutExpired as e:
+        return e
+
+
+def snapshot(folder: Path) -> dict:
+    """{relative path: sha256} of every file under `folder` (hidden temporary files included)."""
+    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def assert_one_error_line(proc, says: str, exit_code: int | None = None):
+    assert proc.returncode != 0 and (exit_code is None or proc.returncode == exit_code), (proc.returncode, proc.stderr)
+    assert "Traceback" not in proc.stderr, proc.stderr
+    lines = proc.stderr.splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), proc.stderr  # nothing else said: no work started
+    assert says in lines[0], proc.stderr
+
+
+# ------------------------------------------------------------------------------------------------ the user's files
+
+@pytest.fixture(scope="module")
+def user(hf_checkpoint, load_cpu, tmp_path_factory) -> dict:
+    """The files a user owns: Hugging Face files converted to model.pth (+ model_config.json, tokenizer.model) and
+    an int8 file quantized from it, in a folder of their own."""
+    _, src = hf_checkpoint("mha")
+    d = tmp_path_factory.mktemp("user") / "llama"
+    shutil.copytree(src, d)
+    state, meta = Q.quantize_model(load_cpu(d), "int8", progress=False)
+    torch.save({"quantization": meta, "state_dict": state}, d / "model_int8.pth")
+    (d / "wiki.txt").write_text("\n".join(english_ish(40, seed=9)))
+    return {"dir": d, "model": d / "model.pth", "int8": d / "model_int8.pth", "tokenizer": d / "tokenizer.model",
+            "text": d / "wiki.txt", "config": json.loads((d / "model_config.json").read_text())}
+
+
+def checkpoint_in(w: Path, user: dict, config: dict | None = None, config_text: str | None = None,
+                  weights: bytes | None = None, name: str = "model.pth") -> Path:
+    """A checkpoint folder made in `w`: the user's model (or `weights`) with its config changed by `config` (or
+    replaced by `config_text`) and its tokenizer."""
+    shutil.copyfile(user["tokenizer"], w / "tokenizer.model")
+    text = config_text if config_text is not None else json.dumps({**user["config"], **(config or {})})
+    (w / "model_config.json").write_text(text)
+    path = w / name
+    if weights is None:
+        shutil.copyfile(user["dir"] / name, path)
+    else:
+        path.write_bytes(weights)
+    return path
+
+
+def hf_in(w: Path, user: dict, drop: tuple = (), **config) -> Path:
+    """Hugging Face files in `w`: the user's config.json with fields changed or dropped, and their weights."""
+    cfg = {k: v for k, v in {**json.loads((user["dir"] / "config.json").read_text()), **config}.items() if k not in drop}
+    (w / "config.json").write_text(json.dumps(cfg))
+    shutil.copyfile(user["dir"] / "model.safetensors", w / "model.safetensors")
+    shutil.copyfile(user["tokenizer"], w / "tokenizer.model")
+    return w
+
+
+def torch_save_to(path: Path, obj) -> Path:
+    torch.save(obj, path)
+    return path
+
+
+def legacy_quantized_without(w: Path, user: dict, field: str) -> Path:
+    """The user's int8 file with one field of its quantization metadata missing."""
+    saved = torch.load(user["int8"], weights_only=True)
+    del saved["quantization"][field]
+    checkpoint_in(w, user)
+    return torch_save_to(w / "model_int8.pth", saved)
+
+
+class Exploit:
+    """A pickle that would run a shell command if it were ever unpickled without weights_only."""
+
+    def __reduce__(self):
+        return (os.system, ("touch pwned",))
+
+
+def yaml_task(w: Path, text: str) -> Path:
+    (w / "tasks").mkdir()
+    (w / "tasks" / "broken.yaml").write_text(text)
+    return w / "tasks"
+
+
+# ------------------------------------------------------------------------------------------------ the catalogue
+# name -> (script, arguments given the user's files and the case's work folder, text the error line contains)
+
+def G(*args):  # generate.py on the user's checkpoint unless the case names another
+    return lambda u, w: ["--checkpoint_path", u["model"], *GEN, *args]
+
+
+MISTAKES = {
+    # ---- generate.py: arguments
+    "generate/top_p_0": ("generate.py", G("--top_p", "0"), "top_p"),
+    "generate/temperature_negative": ("generate.py", G("--temperature", "-1"), "temperature"),
+    "generate/temperature_inf": ("generate.py", G("--temperature", "inf"), "temperature must be a finite number"),
+    "generate/frequency_penalty_nan": ("generate.py", G("--frequency_penalty", "nan"),
+                                       "frequency_penalty must be a finite number"),
+    "generate/top_k_negative": ("generate.py", G("--top_k", "-1"), "top_k"),
+    "generate/min_p_1.5": ("generate.py", G("--min_p", "1.5"), "min_p"),
+    "generate/max_new_tokens_0": ("generate.py", G("--max_new_tokens", "0"), "--max_new_tokens"),
+    "generate/num_samples_0": ("generate.py", G("--num_samples", "0"), "--num_samples"),
+    "generate/batch_size_0": ("generate.py", G("--batch_size", "0"), "--batch_size"),
+    "generate/batch_size_negative": ("generate.py", G("--batch_size", "-1"), "--batch_size"),
+    "generate/batch_size_not_a_multiple": ("generate.py", G("--prompt", "a", "--prompt", "b", "--batch_size", "3"),
+                                           "--batch_size"),
+    "generate/speculate_k_without_draft": ("generate.py", G("--speculate_k", "3"), "--speculate_k"),
+    "generate/prompt_lookup_0": ("generate.py", G("--prompt_lookup", "0"), "--prompt_lookup"),
+    "generate/device_tpu": ("generate.py", G("--device", "tpu"), "--device tpu"),
+    "generate/device_mps": ("generate.py", G("--device", "mps"), "--device mps"),
+    "generate/device_cuda_7": ("generate.py", G("--device", "cuda:7"), "--device cuda:7"),
+    "generate/prompt_not_utf8": ("generate.py", G("--prompt", os.fsdecode(b"caf\xe9 au lait")), "--prompt"),
+    # ---- generate.py: input files
+    "generate/missing_checkpoint": ("generate.py", lambda u, w: ["--checkpoint_path", w / "nowhere" / "model.pth",
+                                                                 "--tokenizer_path", u["tokenizer"], *GEN],
+                                    "checkpoint not found"),
+    "generate/checkpoint_is_a_folder": ("generate.py", lambda u, w: ["--checkpoint_path", u["dir"], *GEN],
+                                        "is a folder"),
+    "generate/empty_checkpoint": ("generate.py", lambda u, w: ["--checkpoint_path", checkpoint_in(w, u, weights=b""),
+                                                               *GEN], "is empty"),
+    "generate/random_bytes_checkpoint": ("generate.py", lambda u, w: [
+        "--checkpoint_path", checkpoint_in(w, u, weights=os.urandom(30000)), *GEN], "not a PyTorch or safetensors"),
+    "generate/truncated_checkpoint": ("generate.py", lambda u, w: [
+        "--checkpoint_path", checkpoint_in(w, u, weights=u["model"].read_bytes()[:20000]), *GEN], "truncated"),
+    "generate/malicious_pickle": ("generate.py", lambda u, w: [
+        "--checkpoint_path", torch_save_to(checkpoint_in(w, u), {"x": Exploit()}), *GEN], "weights_only"),
+    "generate/checkpoint_not_a_state_dict": ("generate.py", lambda u, w: [
+        "--checkpoint_path", torch_save_to(checkpoint_in(w, u), [1, 2, 3]), *GEN], "not a state dict"),
+    "generate/quantized_metadata_missing_layers": ("generate.py", lambda u, w: [
+        "--checkpoint_path", legacy_quantized_without(w, u, "layers"), *GEN], "layers"),
+    "generate/weights_do_not_match_config": ("generate.py", lambda u, w: [
+        "--checkpoint_path", checkpoint_in(w, u, {"intermediate_size": 128}), *GEN],
+        "feed_forward.w13.weight is (344, 64), the config implies (256, 64)"),
+    "generate/missing_model_config": ("generate.py", lambda u, w: [
+        "--checkpoint_path", torch_save_to(w / "model.pth", {}), "--tokenizer_path", u["tokenizer"], *GEN],
+        "model_config.json not found"),
+    "generate/config_not_json": ("generate.py", lambda u, w: [
+        "--checkpoint_path", checkpoint_in(w, u, config_text="{dim: 64,"), *GEN], "not valid JSON"),
+    "generate/config_dim_string": ("generate.py", lambda u, w: [
+        "--checkpoint_path", checkpoint_in(w, u, {"dim": "64"}), *GEN], "dim must be an integer"),
+    "generate/config_dim_0": ("generate.py", lambda u, w: [
+        "--checkpoint_path", checkpoint_in(w, u, {"dim": 0}), *GEN], "dim must be >= 1"),
+    "generate/config_n_heads_negative": ("generate.py", lambda u, w: [
+        "--checkpoint_path", checkpoint_in(w, u, {"n_heads": -4}), *GEN], "n_heads must be >= 1"),
+    "generate/config_heads_do_not_divide_dim": ("generate.py", lambda u, w: [
+        "--checkpoint_path", checkpoint_in(w, u, {"n_heads": 5, "n_kv_heads": 5, "head_dim": 0}), *GEN],
+        "dim (64) must be a multiple of n_heads (5)"),
+    "generate/config_unknown_field": ("generate.py", lambda u, w: [
+        "--checkpoint_path", checkpoint_in(w, u, {"hidden_size": 64}), *GEN], "unknown field hidden_size"),
+    "generate/config_norm_eps_string": ("generate.py", lambda u, w: [
+        "--checkpoint_path", checkpoint_in(w, u, {"norm_eps": "1e-5"}), *GEN], "norm_eps must be a number"),
+    "generate/missing_tokenizer": ("generate.py", G("--tokenizer_path", "/nonexistent/t.model"),
+                                   "tokenizer file not found"),
+    "generate/corrupt_tokenizer": ("generate.py", lambda u, w: [
+        "--checkpoint_path", u["model"], "--tokenizer_path", u["text"], *GEN], "cannot load tokenizer"),
+    "generate/prompt_file_not_utf8": ("generate.py", lambda u, w: [
+        "--checkpoint_path", u["model"], "--prompt_file", write_bytes(w / "p.txt", b"caf\xe9\n"), *GEN],
+        "is not UTF-8 text (byte 0xe9 at offset 3)"),
+    "generate/missing_prompt_file": ("generate.py", G("--prompt_file", "/nonexistent/prompts.txt"),
+                                     "prompt file not found"),
+    "generate/blank_prompt_file": ("generate.py", lambda u, w: [
+        "--checkpoint_path", u["model"], "--prompt_file", write(w / "p.txt", "\n  \n\t\n"), *GEN],
+        "has no non-blank line"),
+    "generate/prompt_longer_than_context": ("generate.py", G("--prompt", " ".join(english_ish(60, seed=3))),
+                                            "context"),
+    # ---- generate.py: output locations, checked before the model loads
+    "generate/metrics_json_in_missing_folder": ("generate.py", lambda u, w: [
+        *G()(u, w), "--metrics_json", w / "no_such_folder" / "m.json"], "no_such_folder does not exist"),
+    "generate/metrics_json_is_a_folder": ("generate.py", lambda u, w: [*G()(u, w), "--metrics_json", w],
+                                          "is a folder"),
+    "generate/profile_in_missing_folder": ("generate.py", lambda u, w: [
+        *G()(u, w), "--profile", w / "no_such_folder" / "trace.json"], "--profile"),
+    # ---- quantize.py
+    "quantize/unknown_mode": ("quantize.py", lambda u, w: ["--checkpoint_path", u["model"], "--mode", "int3"],
+                              "--mode"),
+    "quantize/groupsize_48": ("quantize.py", lambda u, w: ["--checkpoint_path", u["model"], "--mode", "int4",
+                                                           "--groupsize", "48"], "--groupsize"),
+    "quantize/missing_checkpoint": ("quantize.py", lambda u, w: ["--checkpoint_path", w / "model.pth", "--mode",
+                                                                 "int8"], "checkpoint not found"),
+    "quantize/output_exists": ("quantize.py", lambda u, w: ["--checkpoint_path", u["model"], "--mode", "int8"],
+                               "exists; pass --force"),
+    "quantize/already_quantized": ("quantize.py", lambda u, w: ["--checkpoint_path", checkpoint_in(
+        w, u, name="model_int8.pth"), "--mode", "int8"], "already quantized"),
+    "quantize/calibration_for_int8": ("quantize.py", lambda u, w: [
+        "--checkpoint_path", checkpoint_in(w, u), "--mode", "int8", "--calibration_file", u["text"]], "int4-gptq"),
+    "quantize/gptq_without_calibration": ("quantize.py", lambda u, w: [
+        "--checkpoint_path", checkpoint_in(w, u), "--mode", "int4-gptq", "--groupsize", "32"], "calibration"),
+    "quantize/percdamp_nan": ("quantize.py", lambda u, w: [
+        "--checkpoint_path", checkpoint_in(w, u), "--mode", "int4-gptq", "--groupsize", "32", "--calibration_file",
+        u["text"], "--percdamp", "nan"], "--percdamp"),
+    "quantize/device_tpu": ("quantize.py", lambda u, w: ["--checkpoint_path", checkpoint_in(w, u), "--mode", "int8",
+                                                         "--device", "tpu"], "--device tpu"),
+    "quantize/random_bytes_checkpoint": ("quantize.py", lambda u, w: [
+        "--checkpoint_path", checkpoint_in(w, u, weights=os.urandom(30000)), "--mode", "int8"],
+        "not a PyTorch or safetensors"),
+    # ---- eval.py
+    "eval/nothing_to_evaluate": ("eval.py", lambda u, w: ["--checkpoint_path", u["model"], "--device", "cpu"],
+                                 "nothing to evaluate"),
+    "eval/unknown_task": ("eval.py", lambda u, w: ["--checkpoint_path", u["model"], "--device", "cpu", "--tasks",
+                                                   "hellaswagg", "--include_path", yaml_task(w, "task: x\n")],
+                          "unknown task 'hellaswagg'"),
+    "eval/malformed_task_yaml": ("eval.py", lambda u, w: [
+        "--checkpoint_path", u["model"], "--device", "cpu", "--tasks", "broken",
+        "--include_path", yaml_task(w, "task: broken\ndataset_path: [unclosed\n")], "broken.yaml"),
+    "eval/include_path_missing": ("eval.py", lambda u, w: ["--checkpoint_path", u["model"], "--device", "cpu",
+                                                           "--tasks", "x", "--include_path", w / "nope"],
+                                  "--include_path"),
+    "eval/missing_text_file": ("eval.py", lambda u, w: ["--checkpoint_path", u["model"], "--device", "cpu",
+                                                        "--text_file", w / "nope.txt"], "text file not found"),
+    "eval/limit_negative": ("eval.py", lambda u, w: ["--checkpoint_path", u["model"], "--device", "cpu",
+                                                     "--text_file", u["text"], "--limit", "-1"], "--limit"),
+    "eval/batch_size_0": ("eval.py", lambda u, w: ["--checkpoint_path", u["model"], "--device", "cpu",
+                                                   "--text_file", u["text"], "--batch_size", "0"], "--batch_size"),
+    "eval/max_seq_length_past_context": ("eval.py", lambda u, w: [
+        "--checkpoint_path", u["model"], "--device", "cpu", "--text_file", u["text"], "--max_seq_length", "1000"],
+        "exceeds the model's context"),
+    "eval/output_path_in_missing_folder": ("eval.py", lambda u, w: [
+        "--checkpoint_path", u["model"], "--device", "cpu", "--text_file", u["text"],
+        "--output_path", w / "no_such_folder" / "r.json"], "no_such_folder does not exist"),
+    "eval/output_path_is_a_file_folder": ("eval.py", lambda u, w: [
+        "--checkpoint_path", u["model"], "--device", "cpu", "--text_file", u["text"],
+        "--output_path", u["text"] / "r.json"], "wiki.txt is a file, not a folder"),
+    # ---- scripts/convert_hf_checkpoint.py
+    "convert/missing_folder": ("scripts/convert_hf_checkpoint.py", lambda u, w: ["--checkpoint_dir", w / "nope"],
+                               "nope"),
+    "convert/no_config_json": ("scripts/convert_hf_checkpoint.py", lambda u, w: ["--checkpoint_dir", w],
+                               "config.json"),
+    "convert/unsupported_model_type": ("scripts/convert_hf_checkpoint.py", lambda u, w: [
+        "--checkpoint_dir", hf_in(w, u, model_type="gpt2")], "model_type 'gpt2'"),
+    "convert/hidden_size_string": ("scripts/convert_hf_checkpoint.py", lambda u, w: [
+        "--checkpoint_dir", hf_in(w, u, hidden_size="64")], "hidden_size"),
+    "convert/missing_num_hidden_layers": ("scripts/convert_hf_checkpoint.py", lambda u, w: [
+        "--checkpoint_dir", hf_in(w, u, drop=("num_hidden_layers",))], "num_hidden_layers"),
+    "convert/shape_mismatch": ("scripts/convert_hf_checkpoint.py", lambda u, w: [
+        "--checkpoint_dir", hf_in(w, u, intermediate_size=128)], "weights do not match"),
+    "convert/output_exists": ("scripts/convert_hf_checkpoint.py", lambda u, w: ["--checkpoint_dir", u["dir"]],
+                              "--force"),
+    "convert/output_name_is_a_path": ("scripts/convert_hf_checkpoint.py", lambda u, w: [
+        "--checkpoint_dir", hf_in(w, u), "--output_name", "sub/model.pth"], "--output_name"),
+    "convert/no_weights": ("scripts/convert_hf_checkpoint.py", lambda u, w: [
+        "--checkpoint_dir", without(hf_in(w, u), "model.safetensors")], "no model.safetensors"),
+    # ---- scripts/download.py (no network here: everything must be refused before or at the Hub)
+    "download/invalid_repo_id": ("scripts/download.py", lambda u, w: ["--repo_id", "not a repo!", "--checkpoint_dir",
+                                                                      w], "invalid repo id"),
+    "download/offline": ("scripts/download.py", lambda u, w: ["--repo_id", "meta-llama/Llama-3.2-1B",
+                                                              "--checkpoint_dir", w], "HF_HUB_OFFLINE"),
+    "download/checkpoint_dir_is_a_file": ("scripts/download.py", lambda u, w: [
+        "--repo_id", "meta-llama/Llama-3.2-1B", "--checkpoint_dir", u["text"]], "--checkpoint_dir"),
+    # ---- scripts/bench.py
+    "bench/num_samples_0": ("scripts/bench.py", lambda u, w: ["--checkpoint_path", u["model"], "--device", "cpu",
+                                                              "--num_samples", "0"], "--num_samples"),
+    "bench/batch_size_0": ("scripts/bench.py", lambda u, w: ["--checkpoint_path", u["model"], "--device", "cpu",
+                                                             "--batch_size", "0"], "--batch_size"),
+    "bench/prompt_length_0": ("scripts/bench.py", lambda u, w: ["--checkpoint_path", u["model"], "--device", "cpu",
+                                                                "--prompt_length", "0"], "--prompt_length"),
+    "bench/max_new_tokens_negative": ("scripts/bench.py", lambda u, w: [
+        "--checkpoint_path", u["model"], "--device", "cpu", "--max_new_tokens", "-5"], "--max_new_tokens"),
+    "bench/groupsize_48": ("scripts/bench.py", lambda u, w: ["--checkpoint_path", u["model"], "--device", "cpu",
+                                                             "--quantize", "int4", "--groupsize", "48"],
+                           "--groupsize"),
+    "bench/unknown_model": ("scripts/bench.py", lambda u, w: ["--model", "llama-9", "--device", "cpu"], "llama-9"),
+    "bench/context_too_short": ("scripts/bench.py", lambda u, w: [
+        "--checkpoint_path", u["model"], "--device", "cpu", "--prompt_length", "200", "--max_new_tokens", "100"],
+        "context"),
+    "bench/speculate_k_0": ("scripts/bench.py", lambda u, w: ["--checkpoint_path", u["model"], "--device", "cpu",
+                                                              "--prompt_lookup", "2", "--speculate_k", "0"],
+                            "--speculate_k"),
+    # ---- scripts/train_small.py
+    "train/heads_do_not_divide_width": ("scripts/train_small.py", lambda u, w: [
+        "--text_file", u["text"], "--tokenizer_path", u["tokenizer"], "--out", w / "out", "--dim", "64",
+        "--n_heads", "5", "--n_kv_heads", "5"], "dim (64) must be a multiple of n_heads (5)"),
+    "train/kv_heads_do_not_divide_heads": ("scripts/train_small.py", lambda u, w: [
+        "--text_file", u["text"], "--tokenizer_path", u["tokenizer"], "--out", w / "out", "--dim", "64",
+        "--n_heads", "4", "--n_kv_heads", "3"], "n_kv_heads"),
+    "train/steps_0": ("scripts/train_small.py", lambda u, w: [
+        "--text_file", u["text"], "--tokenizer_path", u["tokenizer"], "--out", w / "out", "--steps", "0"],
+        "--steps"),
+    "train/lr_nan": ("scripts/train_small.py", lambda u, w: [
+        "--text_file", u["text"], "--tokenizer_path", u["tokenizer"], "--out", w / "out", "--lr", "nan"], "--lr"),
+    "train/out_is_a_file": ("scripts/train_small.py", lambda u, w: [
+        "--text_file", u["text"], "--tokenizer_path", u["tokenizer"], "--out", u["text"]], "--out"),
+    "train/missing_text_file": ("scripts/train_small.py", lambda u, w: [
+        "--text_file", w / "nope.txt", "--tokenizer_path", u["tokenizer"], "--out", w / "out"],
+        "text file not found"),
+}
+
+
+def write(path: Path, text: str) -> Path:
+    path.write_text(text)
+    return path
+
+
+def write_bytes(path: Path, data: bytes) -> Path:
+    path.write_bytes(data)
+    return path
+
+
+def without(folder: Path, name: str) -> Path:
+    (folder / name).unlink()
+    return folder
+
+
+def _prepare(name, user, root: Path):
+    w = root / name.replace("/", "-")
+    w.mkdir()
+    script, args, _ = MISTAKES[name]
+    argv = [script, *args(user, w)]
+    return w, argv, snapshot(w)
+
+
+@pytest.fixture(scope="module")
+def mistake_runs(request, user, tmp_path_factory) -> dict:
+    """Every mistake the session selected run once, two at a time: name -> (CompletedProcess, work folder, its
+    files before)."""
+    root = tmp_path_factory.mktemp("mistakes")
+    selected = {item.callspec.params["name"] for item in request.session.items
+                if item.originalname == "test_mistake" and hasattr(item, "callspec")} or set(MISTAKES)
+    prepared = {name: _prepare(name, user, root) for name in MISTAKES if name in selected}
+    with ThreadPoolExecutor(max_workers=max(2, os.cpu_count() or 1)) as pool:
+        runs = {name: pool.submit(run_or_timeout, argv) for name, (_, argv, _) in prepared.items()}
+        return {name: (runs[name].result(), w, before) for name, (w, _, before) in prepared.items()}
+
+
+@pytest.fixture(scope="module")
+def user_files_before(user) -> dict:
+    return snapshot(user["dir"])
+
+
+@pytest.mark.parametrize("name", list(MISTAKES))
+def test_mistake(name, user_files_before, mistake_runs):
+    proc, w, before = mistake_runs[name]
+    assert not isinstance(proc, subprocess.TimeoutExpired), f"still running after {proc.timeout} s"
+    assert_one_error_line(proc, MISTAKES[name][2])
+    assert proc.stdout == "", proc.stdout
+    assert snapshot(w) == before  # nothing written, nothing left behind, nothing of the user's changed
+
+
+def test_user_files_are_untouched(user, user_files_before, mistake_runs):
+    assert snapshot(user["dir"]) == user_files_before
+    assert not (ROOT / "pwned").exists()
+
+
+# ------------------------------------------------------------------------------------------------ interrupts
+
+def start(command: list) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, *map(str, command)], cwd=ROOT, env={**os.environ, **ENV},
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+
+
+def finish(proc: subprocess.Popen) -> subprocess.CompletedProcess:
+    out, err = proc.communicate(timeout=120)
+    return subprocess.CompletedProcess(proc.args, proc.returncode, out.decode("utf-8", "replace"),
+                                       err.decode("utf-8", "replace"))
+
+
+def assert_fault(proc: subprocess.CompletedProcess, says: str):
+    """A fault met on the way (after some progress was shown): exit status 1, no traceback, the error line last
+    and alone."""
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr
+    lines = proc.stderr.splitlines()
+    assert [ln for ln in lines if "error" in ln.lower()] == lines[-1:] and says in lines[-1], proc.stderr
+
+
+def assert_interrupted(proc: subprocess.CompletedProcess):
+    """Ctrl-C: exit status 130 and one line, the last one, after whatever progress had been shown."""
+    assert proc.returncode == 130, (proc.returncode, proc.stderr)
+    assert "Traceback" not in proc.stderr, proc.stderr
+    lines = proc.stderr.splitlines()
+    assert lines[-1] == "error: interrupted" and [ln for ln in lines if "error" in ln.lower()] == lines[-1:], \
+        proc.stderr
+
+
+@pytest.mark.parametrize("script, args", [
+    ("generate.py", lambda u: ["--checkpoint_path", u["model"], *GEN]),
+    ("quantize.py", lambda u: ["--checkpoint_path", u["model"], "--mode", "int4", "--groupsize", "32"]),
+    ("eval.py", lambda u: ["--checkpoint_path", u["model"], "--device", "cpu", "--text_file", u["text"]]),
+    ("scripts/convert_hf_checkpoint.py", lambda u: ["--checkpoint_dir", u["dir"], "--force"]),
+    ("scripts/bench.py", lambda u: ["--checkpoint_path", u["model"], "--device", "cpu"]),
+    ("scripts/train_small.py", lambda u: ["--text_file", u["text"], "--tokenizer_path", u["tokenizer"],
+                                          "--out", u["dir"] / "trained"]),
+])
+def test_ctrl_c_while_starting_up(script, args, user, user_files_before):
+    """A Ctrl-C half a second in lands while torch is being imported (or, on a fast machine, in the run)."""
+    proc = start([script, *args(user)])
+    time.sleep(0.5)
+    proc.send_signal(signal.SIGINT)
+    assert_interrupted(finish(proc))
+    assert snapshot(user["dir"]) == user_files_before
+
+
+def test_ctrl_c_while_generating(user):
+    proc = start(["generate.py", "--checkpoint_path", user["model"], *GEN, "--max_new_tokens", "200",
+                  "--num_samples", "1000", "--ignore_eos"])
+    assert proc.stdout.read(1)  # the first sample is being streamed
+    proc.send_signal(signal.SIGINT)
+    assert_interrupted(finish(proc))
+
+
+@pytest.fixture(scope="module")
+def big_checkpoint(user, tmp_path_factory) -> Path:
+    """A 60M-parameter bfloat16 checkpoint with random weights: quantizing it takes seconds, long enough to be
+    interrupted on the way."""
+    from model import ModelArgs, Transformer
+
+    d = tmp_path_factory.mktemp("big")
+    config = ModelArgs(dim=768, n_layers=8, n_heads=12, intermediate_size=2048, vocab_size=400, max_seq_len=256)
+    torch.manual_seed(0)
+    model = Transformer(config).to(torch.bfloat16)
+    torch.save(model.state_dict(), d / "model.pth")
+    config.save(d / "model_config.json")
+    shutil.copyfile(user["tokenizer"], d / "tokenizer.model")
+    return d / "model.pth"
+
+
+def test_ctrl_c_while_quantizing(big_checkpoint):
+    before = snapshot(big_checkpoint.parent)
+    proc = start(["quantize.py", "--checkpoint_path", big_checkpoint, "--mode", "int4", "--groupsize", "32"])
+    while b"quantizing" not in proc.stderr.read1(4096):  # tqdm's first bar: the layers are being quantized
+        assert proc.poll() is None
+    proc.send_signal(signal.SIGINT)
+    assert_interrupted(finish(proc))
+    assert snapshot(big_checkpoint.parent) == before  # no output, no temporary file
+
+
+# ------------------------------------------------------------------------------------------------ torchrun
+
+def rank_pid(launcher_pid: int, rank: int, script: str) -> int | None:
+    """The pid of torchrun's worker process with RANK=`rank` running `script` (read from /proc)."""
+    for entry in Path("/proc").iterdir():
+        try:
+            env = (entry / "environ").read_bytes().split(b"\0")
+            cmd = (entry / "cmdline").read_bytes()
+        except (OSError, ValueError):
+            continue
+        if f"RANK={rank}".encode() in env and b"TORCHELASTIC_RUN_ID" in b" ".join(env) and script.encode() in cmd:
+            return int(entry.name)
+    return None
+
+
+@pytest.mark.skipif(not Path("/proc/self/environ").exists(), reason="finds the worker processes through /proc")
+def test_torchrun_rank_whose_peer_died_says_so_in_one_line(user):
+    """Rank 1 is killed (as the OOM killer would) while both ranks generate: rank 0 says in one line that its peer
+    stopped; torchrun then reports the failure in its own words."""
+    proc = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                             "generate.py", "--checkpoint_path", user["model"], *GEN, "--max_new_tokens", "200",
+                             "--num_samples", "1000", "--ignore_eos"], cwd=ROOT, env={**os.environ, **ENV},
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    assert proc.stdout.read(1)  # rank 0 is streaming: both ranks are in the decode loop
+    pid = rank_pid(proc.pid, 1, "generate.py")
+    assert pid is not None
+    os.kill(pid, signal.SIGKILL)
+    done = finish(proc)
+    assert done.returncode != 0
+    ours = [ln for ln in done.stderr.splitlines() if ln.startswith("error:")]
+    assert len(ours) == 1 and "another process of this torchrun launch stopped" in ours[0] or \
+        ours == ["error: stopped by torchrun (SIGTERM): another process of the launch failed"], done.stderr
+    assert f'File "{ROOT}' not in done.stderr  # no traceback from our processes (torchrun's own follows)
+
+
+# ------------------------------------------------------------------------------------------------ small disks
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """small_disk(size_bytes, read_only=False, files=()) -> a folder on a tmpfs of that size holding copies of
+    `files` (remounted read-only if asked). Needs root; skips otherwise."""
+    mounted = []
+
+    def make(size: int, read_only: bool = False, files=()) -> Path:
+        if not IS_ROOT or not shutil.which("mount"):
+            pytest.skip("mounting a small tmpfs needs root")
+        d = tmp_path / f"disk{len(mounted)}"
+        d.mkdir()
+        if subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", d]).returncode:
+            pytest.skip("cannot mount a tmpfs here")
+        mounted.append(d)
+        for f in files:
+            shutil.copyfile(f, d / Path(f).name)
+        if read_only:
+            subprocess.run(["mount", "-o", "remount,ro", d], check=True)
+        return d
+
+    yield make
+    for d in mounted:
+        subprocess.run(["umount", d], check=True)
+
+
+def fill(folder: Path):
+    """Fill a small file system to the last byte."""
+    try:
+        with open(folder / "filler", "wb", buffering=0) as f:
+            while True:
+                f.write(b"\0" * 4096)
+    except OSError:
+        pass
+
+
+def size_of(*files) -> int:
+    return sum(Path(f).stat().st_size for f in files)
+
+
+CHECKPOINT_FILES = ("model.pth", "model_config.json", "tokenizer.model")
+
+
+def test_full_disk_quantize(user, small_disk):
+    files = [user["dir"] / f for f in CHECKPOINT_FILES]
+    d = small_disk(size_of(*files) + 64 * 1024, files=files)  # room for a quarter of the int8 output
+    before = snapshot(d)
+    proc = run(["quantize.py", "--checkpoint_path", d / "model.pth", "--mode", "int8"])
+    assert_fault(proc, f"error: no space left on device writing {d / 'model_int8.pth'}")
+    assert snapshot(d) == before
+
+
+def test_full_disk_convert(user, small_disk):
+    files = [user["dir"] / f for f in ("config.json", "model.safetensors", "tokenizer.model")]
+    d = small_disk(size_of(*files) + 64 * 1024, files=files)
+    before = snapshot(d)
+    proc = run(["scripts/convert_hf_checkpoint.py", "--checkpoint_dir", d])
+    assert_fault(proc, f"error: no space left on device writing {d / 'model.pth'}")
+    assert snapshot(d) == before
+
+
+@pytest.mark.parametrize("script, args", [
+    ("generate.py", lambda u, d: ["--checkpoint_path", u["model"], *GEN, "--metrics_json", d / "m.json"]),
+    ("eval.py", lambda u, d: ["--checkpoint_path", u["model"], "--device", "cpu", "--text_file", u["text"],
+                              "--output_path", d / "results.json"]),
+])
+def test_full_disk_results(script, args, user, small_disk):
+    """The run itself works; writing its results finds the disk full: one line, and no 0-byte file left."""
+    d = small_disk(64 * 1024)
+    fill(d)
+    before = snapshot(d)
+    proc = run([script, *args(user, d)])
+    assert_fault(proc, "error: no space left on device writing")
+    assert snapshot(d) == before
+
+
+@pytest.mark.parametrize("script, args, says", [
+    ("quantize.py", lambda d: ["--checkpoint_path", d / "model.pth", "--mode", "int8"], "is not writable"),
+    ("generate.py", lambda d: ["--checkpoint_path", d / "model.pth", *GEN, "--metrics_json", d / "m.json"],
+     "is not writable"),
+    ("eval.py", lambda d: ["--checkpoint_path", d / "model.pth", "--device", "cpu", "--text_file", d / "model.pth",
+                           "--output_path", d / "r.json"], "is not writable"),
+])
+def test_read_only_folder(script, args, says, user, small_disk, tmp_path):
+    files = [user["dir"] / f for f in CHECKPOINT_FILES]
+    if IS_ROOT:  # root writes through permissions: a read-only mount
+        d = small_disk(size_of(*files) + 64 * 1024, read_only=True, files=files)
+    else:
+        d = tmp_path / "ro"
+        d.mkdir()
+        for f in files:
+            shutil.copyfile(f, d / f.name)
+        d.chmod(0o555)
+    before = snapshot(d)
+    assert_one_error_line(run([script, *args(d)]), says)
+    assert snapshot(d) == before
+
+
+# ------------------------------------------------------------------------------------------------ not mistakes
+
+def test_legacy_torch_save_checkpoint_loads(user, tmp_path):
+    """A checkpoint written by torch.save before the zip format (non-zip pickle) is read, not refused: greedy
+    output equals the zip checkpoint's."""
+    state = torch.load(user["model"], weights_only=True)
+    legacy = checkpoint_in(tmp_path, user, weights=b"")
+    torch.save(state, legacy, _use_new_zipfile_serialization=False)
+    outputs = [run(["generate.py", "--checkpoint_path", path, *GEN, "--temperature", "0"])
+               for path in (user["model"], legacy)]
+    assert all(p.returncode == 0 for p in outputs), outputs[1].stderr
+    assert outputs[0].stdout == outputs[1].stdout and outputs[0].stdout
+
+
+def test_eval_output_path_is_checked_before_scoring(user, tmp_path):
+    """A bad --output_path ends eval within seconds, before the model is loaded or anything scored (the text here
+    would take minutes to score: a megabyte of the standard library's own source)."""
+    text = tmp_path / "stdlib.txt"
+    text.write_text("".join(p.read_text(errors="replace") for p in sorted(Path(os.__file__).parent.glob("*.py"))[:60]))
+    t0 = time.perf_counter()
+    proc = run(["eval.py", "--checkpoint_path", user["model"], "--device", "cpu", "--text_file", text,
+                "--output_path", tmp_path / "no_such_folder" / "results.json"])
+    assert_one_error_line(proc, "no_such_folder does not exist")  # alone: no progress bar was ever shown
+    assert time.perf_counter() - t0 < 30
