@@ -23,6 +23,7 @@ from model import CONFIG_NAME, ModelArgs, Transformer
 from qlinear import GROUP_SIZES, pack_for_device, swap_in_quantized
 
 TOKENIZER_NAME = "tokenizer.model"  # beside the checkpoint unless a path is given
+HF_TOKENIZER_NAME = "tokenizer.json"  # used when there is no tokenizer.model
 
 
 def read_state_dict(path) -> dict:
@@ -157,8 +158,14 @@ def check_shapes(state: dict, model: Transformer, config_path: Path):
 
 
 def tokenizer_file(checkpoint_path, given=None) -> Path:
-    """The tokenizer to use with a checkpoint: `given`, else tokenizer.model beside the checkpoint."""
-    return Path(given) if given else Path(checkpoint_path).parent / TOKENIZER_NAME
+    """The tokenizer to use with a checkpoint: `given`, else tokenizer.model beside the checkpoint, else the
+    tokenizer.json there (Qwen and other repos without a tokenizer.model)."""
+    if given:
+        return Path(given)
+    folder = Path(checkpoint_path).parent
+    if not (folder / TOKENIZER_NAME).exists() and (folder / HF_TOKENIZER_NAME).exists():
+        return folder / HF_TOKENIZER_NAME
+    return folder / TOKENIZER_NAME
 
 
 def check_vocab(tokenizer, model: Transformer):

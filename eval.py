@@ -69,7 +69,7 @@ class LlamaFastLM(TemplateLM):
 
     @property
     def prefix_token_id(self) -> int:  # conditions the empty context and a document's first token
-        return self.tok.bos_id
+        return self.tok.bos_id if self.tok.bos_id is not None else self.eot_token_id  # no BOS (Qwen): EOS, as HFLM
 
     def tok_encode(self, string: str, add_special_tokens: bool | None = None, **kwargs) -> list:
         return self.tok.encode(string, bos=add_special_tokens is not False)

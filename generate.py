@@ -256,7 +256,7 @@ def interactive_chat(model, tokenizer, sampling, args, steps):
         reply, stopped = chat_turn(model, tokenizer, turn, pos, cache_len, sampling, args.max_new_tokens, steps)
         pos += len(turn) + len(reply) - 1
         # The last sampled token is not in the cache yet; close an unfinished reply with the end-of-turn id.
-        pending = [reply[-1]] + ([] if stopped else [tokenizer.eos_ids[-1]])
+        pending = [reply[-1]] + ([] if stopped else [tokenizer.eot_id])
         first = False
 
 

@@ -185,8 +185,9 @@ def lm_eval_text(tasks: list, max_chars: int) -> str:
 
 
 def calibration_sequences(tokenizer, text: str, limit: int, seq_length: int) -> list:
-    """Up to `limit` consecutive windows of the text's tokens, seq_length long with BOS first, as prompts start
-    (the last may be shorter)."""
+    """Up to `limit` consecutive windows of the text's tokens, seq_length long with BOS first (if the tokenizer has
+    one), as prompts start (the last may be shorter)."""
     ids = tokenizer.encode(text, bos=False)
-    n = seq_length - 1
-    return [[tokenizer.bos_id] + ids[i:i + n] for i in range(0, len(ids), n)][:limit]
+    bos = [] if tokenizer.bos_id is None else [tokenizer.bos_id]
+    n = seq_length - len(bos)
+    return [bos + ids[i:i + n] for i in range(0, len(ids), n)][:limit]

@@ -1,7 +1,8 @@
 """A single-file Llama-family transformer with a static KV cache.
 
-Covers Llama-2/3/3.1/3.2, CodeLlama, Mistral, TinyLlama and the TinyStories models:
-GQA, RMSNorm, SwiGLU, RoPE with `rope_theta` and llama3-style frequency scaling.
+Covers Llama-2/3/3.1/3.2, CodeLlama, Mistral, TinyLlama, the TinyStories models, Qwen2/2.5 and Qwen3:
+GQA, RMSNorm, SwiGLU, RoPE with `rope_theta` and llama3-style frequency scaling, Mistral's sliding window,
+Qwen2's Q/K/V biases and Qwen3's per-head Q/K norms (switches in ModelArgs, read from the checkpoint's config).
 Weights use Meta's interleaved RoPE layout (as gpt-fast does); the HF converter permutes Q/K.
 """
 import json
@@ -19,9 +20,11 @@ from cpu_kernels import KERNELS, choose
 CONFIG_NAME = "model_config.json"  # ModelArgs beside every checkpoint: loaders read it instead of guessing from paths
 
 
+HF_FAMILIES = ("llama", "mistral", "qwen2", "qwen3")  # the model_type values of config.json we convert
+
 # The smallest value of each numeric ModelArgs field; 0 means "derive it" where the field's comment says so.
 FIELD_MINIMUM = {"dim": 1, "n_layers": 1, "n_heads": 1, "n_kv_heads": 0, "vocab_size": 1, "intermediate_size": 0,
-                 "head_dim": 0, "max_seq_len": 1, "norm_eps": 0.0, "rope_theta": 0.0}
+                 "head_dim": 0, "max_seq_len": 1, "norm_eps": 0.0, "rope_theta": 0.0, "sliding_window": 0}
 _KIND = {int: "an integer", float: "a number", bool: "true or false", dict: "a JSON object"}
 
 
@@ -54,6 +57,9 @@ class ModelArgs:
     rope_scaling: dict = field(default_factory=dict)  # {"rope_type": "llama3"|"linear", "factor": ...}
     max_seq_len: int = 2048  # longest context the model was trained for
     tie_embeddings: bool = False
+    sliding_window: int = 0  # Mistral: each token attends to the last sliding_window positions only (0: all)
+    qkv_bias: bool = False  # Qwen2: Q, K and V projections have biases
+    qk_norm: bool = False  # Qwen3: RMSNorm over each head of Q and K before RoPE
 
     def __post_init__(self):
         for f in fields(self):  # a hand-edited model_config.json: one line naming the field at fault
@@ -76,10 +82,13 @@ class ModelArgs:
 
     @classmethod
     def from_hf_config(cls, cfg: dict) -> "ModelArgs":
-        if cfg.get("model_type") not in ("llama", "mistral"):
-            raise ValueError(f"unsupported model_type {cfg.get('model_type')!r}: only Llama-family models (llama, mistral)")
+        family = cfg.get("model_type")
+        if family not in HF_FAMILIES:
+            raise ValueError(f"unsupported model_type {family!r}: supported are {', '.join(HF_FAMILIES)}")
         if cfg.get("hidden_act", "silu") != "silu" or cfg.get("attention_bias") or cfg.get("mlp_bias"):
-            raise ValueError("unsupported Llama variant: needs hidden_act=silu and no attention/MLP biases")
+            raise ValueError("unsupported variant: needs hidden_act=silu and no attention_bias or mlp_bias")
+        if family.startswith("qwen") and cfg.get("use_sliding_window"):
+            raise ValueError("use_sliding_window (Qwen's per-layer sliding window) is not supported")
         # transformers 5 keeps RoPE settings in `rope_parameters`; older configs use rope_theta + rope_scaling.
         rope = dict(cfg.get("rope_parameters") or cfg.get("rope_scaling") or {})
         theta = rope.pop("rope_theta", None) or cfg.get("rope_theta") or 10000.0
@@ -101,7 +110,9 @@ class ModelArgs:
                    intermediate_size=get("intermediate_size"), head_dim=get("head_dim", int, 0),
                    norm_eps=get("rms_norm_eps", float, 1e-5), rope_theta=checked_field("rope_theta", theta, float, 0.0),
                    rope_scaling=scaling, max_seq_len=get("max_position_embeddings", int, 2048),
-                   tie_embeddings=get("tie_word_embeddings", bool, False))
+                   tie_embeddings=get("tie_word_embeddings", bool, False),
+                   sliding_window=0 if family.startswith("qwen") else get("sliding_window", int, 0),
+                   qkv_bias=family == "qwen2", qk_norm=family == "qwen3")
 
     @classmethod
     def load(cls, path) -> "ModelArgs":
@@ -244,7 +255,8 @@ class Transformer(nn.Module):
         causal forward from position 0); left_pad: (B,) number of padding slots at the start of each row, which
         are masked out and do not count as positions for RoPE. mask: (B or 1, T, cache_len) bool, the cache slots
         each new token attends to, for attention shapes that positions do not describe (e.g. a tree of candidate
-        continuations); default: every slot up to the token's own position. Returns float logits (B, T or 1, V)."""
+        continuations), used as given (any sliding window included); default: every slot up to the token's own
+        position (within the last sliding_window ones if the model has one). Returns float logits (B, T or 1, V)."""
         freqs, causal = self.block_inputs(idx.shape[0], idx.shape[1], idx.device, input_pos, left_pad)
         mask = causal if mask is None else mask[:, None]
         x = self.tok_embeddings(idx)
@@ -268,6 +280,8 @@ class Transformer(nn.Module):
             pos, freqs_cis, n_keys = input_pos, self.freqs_cis, self.cache_len
         key_pos = torch.arange(n_keys, device=device)
         mask = key_pos <= pos[:, None]  # (T, S) causal
+        if self.config.sliding_window:  # and within the window (slot distance = position distance, padded or not)
+            mask = mask & (key_pos > pos[:, None] - self.config.sliding_window)
         rope_pos = pos.expand(B, T)
         if left_pad is not None:
             # Padding keys are invisible; a padding query sees itself so its softmax stays finite (no NaN in the cache).
@@ -297,17 +311,27 @@ class Attention(nn.Module):
         super().__init__()
         self.n_heads, self.n_kv_heads, self.head_dim = config.n_heads, config.n_kv_heads, config.head_dim
         # Q, K and V in one matmul: one weight read per step instead of three kernel launches.
-        self.wqkv = Linear(config.dim, (config.n_heads + 2 * config.n_kv_heads) * config.head_dim)
+        qkv_features = (config.n_heads + 2 * config.n_kv_heads) * config.head_dim
+        self.wqkv = Linear(config.dim, qkv_features)
         self.wo = Linear(config.n_heads * config.head_dim, config.dim)
+        # Qwen2's biases: a float vector added after the matmul, so the (quantized) layer itself stays bias-free
+        self.qkv_bias = nn.Parameter(torch.zeros(qkv_features)) if config.qkv_bias else None
+        # Qwen3: one RMSNorm weight of head_dim, shared by the heads of Q (and of K)
+        self.q_norm = RMSNorm(config.head_dim, config.norm_eps) if config.qk_norm else None
+        self.k_norm = RMSNorm(config.head_dim, config.norm_eps) if config.qk_norm else None
         self.kv_cache = None
 
     def forward(self, x, freqs, mask, input_pos):
         B, T, _ = x.shape
         H, Hkv, D = self.n_heads, self.n_kv_heads, self.head_dim
-        q, k, v = self.wqkv(x).split([H * D, Hkv * D, Hkv * D], dim=-1)
-        q = apply_rotary_emb(q.view(B, T, H, D), freqs).transpose(1, 2)
-        k = apply_rotary_emb(k.view(B, T, Hkv, D), freqs).transpose(1, 2)
-        v = v.view(B, T, Hkv, D).transpose(1, 2)
+        qkv = self.wqkv(x) if self.qkv_bias is None else self.wqkv(x) + self.qkv_bias
+        q, k, v = qkv.split([H * D, Hkv * D, Hkv * D], dim=-1)
+        q, k, v = q.view(B, T, H, D), k.view(B, T, Hkv, D), v.view(B, T, Hkv, D)
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q = apply_rotary_emb(q, freqs).transpose(1, 2)
+        k = apply_rotary_emb(k, freqs).transpose(1, 2)
+        v = v.transpose(1, 2)
         if self.kv_cache is not None and input_pos is not None:
             k, v = self.kv_cache.update(input_pos, k, v)
         # GQA without copying K/V: the n_rep query heads that share a KV head become n_rep * T query rows.

@@ -1,11 +1,15 @@
 """Tokenizers for Llama-family checkpoints: encode/decode, chat templates, streaming.
 
-Two backends with the same interface, picked by load_tokenizer(path):
+Three backends with the same interface, picked by load_tokenizer(path) from the file's content:
   SentencePieceTokenizer  Llama-2, Mistral, TinyLlama (tokenizer.model is a protobuf)
   TiktokenTokenizer       Llama-3/3.1/3.2 (tokenizer.model is base64 BPE ranks)
+  HFTokenizer             any tokenizer.json (Qwen's byte-level BPE, ...), with the chat template, special tokens
+                          and EOS ids of tokenizer_config.json and generation_config.json beside it
 """
 import base64
+import json
 import os
+from pathlib import Path
 from typing import Union
 
 import sentencepiece as spm
@@ -14,6 +18,9 @@ import tiktoken
 
 class TokenizerError(ValueError):
     """A tokenizer file is missing or unreadable. The message is shown to users as-is."""
+
+
+NOT_A_TOKENIZER = "not a SentencePiece model, a tiktoken BPE ranks file or a tokenizer.json"
 
 
 def load_tokenizer(path) -> "Tokenizer":
@@ -28,6 +35,8 @@ def load_tokenizer(path) -> "Tokenizer":
     except OSError as e:
         raise TokenizerError(f"cannot read tokenizer file {path}: {e.strerror}") from None
     try:
+        if data.lstrip().startswith(b"{"):
+            return HFTokenizer.load(path, data)
         ranks = _parse_tiktoken_ranks(data)
         if ranks is not None:
             return TiktokenTokenizer(ranks)
@@ -35,7 +44,7 @@ def load_tokenizer(path) -> "Tokenizer":
         try:
             sp.LoadFromSerializedProto(data)
         except RuntimeError:  # protobuf parse failure: neither format
-            raise TokenizerError("not a SentencePiece model or a tiktoken BPE ranks file") from None
+            raise TokenizerError(NOT_A_TOKENIZER) from None
         return SentencePieceTokenizer(sp)
     except TokenizerError as e:
         raise TokenizerError(f"cannot load tokenizer {path}: {e}") from None
@@ -69,13 +78,14 @@ B_SYS, E_SYS = "<<SYS>>\n", "\n<</SYS>>\n\n"
 class SentencePieceTokenizer:
     def __init__(self, sp: spm.SentencePieceProcessor):
         if sp.get_piece_size() == 0:  # SentencePiece "loads" empty input as an empty model
-            raise TokenizerError("not a SentencePiece model or a tiktoken BPE ranks file")
+            raise TokenizerError(NOT_A_TOKENIZER)
         if sp.bos_id() < 0 or sp.eos_id() < 0:
             raise TokenizerError("SentencePiece model has no BOS/EOS token")
         self._sp = sp
         self.vocab_size = sp.get_piece_size()
         self.bos_id = sp.bos_id()
         self.eos_ids = [sp.eos_id()]
+        self.eot_id = sp.eos_id()  # what ends an assistant reply in the chat format
 
     def encode(self, text: str, bos: bool = True, eos: bool = False) -> list[int]:
         return [self.bos_id] * bos + self._sp.encode(text) + self.eos_ids * eos
@@ -227,7 +237,143 @@ class TiktokenTokenizer:
         return self.encode(text.strip(), bos=False) + [self.eot_id]
 
 
-Tokenizer = Union[SentencePieceTokenizer, TiktokenTokenizer]
+# --- tokenizer.json: any Hugging Face fast tokenizer, as transformers' AutoTokenizer uses it ------------------
+
+REPLY = "ReplyPlaceholder"  # stands for an assistant reply when a chat template is rendered to find its turns
+
+
+class HFTokenizer:
+    def __init__(self, tok, config: dict, generation_config: dict):
+        self._tok = tok
+        self.vocab_size = tok.get_vocab_size(with_added_tokens=True)
+        self.special = {k: _token_text(config.get(k)) for k in ("bos_token", "eos_token", "unk_token", "pad_token")}
+        self.bos_id = tok.token_to_id(self.special["bos_token"]) if self.special["bos_token"] else None
+        eos = [tok.token_to_id(self.special["eos_token"])] if self.special["eos_token"] else []
+        listed = generation_config.get("eos_token_id")
+        listed = listed if isinstance(listed, list) else [] if listed is None else [listed]
+        self.eos_ids = list(dict.fromkeys(i for i in eos + listed if i is not None))
+        template = config.get("chat_template")
+        if isinstance(template, list):  # [{"name": "default", "template": ...}, {"name": "tool_use", ...}]
+            template = next((t["template"] for t in template if t.get("name") == "default"), None)
+        self.chat_template = template
+
+    @classmethod
+    def load(cls, path: str, data: bytes) -> "HFTokenizer":
+        """tokenizer.json, with tokenizer_config.json and generation_config.json from its folder if there."""
+        from tokenizers import Tokenizer
+
+        try:
+            tok = Tokenizer.from_str(data.decode("utf-8"))
+        except Exception as e:  # the tokenizers library's own error type, not exported
+            raise TokenizerError(f"not a valid tokenizer.json ({str(e).splitlines()[0][:120]})") from None
+        folder = Path(path).parent
+        return cls(tok, _read_json(folder / "tokenizer_config.json"), _read_json(folder / "generation_config.json"))
+
+    def encode(self, text: str, bos: bool = True, eos: bool = False) -> list[int]:
+        # bos: the special tokens tokenizer.json's post-processor adds (Llama-3's BOS; none for Qwen), as
+        # AutoTokenizer(text) does
+        return self._tok.encode(text, add_special_tokens=bos).ids + self.eos_ids[:1] * eos
+
+    def decode(self, ids: list[int]) -> str:
+        return self._tok.decode(_valid_ids(ids, self.vocab_size), skip_special_tokens=True)
+
+    # Chat: the checkpoint's own Jinja template, rendered as transformers' apply_chat_template renders it.
+    def render_chat(self, messages: list[dict], add_generation_prompt: bool = True) -> str:
+        if not self.chat_template:
+            raise TokenizerError("this tokenizer has no chat_template in its tokenizer_config.json")
+        return _jinja_template(self.chat_template).render(
+            messages=messages, add_generation_prompt=add_generation_prompt, **self.special)
+
+    def encode_chat(self, messages: list[dict], add_generation_prompt: bool = True) -> list[int]:
+        return self.encode(self.render_chat(messages, add_generation_prompt), bos=False)
+
+    def encode_chat_turn(self, user_text: str, system: str | None = None, first: bool = True) -> list[int]:
+        """One user turn plus the generation prompt, with the invariant documented on
+        TiktokenTokenizer.encode_chat_turn. A later turn is what the template adds to a conversation whose last
+        reply ended in its end-of-turn token (e.g. ChatML's "\n<|im_start|>user\n...<|im_start|>assistant\n")."""
+        if first:
+            system_message = [{"role": "system", "content": system}] if system is not None else []
+            return self.encode_chat(system_message + [{"role": "user", "content": user_text}])
+        if system is not None:
+            raise ValueError("a system prompt can only be given on the first turn")
+        earlier = [{"role": "user", "content": "UserPlaceholder"}, {"role": "assistant", "content": REPLY}]
+        before = self.render_chat(earlier, add_generation_prompt=False)
+        after = self.render_chat(earlier + [{"role": "user", "content": user_text}])
+        if not after.startswith(before):
+            raise TokenizerError("the chat template renders earlier turns differently once a turn is added")
+        end, glue = self._reply_end(before)
+        return self.encode(glue + after[len(before):], bos=False)
+
+    def encode_reply(self, text: str) -> list[int]:
+        """An assistant reply as the template places it: the text, then its end-of-turn token."""
+        return self.encode(text, bos=False) + [self.eot_id]
+
+    @property
+    def eot_id(self) -> int:
+        """The special token that ends an assistant reply in the chat template (the first EOS without one)."""
+        if not self.chat_template:
+            return self.eos_ids[0] if self.eos_ids else None
+        end, _ = self._reply_end(self.render_chat([{"role": "user", "content": "UserPlaceholder"},
+                                                   {"role": "assistant", "content": REPLY}], False))
+        return self._tok.token_to_id(end)
+
+    def _reply_end(self, rendered: str) -> tuple[str, str]:
+        """(the special token that ends a reply in this template, the text after it)."""
+        tail = rendered[rendered.rindex(REPLY) + len(REPLY):]
+        specials = [t.content for t in self._tok.get_added_tokens_decoder().values() if t.special]
+        end = max((t for t in specials if tail.startswith(t)), key=len, default=None)
+        if end is None:
+            raise TokenizerError("the chat template does not end a reply with a special token")
+        return end, tail[len(end):]
+
+
+def _token_text(token) -> str | None:
+    """A special token of tokenizer_config.json: a string, or transformers' serialized AddedToken."""
+    return token.get("content") if isinstance(token, dict) else token
+
+
+def _read_json(path: Path) -> dict:
+    if not path.is_file():
+        return {}
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (ValueError, UnicodeDecodeError) as e:
+        raise TokenizerError(f"cannot read {path}: {e}") from None
+
+
+def _jinja_template(source: str):
+    """The template compiled as transformers compiles chat templates: a sandbox, trim_blocks and lstrip_blocks,
+    loop controls, its tojson and raise_exception, and the {% generation %} tag rendered as plain text."""
+    import jinja2
+    from jinja2.ext import Extension
+    from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+    class Generation(Extension):
+        tags = {"generation"}
+
+        def parse(self, parser):
+            lineno = next(parser.stream).lineno
+            body = parser.parse_statements(("name:endgeneration",), drop_needle=True)
+            return jinja2.nodes.CallBlock(self.call_method("_body"), [], [], body).set_lineno(lineno)
+
+        def _body(self, caller):
+            return caller()
+
+    def raise_exception(message):
+        raise jinja2.exceptions.TemplateError(message)
+
+    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,
+                                        extensions=[Generation, jinja2.ext.loopcontrols])
+    env.filters["tojson"] = lambda x, ensure_ascii=False, indent=None, separators=None, sort_keys=False: json.dumps(
+        x, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
+    env.globals["raise_exception"] = raise_exception
+    try:
+        return env.from_string(source)
+    except jinja2.TemplateSyntaxError as e:
+        raise TokenizerError(f"the chat template does not parse (line {e.lineno}: {e.message})") from None
+
+
+Tokenizer = Union[SentencePieceTokenizer, TiktokenTokenizer, HFTokenizer]
 
 
 class StreamDecoder:

@@ -174,6 +174,8 @@ def apply_tp(model: nn.Module, rank: int | None = None, world_size: int | None =
         attn, ffn = block.attention, block.feed_forward
         H, Hkv, D = attn.n_heads, attn.n_kv_heads, attn.head_dim
         shard_output_features(attn.wqkv, [H * D, Hkv * D, Hkv * D], rank, world_size)
+        if attn.qkv_bias is not None:  # Qwen2: the biases of this rank's Q, K and V rows (the norms are per head)
+            _replace(attn, "qkv_bias", _take(attn.qkv_bias, 0, [H * D, Hkv * D, Hkv * D], rank, world_size))
         shard_input_features(attn.wo, rank, world_size)
         attn.n_heads, attn.n_kv_heads = H // world_size, Hkv // world_size
         I = ffn.w2.in_features

@@ -1,4 +1,5 @@
-"""Convert a Hugging Face Llama-family checkpoint directory into our model.pth + model_config.json.
+"""Convert a Hugging Face Llama-family (Llama, Mistral, Qwen2, Qwen3) checkpoint directory into our model.pth +
+model_config.json.
 
     python scripts/convert_hf_checkpoint.py --checkpoint_dir checkpoints/meta-llama/Llama-3.2-1B
 
@@ -19,7 +20,7 @@ import torch  # noqa: E402
 from safetensors.torch import save_file  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
-from checkpoint import TOKENIZER_NAME, atomic_save, check_shapes, read_state_dict  # noqa: E402
+from checkpoint import HF_TOKENIZER_NAME, TOKENIZER_NAME, atomic_save, check_shapes, read_state_dict  # noqa: E402
 from model import CONFIG_NAME, ModelArgs, Transformer  # noqa: E402
 
 LAYER_TENSORS = ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj", "mlp.gate_proj",
@@ -61,27 +62,47 @@ def hf_rope_to_interleaved(w: torch.Tensor, n_heads: int, head_dim: int) -> torc
     return w.view(n_heads, 2, head_dim // 2, -1).transpose(1, 2).reshape(n_heads * head_dim, -1)
 
 
+def layer_tensor_names(config: ModelArgs) -> list:
+    """The HF tensors of one layer, without the "layers.N." prefix: Llama's, plus Qwen2's Q/K/V biases and
+    Qwen3's per-head Q/K norms when the config has them."""
+    names = [f"{n}.weight" for n in LAYER_TENSORS]
+    if config.qkv_bias:
+        names += [f"self_attn.{n}.bias" for n in ("q_proj", "k_proj", "v_proj")]
+    if config.qk_norm:
+        names += ["self_attn.q_norm.weight", "self_attn.k_norm.weight"]
+    return names
+
+
 def convert_state_dict(hf: dict, config: ModelArgs) -> dict:
     """Our state dict from the HF one, which it empties as it goes so the two copies never coexist in memory."""
     needed = ["embed_tokens.weight", "norm.weight"] + ([] if config.tie_embeddings else ["lm_head.weight"])
-    needed += [f"layers.{i}.{name}.weight" for i in range(config.n_layers) for name in LAYER_TENSORS]
+    needed += [f"layers.{i}.{name}" for i in range(config.n_layers) for name in layer_tensor_names(config)]
     missing = [name for name in needed if name not in hf]
     if missing:
         raise ValueError(f"{len(missing)} tensor(s) missing from the weights, first {missing[0]}: "
                          "incomplete download, or config.json does not describe these weights")
     out = {"tok_embeddings.weight": hf.pop("embed_tokens.weight"), "norm.weight": hf.pop("norm.weight")}
     out["output.weight"] = out["tok_embeddings.weight"] if config.tie_embeddings else hf.pop("lm_head.weight")
+    H, Hkv, D = config.n_heads, config.n_kv_heads, config.head_dim
     for i in tqdm(range(config.n_layers), desc="converting layers", unit="layer", disable=config.n_layers < 8):
-        w = {name: hf.pop(f"layers.{i}.{name}.weight") for name in LAYER_TENSORS}
         p = f"layers.{i}."
-        q = hf_rope_to_interleaved(w["self_attn.q_proj"], config.n_heads, config.head_dim)
-        k = hf_rope_to_interleaved(w["self_attn.k_proj"], config.n_kv_heads, config.head_dim)
+        w = {name.removesuffix(".weight"): hf.pop(p + name) for name in layer_tensor_names(config)}
+        q = hf_rope_to_interleaved(w["self_attn.q_proj"], H, D)
+        k = hf_rope_to_interleaved(w["self_attn.k_proj"], Hkv, D)
         out[p + "attention.wqkv.weight"] = torch.cat([q, k, w["self_attn.v_proj"]])
         out[p + "attention.wo.weight"] = w["self_attn.o_proj"]
         out[p + "feed_forward.w13.weight"] = torch.cat([w["mlp.gate_proj"], w["mlp.up_proj"]])
         out[p + "feed_forward.w2.weight"] = w["mlp.down_proj"]
         out[p + "attention_norm.weight"] = w["input_layernorm"]
         out[p + "ffn_norm.weight"] = w["post_attention_layernorm"]
+        if config.qkv_bias:  # one bias per output row: permuted as the rows are
+            out[p + "attention.qkv_bias"] = torch.cat([
+                hf_rope_to_interleaved(w["self_attn.q_proj.bias"][:, None], H, D)[:, 0],
+                hf_rope_to_interleaved(w["self_attn.k_proj.bias"][:, None], Hkv, D)[:, 0], w["self_attn.v_proj.bias"]])
+        if config.qk_norm:  # one weight per position within a head: permuted as a head's rows are
+            for name in ("q_norm", "k_norm"):
+                norm = w[f"self_attn.{name}"]
+                out[p + f"attention.{name}.weight"] = hf_rope_to_interleaved(norm[:, None], 1, D)[:, 0]
     return {k: v.contiguous() for k, v in out.items()}
 
 
@@ -132,9 +153,9 @@ def convert(checkpoint_dir, output_name: str = "model.pth", force: bool = False)
         if (checkpoint_dir / "original/tokenizer.model").exists():  # Llama-3 ships it only there
             atomic_save(checkpoint_dir / "original/tokenizer.model", checkpoint_dir / TOKENIZER_NAME,
                         save=shutil.copyfile)
-        else:
-            print(f"warning: no tokenizer.model in {checkpoint_dir}; generate.py will need --tokenizer_path",
-                  file=sys.stderr)
+        elif not (checkpoint_dir / HF_TOKENIZER_NAME).exists():
+            print(f"warning: no tokenizer.model or tokenizer.json in {checkpoint_dir}; generate.py will need "
+                  "--tokenizer_path", file=sys.stderr)
     return out_path
 
 

@@ -14,7 +14,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from cli import check_output_folder, cli_main  # noqa: E402
 
-EXTRAS = ["config.json", "generation_config.json", "tokenizer_config.json",
+EXTRAS = ["config.json", "generation_config.json", "tokenizer_config.json", "tokenizer.json",
           "tokenizer.model", "original/tokenizer.model"]  # Llama-3 ships its tiktoken file only under original/
 # HF's own weight names (model.safetensors, model-00001-of-00004.safetensors, pytorch_model*.bin). Anything else is
 # a duplicate or not ours: consolidated*.safetensors (Mistral's original format), training_args.bin, adapters.
@@ -24,13 +24,17 @@ WEIGHT_FORMATS = [("model.safetensors.index.json", re.compile(r"model(-\d+-of-\d
 
 def select_files(repo_files: list) -> list:
     """The files to download: config, tokenizer and one copy of the weights, safetensors if the repo has them,
-    otherwise .bin. Never original/consolidated*.pth or other duplicates. Empty weights means none usable."""
+    otherwise .bin. Never original/consolidated*.pth or other duplicates. Empty weights means none usable.
+    tokenizer.json only when there is no tokenizer.model (Qwen): it is the same tokenizer, several MB larger."""
     files = set(repo_files)
+    extras = [f for f in EXTRAS if f in files]
+    if any(f.endswith("tokenizer.model") for f in extras):
+        extras = [f for f in extras if f != "tokenizer.json"]
     for index, pattern in WEIGHT_FORMATS:
         weights = sorted(f for f in files if pattern.fullmatch(f))
         if weights:
-            return [f for f in EXTRAS if f in files] + ([index] if index in files else []) + weights
-    return [f for f in EXTRAS if f in files]
+            return extras + ([index] if index in files else []) + weights
+    return extras
 
 
 def first_line(e: Exception) -> str:
@@ -83,8 +87,9 @@ def download(repo_id: str, checkpoint_dir: Path, token=None) -> Path:
     if not any(f.endswith((".safetensors", ".bin")) for f in files):
         raise DownloadError(f"{repo_id} has no model*.safetensors or pytorch_model*.bin weights (GGUF, ONNX and "
                             "original-format-only repos are not supported)")
-    if not any(f.endswith("tokenizer.model") for f in files):
-        print(f"warning: {repo_id} has no tokenizer.model; generate.py will need --tokenizer_path", file=sys.stderr)
+    if not any(f.endswith(("tokenizer.model", "tokenizer.json")) for f in files):
+        print(f"warning: {repo_id} has no tokenizer.model or tokenizer.json; generate.py will need --tokenizer_path",
+              file=sys.stderr)
     local_dir = checkpoint_dir / repo_id
     try:  # snapshot_download writes each file under a temporary name and renames it when complete
         snapshot_download(repo_id, local_dir=local_dir, allow_patterns=files, token=token)

@@ -1,5 +1,6 @@
 """Shared fixtures: a SentencePiece tokenizer trained on the fly and tiny random-init Hugging Face Llama
 checkpoints converted with scripts/convert_hf_checkpoint.py. Nothing is downloaded."""
+import json
 import os
 import random
 import shutil
@@ -115,6 +116,11 @@ HF_CONFIGS = {
                                       "high_freq_factor": 4.0, "original_max_position_embeddings": 32}}, None),
     "tied": ({"tie_word_embeddings": True}, None),
     "sharded": ({}, "150KB"),
+    # Mistral: attention limited to the last 24 positions, well inside the 64-token prompts of the parity tests
+    "mistral_window": ({"model_type": "mistral", "sliding_window": 24, "num_key_value_heads": 2}, None),
+    # Qwen2: biases on Q, K and V, tied embeddings; Qwen3: per-head Q/K norms, head_dim 32 (not 64 / 4 heads)
+    "qwen2": ({"model_type": "qwen2", "num_key_value_heads": 2, "tie_word_embeddings": True, "rope_theta": 1e6}, None),
+    "qwen3": ({"model_type": "qwen3", "num_key_value_heads": 2, "head_dim": 32}, None),
 }
 CONFIG_SEEDS = {name: i for i, name in enumerate(HF_CONFIGS)}
 
@@ -175,17 +181,23 @@ def prompt_ids(sp_tokenizer):
 
 
 def _build_hf_checkpoint(root: Path, sp_model_path: Path, name: str, overrides: dict, max_shard_size=None, seed=0):
-    from transformers import LlamaConfig, LlamaForCausalLM
+    import transformers
 
     import convert_hf_checkpoint
 
-    cfg = LlamaConfig(**{**BASE_CONFIG, "vocab_size": VOCAB_SIZE, **overrides})
+    overrides = dict(overrides)
+    family = {"llama": "Llama", "mistral": "Mistral", "qwen2": "Qwen2", "qwen3": "Qwen3"}[
+        overrides.pop("model_type", "llama")]
+    cfg = getattr(transformers, f"{family}Config")(**{**BASE_CONFIG, "vocab_size": VOCAB_SIZE, **overrides})
     torch.manual_seed(seed)
-    model = LlamaForCausalLM(cfg).float().eval()
+    model = getattr(transformers, f"{family}ForCausalLM")(cfg).float().eval()
     with torch.no_grad():  # RMSNorm weights start at 1; randomise them so that a mixed-up norm would show
         for mod in model.modules():
-            if type(mod).__name__ == "LlamaRMSNorm":
+            if type(mod).__name__.endswith("RMSNorm"):
                 mod.weight.uniform_(0.5, 1.5)
+        for key, param in model.named_parameters():  # biases (Qwen2's Q/K/V) start at 0: randomise them too
+            if key.endswith(".bias"):
+                param.uniform_(-0.5, 0.5)
     d = root / name
     kwargs = {"max_shard_size": max_shard_size} if max_shard_size else {}
     model.save_pretrained(d, **kwargs)
@@ -198,7 +210,8 @@ def _build_hf_checkpoint(root: Path, sp_model_path: Path, name: str, overrides: 
 
 @pytest.fixture(scope="session")
 def hf_checkpoint(tmp_path_factory, sp_model_path):
-    """Factory: hf_checkpoint(name, **config_overrides) -> (HF LlamaForCausalLM, checkpoint dir holding
+    """Factory: hf_checkpoint(name, **config_overrides) -> (HF LlamaForCausalLM, or the model_type's
+    own class: mistral, qwen2, qwen3; checkpoint dir holding
     config.json + HF weights + model.pth + model_config.json + tokenizer.model). Cached per arguments."""
     root = tmp_path_factory.mktemp("ckpt")
     cache = {}
@@ -251,3 +264,64 @@ def hf_greedy(hf_model, prompts: list, max_new_tokens: int) -> list:
         return out
     finally:
         hf_model.generation_config.eos_token_id = saved
+
+
+# ------------------------------------------------------------------------------------------ tokenizer.json
+
+# Qwen2.5's chat template, abridged (no tools): a default system prompt when none is given
+CHATML = (
+    "{%- if messages[0]['role'] == 'system' %}\n"
+    "    {{- '<|im_start|>system\\n' + messages[0]['content'] + '<|im_end|>\\n' }}\n"
+    "{%- else %}\n"
+    "    {{- '<|im_start|>system\\nYou are a helpful assistant.<|im_end|>\\n' }}\n"
+    "{%- endif %}\n"
+    "{%- for message in messages %}\n"
+    "    {%- if message.role == 'user' or (message.role == 'system' and not loop.first) or "
+    "message.role == 'assistant' %}\n"
+    "        {{- '<|im_start|>' + message.role + '\\n' + message.content + '<|im_end|>' + '\\n' }}\n"
+    "    {%- endif %}\n"
+    "{%- endfor %}\n"
+    "{%- if add_generation_prompt %}\n"
+    "    {{- '<|im_start|>assistant\\n' }}\n"
+    "{%- endif %}\n")
+
+def train_byte_level_bpe(vocab_size: int, specials: list, bos_template: str | None = None):
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    corpus = english_ish(400, seed=3) + ["naïve café 東京タワー 🎉 — déjà vu"] * 20
+    tok.train_from_iterator(corpus, trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=specials,
+                                                        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+                                                        show_progress=False))
+    if bos_template:  # Llama-3's tokenizer.json: the post-processor puts BOS first
+        tok.post_processor = processors.TemplateProcessing(single=f"{bos_template} $A", pair=f"{bos_template} $A $B",
+                                                           special_tokens=[(bos_template,
+                                                                            tok.token_to_id(bos_template))])
+    else:
+        tok.post_processor = processors.ByteLevel(trim_offsets=False)
+    return tok
+
+
+def write_tokenizer(d: Path, tok, config: dict, generation_config: dict | None = None) -> Path:
+    d.mkdir(parents=True, exist_ok=True)
+    tok.save(str(d / "tokenizer.json"))
+    (d / "tokenizer_config.json").write_text(json.dumps({"tokenizer_class": "PreTrainedTokenizerFast", **config}))
+    if generation_config:
+        (d / "generation_config.json").write_text(json.dumps(generation_config))
+    return d / "tokenizer.json"
+
+
+@pytest.fixture(scope="session")
+def chatml_tokenizer_dir(tmp_path_factory) -> Path:
+    """A folder with a Qwen-like tokenizer: a 380-token byte-level BPE tokenizer.json (it fits the 400-row test
+    models), tokenizer_config.json with the ChatML template and <|im_end|> as EOS, generation_config.json listing
+    both end tokens."""
+    specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+    tok = train_byte_level_bpe(380, specials)
+    d = tmp_path_factory.mktemp("chatml_tokenizer")
+    ids = {t: tok.token_to_id(t) for t in specials}
+    write_tokenizer(d, tok, {"eos_token": "<|im_end|>", "pad_token": "<|endoftext|>", "bos_token": None,
+                             "chat_template": CHATML}, {"eos_token_id": [ids["<|im_end|>"], ids["<|endoftext|>"]]})
+    return d

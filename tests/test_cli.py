@@ -174,3 +174,22 @@ def test_ignore_eos_generates_max_new_tokens(ckpt, tmp_path):
         assert_ran_cleanly(proc)
         counts[bool(flag)] = json.loads(metrics.read_text())["samples"][0]["new_tokens"][0]
     assert counts == {False: len(res.tokens[0]), True: N_NEW}
+
+
+@pytest.mark.parametrize("family", ["mistral_window", "qwen2", "qwen3"])
+def test_other_families_compiled_match_hf(family, hf_checkpoint):
+    """Mistral with a 24-token sliding window, Qwen2 (Q/K/V biases, tied embeddings) and Qwen3 (per-head Q/K norms,
+    head_dim 32), converted from HF and run through the command line with --compile: 32 greedy tokens after a
+    prompt longer than the window are HF generate()'s."""
+    from conftest import hf_greedy
+
+    hf, d = hf_checkpoint(family)
+    tok = load_tokenizer(d / "tokenizer.model")
+    text = " ".join(english_ish(3, seed=11))
+    ids = tok.encode(text)
+    assert len(ids) > 24
+    ref = hf_greedy(hf, [ids], 32)[0]
+    proc = run_cli("--checkpoint_path", d / "model.pth", "--prompt", text, *BASE, "--max_new_tokens", "32",
+                   "--ignore_eos", "--compile")
+    assert_ran_cleanly(proc)
+    assert proc.stdout == tok.decode(ids + ref) + "\n"

@@ -267,6 +267,10 @@ MISTRAL_V03 = [".gitattributes", "README.md", "config.json", "consolidated.safet
                "special_tokens_map.json", "tokenizer.json", "tokenizer.model", "tokenizer.model.v3",
                "tokenizer_config.json"]
 GGUF_ONLY = [".gitattributes", "README.md", "config.json", "llama-2-7b.Q4_K_M.gguf"]
+QWEN25_7B = [".gitattributes", "LICENSE", "README.md", "config.json", "generation_config.json", "merges.txt",
+             "model-00001-of-00004.safetensors", "model-00002-of-00004.safetensors",
+             "model-00003-of-00004.safetensors", "model-00004-of-00004.safetensors", "model.safetensors.index.json",
+             "tokenizer.json", "tokenizer_config.json", "vocab.json"]
 
 
 @pytest.mark.parametrize("listing, expected", [
@@ -283,7 +287,10 @@ GGUF_ONLY = [".gitattributes", "README.md", "config.json", "llama-2-7b.Q4_K_M.gg
                    "model.safetensors.index.json", "model-00001-of-00003.safetensors",
                    "model-00002-of-00003.safetensors", "model-00003-of-00003.safetensors"]),
     (GGUF_ONLY, ["config.json"]),
-], ids=["llama-3.2", "llama-2-both-formats", "bin-only", "tinyllama", "mistral-consolidated", "gguf-only"])
+    (QWEN25_7B, ["config.json", "generation_config.json", "tokenizer_config.json", "tokenizer.json",
+                 "model.safetensors.index.json", *(f"model-0000{i}-of-00004.safetensors" for i in range(1, 5))]),
+], ids=["llama-3.2", "llama-2-both-formats", "bin-only", "tinyllama", "mistral-consolidated", "gguf-only",
+        "qwen2.5"])
 def test_select_files(listing, expected):
     selected = download.select_files(listing)
     assert sorted(selected) == sorted(expected)

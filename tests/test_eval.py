@@ -282,3 +282,28 @@ def test_compiled_scoring_equals_eager(ours):
         assert lp == pytest.approx(lp_ref, abs=1e-4) and greedy == greedy_ref
     assert compiled.loglikelihood_rolling(documents) == pytest.approx(ours.loglikelihood_rolling(documents), abs=1e-4)
     torch._dynamo.reset()
+
+
+def test_qwen2_with_tokenizer_json_matches_lm_eval_hf_backend(setup, hf_checkpoint, chatml_tokenizer_dir,
+                                                              load_ours):
+    """A Qwen2 model (Q/K/V biases, tied embeddings) whose tokenizer is a tokenizer.json with no BOS: documents are
+    conditioned on EOS as HFLM conditions them, and every log-likelihood equals HFLM's on the HF model."""
+    from transformers import AutoTokenizer
+
+    _, root, names, manager = setup
+    _, d = hf_checkpoint("qwen2")
+    from lm_eval.models.huggingface import HFLM
+
+    hf = HFLM(pretrained=str(d), tokenizer=AutoTokenizer.from_pretrained(chatml_tokenizer_dir), dtype="float32",
+              device="cpu", batch_size=4, max_length=MAX_LENGTH)
+    tok = load_tokenizer(chatml_tokenizer_dir / "tokenizer.json")
+    assert tok.bos_id is None
+    ours = llama_eval.LlamaFastLM(load_ours(d), tok, batch_size=3, max_length=MAX_LENGTH)
+    assert ours.prefix_token_id == hf.prefix_token_id == tok.eos_ids[0]
+    kw = dict(tasks=names[:3], task_manager=manager, log_samples=True, bootstrap_iters=0, limit=6)
+    reference, result = lm_eval.simple_evaluate(model=hf, **kw), lm_eval.simple_evaluate(model=ours, **kw)
+    for task in names[:3]:
+        ref, got = loglikelihoods(reference["samples"][task]), loglikelihoods(result["samples"][task])
+        assert len(got) == len(ref) > 0
+        for (lp_ref, *greedy_ref), (lp, *greedy) in zip(ref, got):
+            assert lp == pytest.approx(lp_ref, abs=1e-4) and greedy == greedy_ref

@@ -93,7 +93,8 @@ def checkpoint_in(w: Path, user: dict, config: dict | None = None, config_text: 
 
 def hf_in(w: Path, user: dict, drop: tuple = (), **config) -> Path:
     """Hugging Face files in `w`: the user's config.json with fields changed or dropped, and their weights."""
-    cfg = {k: v for k, v in {**json.loads((user["dir"] / "config.json").read_text()), **config}.items() if k not in drop}
+    cfg = {**json.loads((user["dir"] / "config.json").read_text()), **config}
+    cfg = {k: v for k, v in cfg.items() if k not in drop}
     (w / "config.json").write_text(json.dumps(cfg))
     shutil.copyfile(user["dir"] / "model.safetensors", w / "model.safetensors")
     shutil.copyfile(user["tokenizer"], w / "tokenizer.model")
@@ -200,6 +201,9 @@ MISTAKES = {
     "generate/prompt_file_not_utf8": ("generate.py", lambda u, w: [
         "--checkpoint_path", u["model"], "--prompt_file", write_bytes(w / "p.txt", b"caf\xe9\n"), *GEN],
         "is not UTF-8 text (byte 0xe9 at offset 3)"),
+    "generate/broken_tokenizer_json": ("generate.py", lambda u, w: [
+        "--checkpoint_path", u["model"], "--tokenizer_path", write(w / "tokenizer.json", '{"model": 1'), *GEN],
+        "not a valid tokenizer.json"),
     "generate/missing_prompt_file": ("generate.py", G("--prompt_file", "/nonexistent/prompts.txt"),
                                      "prompt file not found"),
     "generate/blank_prompt_file": ("generate.py", lambda u, w: [
@@ -275,6 +279,8 @@ MISTAKES = {
         "--checkpoint_dir", hf_in(w, u, hidden_size="64")], "hidden_size"),
     "convert/missing_num_hidden_layers": ("scripts/convert_hf_checkpoint.py", lambda u, w: [
         "--checkpoint_dir", hf_in(w, u, drop=("num_hidden_layers",))], "num_hidden_layers"),
+    "convert/qwen_per_layer_sliding_window": ("scripts/convert_hf_checkpoint.py", lambda u, w: [
+        "--checkpoint_dir", hf_in(w, u, model_type="qwen2", use_sliding_window=True)], "use_sliding_window"),
     "convert/shape_mismatch": ("scripts/convert_hf_checkpoint.py", lambda u, w: [
         "--checkpoint_dir", hf_in(w, u, intermediate_size=128)], "weights do not match"),
     "convert/output_exists": ("scripts/convert_hf_checkpoint.py", lambda u, w: ["--checkpoint_dir", u["dir"]],

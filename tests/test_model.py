@@ -42,10 +42,12 @@ def test_converted_config_matches_hf(pair):
     name, hf, ours, d = pair
     c, hc = ours.config, hf.config
     assert (c.dim, c.n_layers, c.n_heads, c.n_kv_heads) == (64, 2, 4, hc.num_key_value_heads)
-    assert c.vocab_size == VOCAB_SIZE and c.intermediate_size == 172 and c.head_dim == 16
-    assert c.tie_embeddings == (name == "tied")
-    if name == "tied":
+    assert c.vocab_size == VOCAB_SIZE and c.intermediate_size == 172 and c.head_dim == (32 if name == "qwen3" else 16)
+    assert c.tie_embeddings == (name in ("tied", "qwen2"))
+    assert (c.qkv_bias, c.qk_norm) == (name == "qwen2", name == "qwen3")
+    if c.tie_embeddings:
         assert ours.output.weight is ours.tok_embeddings.weight
+    assert c.sliding_window == (24 if name == "mistral_window" else 0)
     if name == "llama3_rope":
         assert c.rope_theta == 500000.0 and c.rope_scaling["rope_type"] == "llama3"
         # the scaling really changes frequencies for this head size
@@ -108,9 +110,11 @@ def test_kv_cache_in_a_longer_cache_with_batch(hf_checkpoint, load_ours, prompt_
     assert (torch.cat(parts, 1).cpu() - ref).abs().max().item() <= LOGITS_ATOL
 
 
-def test_left_padded_forward_equals_unpadded(hf_checkpoint, load_ours, prompt_ids, device):
-    """Rows left-padded by k slots give the logits of the same row alone (padding masked, RoPE positions shifted)."""
-    hf, d = hf_checkpoint("mha")
+@pytest.mark.parametrize("name", ["mha", "mistral_window"])
+def test_left_padded_forward_equals_unpadded(name, hf_checkpoint, load_ours, prompt_ids, device):
+    """Rows left-padded by k slots give the logits of the same row alone (padding masked, RoPE positions shifted;
+    with a sliding window of 24, the window counted from each row's own tokens)."""
+    hf, d = hf_checkpoint(name)
     ours = load_ours(d)
     rows = [prompt_ids(n, seed=10 + n) for n in (30, 21, 9)]
     T = 30
@@ -123,6 +127,24 @@ def test_left_padded_forward_equals_unpadded(hf_checkpoint, load_ours, prompt_id
             ref = hf(torch.tensor([r])).logits[0]
         assert (got[i, T - len(r):] - ref).abs().max().item() <= LOGITS_ATOL
     assert torch.isfinite(got).all()
+
+
+def test_sliding_window_matters_past_the_window(hf_checkpoint, load_ours, prompt_ids, device):
+    """The window-24 model's logits equal full attention's for the first 24 positions and differ after (so the
+    parity tests above really test the window), and a batch generated past the window through the KV cache equals
+    each prompt alone."""
+    _, d = hf_checkpoint("mistral_window")
+    ours = load_ours(d)
+    x = torch.tensor([prompt_ids(64, seed=7)], device=device)
+    windowed = ours(x).cpu()
+    ours.config.sliding_window = 0
+    full = ours(x).cpu()
+    ours.config.sliding_window = 24
+    assert torch.equal(windowed[:, :24], full[:, :24]) and (windowed[:, 24:] - full[:, 24:]).abs().max() > 1e-2
+    prompts = [prompt_ids(n, seed=20 + n) for n in (40, 13)]
+    greedy = SamplingConfig(temperature=0)
+    batch = decoding.generate(ours, prompts, 30, greedy, eos_ids=()).tokens
+    assert batch == [decoding.generate(ours, [p], 30, greedy, eos_ids=()).tokens[0] for p in prompts]
 
 
 # ------------------------------------------------------------------------------------------- ModelArgs

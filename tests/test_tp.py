@@ -42,7 +42,8 @@ def error_lines(proc) -> list:
 @pytest.fixture(scope="module")
 def checkpoints(hf_checkpoint, load_cpu, tmp_path_factory) -> dict:
     """GQA (4 query heads, 2 KV heads) with an FFN of 192, which 2 processes split into whole int4 groups of 32:
-    float32, int8 and int4 checkpoints."""
+    float32, int8 and int4 checkpoints; and Qwen2 (Q/K/V biases, sharded with their rows) in int4, Qwen3 (per-head
+    Q/K norms, head_dim 32) in int8."""
     _, d = hf_checkpoint("gqa_tp", num_key_value_heads=2, intermediate_size=192)
     out = tmp_path_factory.mktemp("tp")
     for name in (CONFIG_NAME, "tokenizer.model"):
@@ -53,6 +54,11 @@ def checkpoints(hf_checkpoint, load_cpu, tmp_path_factory) -> dict:
         assert set(meta["layers"].values()) == {mode}  # every linear layer, the sharded ones included
         paths[mode] = out / f"model_{mode}.pth"
         torch.save({"quantization": meta, "state_dict": state}, paths[mode])
+    for family, mode, extra in (("qwen2", "int4", {}), ("qwen3", "int8", {"head_dim": 32})):
+        _, d = hf_checkpoint(f"{family}_tp", model_type=family, num_key_value_heads=2, intermediate_size=192, **extra)
+        state, meta = Q.quantize_model(load_cpu(d), mode, groupsize=32, progress=False)
+        paths[f"{family} {mode}"] = d / f"model_{mode}.pth"
+        torch.save({"quantization": meta, "state_dict": state}, paths[f"{family} {mode}"])
     return paths
 
 
@@ -83,7 +89,8 @@ def test_two_processes_compute_what_one_does(checkpoints, sp_tokenizer, tmp_path
         torch.testing.assert_close(got["cached_logits"], logits, atol=1e-5, rtol=0, msg=kind)
         expected = decoding.generate(model, [prompt], N_NEW, SamplingConfig(temperature=0)).tokens[0]
         assert got["tokens"] == expected, kind
-        assert got["kv_cache_shape"] == (1, 1, len(prompt) + N_NEW, 16)  # 1 of the 2 KV heads per rank
+        # 1 of the 2 KV heads per rank
+        assert got["kv_cache_shape"] == (1, 1, len(prompt) + N_NEW, model.config.head_dim), kind
 
 
 def test_cli_compiled_under_torchrun(checkpoints, tmp_path):
