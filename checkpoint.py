@@ -19,7 +19,8 @@ import torch
 from safetensors.torch import load_file
 
 import tp
-from model import CONFIG_NAME, ModelArgs, Transformer
+from model import Transformer
+from model_config import CONFIG_NAME, ModelArgs
 from qlinear import GROUP_SIZES, pack_for_device, swap_in_quantized
 
 TOKENIZER_NAME = "tokenizer.model"  # beside the checkpoint unless a path is given

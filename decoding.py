@@ -238,14 +238,18 @@ def cut_at_eos(rows: list, eos_ids) -> tuple[list, list]:
 
 def weight_bytes(model: torch.nn.Module) -> int:
     """Bytes of weights read per decode step: every tensor of the state dict once, except the embedding table
-    (one row is read), unless it is tied to the output projection and so read whole."""
+    (one row is read), unless it is tied to the output projection and so read whole; of a mixture of experts' stacked
+    experts, the n_active_experts a token is routed to (batch 1)."""
+    config = getattr(model, "config", None)
+    active = config.n_active_experts / config.n_experts if config is not None and config.n_experts else 1
     seen, total = set(), 0
     for name, t in model.state_dict().items():
         key = id(t) if t.is_mkldnn else t.data_ptr()  # oneDNN-prepacked weights are opaque: no data pointer
         if name == "tok_embeddings.weight" or key in seen:
             continue
         seen.add(key)
-        total += t.numel() * t.element_size()
+        experts = ".feed_forward.w" in name and active < 1
+        total += round(t.numel() * t.element_size() * (active if experts else 1))
     return total
 
 

@@ -5,10 +5,7 @@ GQA, RMSNorm, SwiGLU, RoPE with `rope_theta` and llama3-style frequency scaling,
 Qwen2's Q/K/V biases and Qwen3's per-head Q/K norms (switches in ModelArgs, read from the checkpoint's config).
 Weights use Meta's interleaved RoPE layout (as gpt-fast does); the HF converter permutes Q/K.
 """
-import json
 import math
-from dataclasses import asdict, dataclass, field, fields
-from pathlib import Path
 
 import torch
 import torch.nn as nn
@@ -16,154 +13,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from cpu_kernels import KERNELS, choose
-
-CONFIG_NAME = "model_config.json"  # ModelArgs beside every checkpoint: loaders read it instead of guessing from paths
-
-
-HF_FAMILIES = ("llama", "mistral", "qwen2", "qwen3")  # the model_type values of config.json we convert
-
-# The smallest value of each numeric ModelArgs field; 0 means "derive it" where the field's comment says so.
-FIELD_MINIMUM = {"dim": 1, "n_layers": 1, "n_heads": 1, "n_kv_heads": 0, "vocab_size": 1, "intermediate_size": 0,
-                 "head_dim": 0, "max_seq_len": 1, "norm_eps": 0.0, "rope_theta": 0.0, "sliding_window": 0}
-_KIND = {int: "an integer", float: "a number", bool: "true or false", dict: "a JSON object"}
-
-
-def checked_field(name: str, value, kind: type, minimum=None):
-    """`value` as a `kind` (int, float, bool or dict; an int is also a float, a bool is not an int), or a one-line
-    ValueError naming the field. Floats must be finite and, with a minimum of 0.0, strictly positive."""
-    ok = isinstance(value, kind) and (kind is bool or not isinstance(value, bool))
-    if kind is float and isinstance(value, int) and not isinstance(value, bool):
-        value, ok = float(value), True
-    if not ok:
-        raise ValueError(f"{name} must be {_KIND[kind]}, got {value!r}")
-    if kind is float and not (math.isfinite(value) and value > minimum):
-        raise ValueError(f"{name} must be a finite number > {minimum}, got {value}")
-    if kind is int and minimum is not None and value < minimum:
-        raise ValueError(f"{name} must be >= {minimum}, got {value}")
-    return value
-
-
-@dataclass
-class ModelArgs:
-    dim: int = 4096
-    n_layers: int = 32
-    n_heads: int = 32
-    n_kv_heads: int = 0  # 0 means n_heads (no GQA)
-    vocab_size: int = 32000
-    intermediate_size: int = 0  # 0 means Llama's 2/3 * 4 * dim rounded up to a multiple of 256
-    head_dim: int = 0  # 0 means dim // n_heads
-    norm_eps: float = 1e-5
-    rope_theta: float = 10000.0
-    rope_scaling: dict = field(default_factory=dict)  # {"rope_type": "llama3"|"linear", "factor": ...}
-    max_seq_len: int = 2048  # longest context the model was trained for
-    tie_embeddings: bool = False
-    sliding_window: int = 0  # Mistral: each token attends to the last sliding_window positions only (0: all)
-    qkv_bias: bool = False  # Qwen2: Q, K and V projections have biases
-    qk_norm: bool = False  # Qwen3: RMSNorm over each head of Q and K before RoPE
-
-    def __post_init__(self):
-        for f in fields(self):  # a hand-edited model_config.json: one line naming the field at fault
-            setattr(self, f.name, checked_field(f.name, getattr(self, f.name), f.type, FIELD_MINIMUM.get(f.name)))
-        self.n_kv_heads = self.n_kv_heads or self.n_heads
-        if not self.head_dim and self.dim % self.n_heads:
-            raise ValueError(f"dim ({self.dim}) must be a multiple of n_heads ({self.n_heads}), or head_dim given")
-        self.head_dim = self.head_dim or self.dim // self.n_heads
-        if not self.intermediate_size:
-            hidden = int(2 * 4 * self.dim / 3)
-            self.intermediate_size = 256 * ((hidden + 255) // 256)
-        if self.n_heads % self.n_kv_heads:
-            raise ValueError(f"n_heads ({self.n_heads}) must be a multiple of n_kv_heads ({self.n_kv_heads})")
-
-    @classmethod
-    def from_name(cls, name: str) -> "ModelArgs":
-        if name not in PRESETS:
-            raise ValueError(f"unknown model preset {name!r}; choose from: {', '.join(PRESETS)}")
-        return cls(**PRESETS[name])
-
-    @classmethod
-    def from_hf_config(cls, cfg: dict) -> "ModelArgs":
-        family = cfg.get("model_type")
-        if family not in HF_FAMILIES:
-            raise ValueError(f"unsupported model_type {family!r}: supported are {', '.join(HF_FAMILIES)}")
-        if cfg.get("hidden_act", "silu") != "silu" or cfg.get("attention_bias") or cfg.get("mlp_bias"):
-            raise ValueError("unsupported variant: needs hidden_act=silu and no attention_bias or mlp_bias")
-        if family.startswith("qwen") and cfg.get("use_sliding_window"):
-            raise ValueError("use_sliding_window (Qwen's per-layer sliding window) is not supported")
-        # transformers 5 keeps RoPE settings in `rope_parameters`; older configs use rope_theta + rope_scaling.
-        rope = dict(cfg.get("rope_parameters") or cfg.get("rope_scaling") or {})
-        theta = rope.pop("rope_theta", None) or cfg.get("rope_theta") or 10000.0
-        rope_type = rope.get("rope_type", rope.get("type", "default"))
-        if rope_type not in ("default", "llama3", "linear"):
-            raise ValueError(f"unsupported rope_type {rope_type!r}: supported are default, llama3, linear")
-        scaling = {} if rope_type == "default" else {k: v for k, v in rope.items() if k != "type"} | {"rope_type": rope_type}
-
-        def get(key: str, kind: type = int, default=None):  # a field of config.json, named if missing or mistyped
-            if cfg.get(key) is None:
-                if default is None:
-                    raise ValueError(f"config.json has no {key}")
-                return default
-            return checked_field(key, cfg[key], kind, FIELD_MINIMUM["dim"] if kind is int else 0.0)
-
-        heads = get("num_attention_heads")
-        return cls(dim=get("hidden_size"), n_layers=get("num_hidden_layers"), n_heads=heads,
-                   n_kv_heads=get("num_key_value_heads", int, heads), vocab_size=get("vocab_size"),
-                   intermediate_size=get("intermediate_size"), head_dim=get("head_dim", int, 0),
-                   norm_eps=get("rms_norm_eps", float, 1e-5), rope_theta=checked_field("rope_theta", theta, float, 0.0),
-                   rope_scaling=scaling, max_seq_len=get("max_position_embeddings", int, 2048),
-                   tie_embeddings=get("tie_word_embeddings", bool, False),
-                   sliding_window=0 if family.startswith("qwen") else get("sliding_window", int, 0),
-                   qkv_bias=family == "qwen2", qk_norm=family == "qwen3")
-
-    @classmethod
-    def load(cls, path) -> "ModelArgs":
-        try:
-            values = json.loads(Path(path).read_text(encoding="utf-8"))
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise ValueError(f"not valid JSON ({e})") from None
-        if not isinstance(values, dict):
-            raise ValueError("not a JSON object of ModelArgs fields")
-        unknown = sorted(set(values) - {f.name for f in fields(cls)})
-        if unknown:
-            raise ValueError(f"unknown field {unknown[0]} (the fields are {', '.join(f.name for f in fields(cls))})")
-        return cls(**values)
-
-    def save(self, path):
-        Path(path).write_text(json.dumps(asdict(self), indent=2) + "\n")
-
-
-_LLAMA3_ROPE = {"factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}
-PRESETS = {
-    "stories15M": dict(dim=288, n_layers=6, n_heads=6, intermediate_size=768, max_seq_len=256),
-    "stories42M": dict(dim=512, n_layers=8, n_heads=8, intermediate_size=1376, max_seq_len=1024),
-    "stories110M": dict(dim=768, n_layers=12, n_heads=12, intermediate_size=2048, max_seq_len=1024),
-    "tinyllama-1.1b": dict(dim=2048, n_layers=22, n_heads=32, n_kv_heads=4, intermediate_size=5632),
-    "llama-2-7b": dict(dim=4096, n_layers=32, n_heads=32, intermediate_size=11008, max_seq_len=4096),
-    "llama-2-13b": dict(dim=5120, n_layers=40, n_heads=40, intermediate_size=13824, max_seq_len=4096),
-    "llama-2-70b": dict(dim=8192, n_layers=80, n_heads=64, n_kv_heads=8, intermediate_size=28672, max_seq_len=4096),
-    "codellama-7b": dict(dim=4096, n_layers=32, n_heads=32, intermediate_size=11008, vocab_size=32016,
-                         rope_theta=1e6, max_seq_len=16384),
-    "codellama-34b": dict(dim=8192, n_layers=48, n_heads=64, n_kv_heads=8, intermediate_size=22016,
-                          rope_theta=1e6, max_seq_len=16384),
-    "mistral-7b": dict(dim=4096, n_layers=32, n_heads=32, n_kv_heads=8, intermediate_size=14336, max_seq_len=32768),
-    "llama-3-8b": dict(dim=4096, n_layers=32, n_heads=32, n_kv_heads=8, intermediate_size=14336, vocab_size=128256,
-                       rope_theta=5e5, max_seq_len=8192),
-    "llama-3-70b": dict(dim=8192, n_layers=80, n_heads=64, n_kv_heads=8, intermediate_size=28672, vocab_size=128256,
-                        rope_theta=5e5, max_seq_len=8192),
-    "llama-3.1-8b": dict(dim=4096, n_layers=32, n_heads=32, n_kv_heads=8, intermediate_size=14336, vocab_size=128256,
-                         rope_theta=5e5, max_seq_len=131072, rope_scaling=dict(_LLAMA3_ROPE, rope_type="llama3")),
-    "llama-3.1-70b": dict(dim=8192, n_layers=80, n_heads=64, n_kv_heads=8, intermediate_size=28672, vocab_size=128256,
-                          rope_theta=5e5, max_seq_len=131072, rope_scaling=dict(_LLAMA3_ROPE, rope_type="llama3")),
-    "llama-3.1-405b": dict(dim=16384, n_layers=126, n_heads=128, n_kv_heads=8, intermediate_size=53248,
-                           vocab_size=128256, rope_theta=5e5, max_seq_len=131072,
-                           rope_scaling=dict(_LLAMA3_ROPE, rope_type="llama3")),
-    "llama-3.2-1b": dict(dim=2048, n_layers=16, n_heads=32, n_kv_heads=8, intermediate_size=8192, vocab_size=128256,
-                         head_dim=64, rope_theta=5e5, max_seq_len=131072, tie_embeddings=True,
-                         rope_scaling=dict(_LLAMA3_ROPE, factor=32.0, rope_type="llama3")),
-    "llama-3.2-3b": dict(dim=3072, n_layers=28, n_heads=24, n_kv_heads=8, intermediate_size=8192, vocab_size=128256,
-                         head_dim=128, rope_theta=5e5, max_seq_len=131072, tie_embeddings=True,
-                         rope_scaling=dict(_LLAMA3_ROPE, factor=32.0, rope_type="llama3")),
-}
-
+from model_config import ModelArgs
 
 class Linear(nn.Linear):
     """nn.Linear without bias whose CPU matmul is the kernel cpu_kernels chose for this machine (`kernel`): ATen's
@@ -294,7 +144,7 @@ class TransformerBlock(nn.Module):
     def __init__(self, config: ModelArgs):
         super().__init__()
         self.attention = Attention(config)
-        self.feed_forward = FeedForward(config)
+        self.feed_forward = MoEFeedForward(config) if config.n_experts else FeedForward(config)
         self.attention_norm = RMSNorm(config.dim, config.norm_eps)
         self.ffn_norm = RMSNorm(config.dim, config.norm_eps)
 
@@ -352,6 +202,71 @@ class FeedForward(nn.Module):
     def forward(self, x):
         gate, up = self.w13(x).chunk(2, dim=-1)
         return self.w2(F.silu(gate) * up)
+
+
+class Experts(nn.Module):
+    """n_experts linear weights (n_experts, out_features, in_features) in one tensor, read by index: a token's
+    chosen experts are gathered (take) or one expert's rows used at a time (expert). qlinear.py has the int8 and
+    int4 forms, with the same two methods."""
+    output_dims, input_dims = {"weight": 1}, {"weight": 2}  # for tp.py, as on the quantized linears
+
+    def __init__(self, n_experts: int, in_features: int, out_features: int):
+        super().__init__()
+        self.n_experts, self.in_features, self.out_features = n_experts, in_features, out_features
+        self.weight = nn.Parameter(torch.empty(n_experts, out_features, in_features))
+
+    def take(self, idx: Tensor, dtype) -> Tensor:
+        return self.weight[idx].to(dtype)
+
+    def expert(self, e: int, dtype) -> Tensor:
+        return self.weight[e].to(dtype)
+
+
+class MoEFeedForward(nn.Module):
+    """Mixture of experts (Mixtral, Qwen3-MoE): a router sends each token to n_active_experts of n_experts SwiGLU
+    FFNs, weighted by the softmax of its logits (renormalized over the chosen ones). A few tokens (decoding) gather
+    their experts' weights, so a step reads only the chosen experts, as gpt-fast does; more tokens (prefill) run
+    each expert once on the tokens routed to it."""
+
+    def __init__(self, config: ModelArgs):
+        super().__init__()
+        E, D, I = config.n_experts, config.dim, config.intermediate_size
+        self.n_experts, self.k, self.norm_topk_prob = E, config.n_active_experts, config.norm_topk_prob
+        self.gate = Linear(D, E)  # the router
+        self.w13 = Experts(E, D, 2 * I)  # gate and up projections fused, as FeedForward's
+        self.w2 = Experts(E, I, D)
+
+    def forward(self, x: Tensor) -> Tensor:
+        shape = x.shape
+        x = x.reshape(-1, shape[-1])
+        probs = self.gate(x).float().softmax(dim=-1)
+        weights, experts = probs.topk(self.k, dim=-1)  # (N, k) each
+        if self.norm_topk_prob:
+            weights = weights / weights.sum(dim=-1, keepdim=True)
+        weights = weights.to(x.dtype)
+        # gathering copies k experts per token: cheaper than a pass over every expert while N * k <= n_experts
+        y = self.gathered(x, experts, weights) if x.shape[0] * self.k <= self.n_experts else \
+            self.grouped(x, experts, weights)
+        return y.view(shape)
+
+    def gathered(self, x: Tensor, experts: Tensor, weights: Tensor) -> Tensor:
+        gate, up = torch.einsum("nd,nkod->nko", x, self.w13.take(experts, x.dtype)).chunk(2, dim=-1)
+        y = torch.einsum("nki,nkdi->nkd", F.silu(gate) * up, self.w2.take(experts, x.dtype))
+        return torch.einsum("nkd,nk->nd", y, weights)
+
+    def grouped(self, x: Tensor, experts: Tensor, weights: Tensor) -> Tensor:
+        order = experts.flatten().argsort(stable=True)  # (token, choice) pairs sorted by expert
+        counts = torch.bincount(experts.flatten(), minlength=self.n_experts).tolist()
+        tokens, pair_weights = order // self.k, weights.flatten()[order]
+        out, start = torch.zeros_like(x), 0
+        for e, n in enumerate(counts):
+            if n:
+                idx = tokens[start:start + n]
+                gate, up = F.linear(x[idx], self.w13.expert(e, x.dtype)).chunk(2, dim=-1)
+                y = F.linear(F.silu(gate) * up, self.w2.expert(e, x.dtype))
+                out.index_add_(0, idx, y * pair_weights[start:start + n, None])
+            start += n
+        return out
 
 
 class RMSNorm(nn.Module):

@@ -17,6 +17,8 @@ import torch.nn.functional as F
 from torch import Tensor
 from tqdm import tqdm
 
+from model import Experts
+
 GROUP_SIZES = (32, 64, 128, 256)
 
 
@@ -211,12 +213,65 @@ class Int4Linear(nn.Module):
         return y.view(*shape[:-1], -1)
 
 
+class Int8Experts(nn.Module):
+    """model.Experts in int8: codes (E, N, K) and scales (E, N), per output channel of each expert. The chosen
+    experts' codes are gathered and dequantized (a decode step reads k of E experts, one byte per weight)."""
+    output_dims, input_dims = {"weight": 1, "scales": 1}, {"weight": 2}  # for tp.py
+
+    def __init__(self, n_experts: int, in_features: int, out_features: int):
+        super().__init__()
+        self.n_experts, self.in_features, self.out_features = n_experts, in_features, out_features
+        self.register_buffer("weight", torch.empty(n_experts, out_features, in_features, dtype=torch.int8))
+        self.register_buffer("scales", torch.empty(n_experts, out_features))
+
+    def take(self, idx: Tensor, dtype) -> Tensor:
+        return self.weight[idx].to(dtype) * self.scales[idx].to(dtype)[..., None]
+
+    def expert(self, e: int, dtype) -> Tensor:
+        return self.take(e, dtype)
+
+
+class Int4Experts(nn.Module):
+    """model.Experts in int4 (the Int4Linear format per expert, kept in its portable packed layout): codes
+    (E, N, K/2), per-group scale and zero (E, N, K/g, 2); K padded to whole groups."""
+    output_dims = {"weight": 1, "scales_and_zeros": 1}
+    input_dims = {"weight": 2, "scales_and_zeros": 2}
+
+    def __init__(self, n_experts: int, in_features: int, out_features: int, groupsize: int):
+        super().__init__()
+        self.n_experts, self.in_features, self.out_features, self.groupsize = n_experts, in_features, out_features, \
+            groupsize
+        padded_in = -(-in_features // groupsize) * groupsize
+        self.register_buffer("weight", torch.empty(n_experts, out_features, padded_in // 2, dtype=torch.uint8))
+        self.register_buffer("scales_and_zeros", torch.empty(n_experts, out_features, padded_in // groupsize, 2))
+
+    def shard_error(self, name: str, world_size: int, split_inputs: bool) -> str | None:
+        g = self.groupsize
+        if split_inputs and self.in_features % (g * world_size):
+            return (f"int4 {name} has {self.in_features} input features: {world_size} processes would split its "
+                    f"groups of {g} (needs a multiple of {g * world_size})")
+        return None
+
+    def take(self, idx: Tensor, dtype) -> Tensor:
+        packed, qparams = self.weight[idx], self.scales_and_zeros[idx]
+        codes = unpack_int4(packed.reshape(-1, packed.shape[-1]))
+        w = dequantize_int4(codes, qparams.reshape(-1, *qparams.shape[-2:]), self.groupsize, dtype)
+        return w.reshape(*packed.shape[:-1], -1)[..., :self.in_features]
+
+    def expert(self, e: int, dtype) -> Tensor:
+        return self.take(e, dtype)
+
+
 def linear_names(model: nn.Module, quantize_output: bool) -> list:
-    return [name for name, m in model.named_modules() if isinstance(m, nn.Linear)
-            and (quantize_output or name != "output")]
+    """The layers quantize_model quantizes: every linear (the output projection if asked) and every stack of
+    experts, but not a mixture of experts' router, whose few weights decide where each token goes."""
+    return [name for name, m in model.named_modules() if isinstance(m, (nn.Linear, Experts))
+            and (quantize_output or name != "output") and not name.endswith("feed_forward.gate")]
 
 
-def int4_skip_reason(layer: nn.Linear):
+def int4_skip_reason(layer: nn.Module):
+    if isinstance(layer, Experts):  # dequantized on the way, not run by the kernels
+        return None
     if layer.out_features % 16:  # the CPU packing works on blocks of 16 output rows (CUDA on 8)
         return f"out_features {layer.out_features} is not a multiple of 16"
     return None
@@ -230,8 +285,12 @@ def swap_in_quantized(model: nn.Module, layers: dict, groupsize: int = 0):
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
         old = getattr(parent, child)
-        new = Int8Linear(old.in_features, old.out_features) if kind == "int8" else \
-            Int4Linear(old.in_features, old.out_features, groupsize)
+        if isinstance(old, Experts):
+            new = Int8Experts(old.n_experts, old.in_features, old.out_features) if kind == "int8" else \
+                Int4Experts(old.n_experts, old.in_features, old.out_features, groupsize)
+        else:
+            new = Int8Linear(old.in_features, old.out_features) if kind == "int8" else \
+                Int4Linear(old.in_features, old.out_features, groupsize)
         setattr(parent, child, new.to(old.weight.device) if old.weight.device.type != "meta" else new)
     return model
 
@@ -246,8 +305,18 @@ def pack_for_device(model: nn.Module):
 # ------------------------------------------------------------------------------------------ quantizing a model
 
 @torch.no_grad()
-def quantize_linear(layer: nn.Linear, kind: str, groupsize: int) -> dict:
-    """State dict entries of the round-to-nearest quantized replacement of one nn.Linear."""
+def quantize_linear(layer: nn.Module, kind: str, groupsize: int) -> dict:
+    """State dict entries of the round-to-nearest quantized replacement of one nn.Linear (or model.Experts: each
+    expert's rows quantized as a linear's, the tensors stacked)."""
+    if isinstance(layer, Experts):
+        E, N = layer.n_experts, layer.out_features
+        flat = nn.Linear(layer.in_features, E * N, bias=False, device="meta")
+        flat.weight = nn.Parameter(layer.weight.detach().reshape(E * N, -1), requires_grad=False)
+        entries = quantize_linear(flat, kind, groupsize)
+        if kind == "int8":
+            return {"weight": entries["weight"].view(E, N, -1), "scales": entries["scales"].view(E, N)}
+        qparams = entries["scales_and_zeros"].transpose(0, 1)  # (E * N, K/g, 2)
+        return {"weight": entries["weight"].view(E, N, -1), "scales_and_zeros": qparams.reshape(E, N, -1, 2)}
     w = layer.weight.detach().float()
     if kind == "int8":
         q, scales = quantize_int8(w)

@@ -28,7 +28,7 @@ import torch
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
-from model import PRESETS, ModelArgs  # noqa: E402
+from model_config import PRESETS, ModelArgs  # noqa: E402
 
 WIDTHS = [  # (label, llama.cpp type, our bench.py flags)
     ("bf16", "BF16", []),

@@ -21,10 +21,14 @@ from safetensors.torch import save_file  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
 from checkpoint import HF_TOKENIZER_NAME, TOKENIZER_NAME, atomic_save, check_shapes, read_state_dict  # noqa: E402
-from model import CONFIG_NAME, ModelArgs, Transformer  # noqa: E402
+from model import Transformer  # noqa: E402
+from model_config import CONFIG_NAME, ModelArgs  # noqa: E402
 
-LAYER_TENSORS = ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj", "mlp.gate_proj",
-                 "mlp.up_proj", "mlp.down_proj", "input_layernorm", "post_attention_layernorm"]
+LAYER_TENSORS = ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj", "input_layernorm",
+                 "post_attention_layernorm"]
+# a layer's FFN: dense (Llama), or the router and experts of Mixtral (w1 gate, w3 up, w2 down) or Qwen3-MoE
+DENSE_FFN = ("mlp.gate_proj.weight", "mlp.up_proj.weight", "mlp.down_proj.weight")
+MOE_FFN = {"block_sparse_moe": ("w1", "w3", "w2"), "mlp": ("gate_proj", "up_proj", "down_proj")}
 
 
 def weight_files(checkpoint_dir: Path) -> list:
@@ -62,9 +66,9 @@ def hf_rope_to_interleaved(w: torch.Tensor, n_heads: int, head_dim: int) -> torc
     return w.view(n_heads, 2, head_dim // 2, -1).transpose(1, 2).reshape(n_heads * head_dim, -1)
 
 
-def layer_tensor_names(config: ModelArgs) -> list:
-    """The HF tensors of one layer, without the "layers.N." prefix: Llama's, plus Qwen2's Q/K/V biases and
-    Qwen3's per-head Q/K norms when the config has them."""
+def attention_tensor_names(config: ModelArgs) -> list:
+    """A layer's HF attention and norm tensors, without the "layers.N." prefix: Llama's, plus Qwen2's Q/K/V biases
+    and Qwen3's per-head Q/K norms when the config has them."""
     names = [f"{n}.weight" for n in LAYER_TENSORS]
     if config.qkv_bias:
         names += [f"self_attn.{n}.bias" for n in ("q_proj", "k_proj", "v_proj")]
@@ -73,39 +77,62 @@ def layer_tensor_names(config: ModelArgs) -> list:
     return names
 
 
+def ffn_tensor_names(config: ModelArgs, hf: dict, i: int) -> list:
+    """Layer i's HF FFN tensors: [gate, up, down] (dense), or the router then gate, up, down of each expert."""
+    if not config.n_experts:
+        return list(DENSE_FFN)
+    block = "block_sparse_moe" if f"layers.{i}.block_sparse_moe.gate.weight" in hf else "mlp"
+    return [f"{block}.gate.weight"] + [f"{block}.experts.{e}.{p}.weight" for e in range(config.n_experts)
+                                       for p in MOE_FFN[block]]
+
+
 def convert_state_dict(hf: dict, config: ModelArgs) -> dict:
     """Our state dict from the HF one, which it empties as it goes so the two copies never coexist in memory."""
     needed = ["embed_tokens.weight", "norm.weight"] + ([] if config.tie_embeddings else ["lm_head.weight"])
-    needed += [f"layers.{i}.{name}" for i in range(config.n_layers) for name in layer_tensor_names(config)]
+    needed += [f"layers.{i}.{name}" for i in range(config.n_layers)
+               for name in attention_tensor_names(config) + ffn_tensor_names(config, hf, i)]
     missing = [name for name in needed if name not in hf]
     if missing:
         raise ValueError(f"{len(missing)} tensor(s) missing from the weights, first {missing[0]}: "
                          "incomplete download, or config.json does not describe these weights")
     out = {"tok_embeddings.weight": hf.pop("embed_tokens.weight"), "norm.weight": hf.pop("norm.weight")}
     out["output.weight"] = out["tok_embeddings.weight"] if config.tie_embeddings else hf.pop("lm_head.weight")
-    H, Hkv, D = config.n_heads, config.n_kv_heads, config.head_dim
     for i in tqdm(range(config.n_layers), desc="converting layers", unit="layer", disable=config.n_layers < 8):
         p = f"layers.{i}."
-        w = {name.removesuffix(".weight"): hf.pop(p + name) for name in layer_tensor_names(config)}
-        q = hf_rope_to_interleaved(w["self_attn.q_proj"], H, D)
-        k = hf_rope_to_interleaved(w["self_attn.k_proj"], Hkv, D)
-        out[p + "attention.wqkv.weight"] = torch.cat([q, k, w["self_attn.v_proj"]])
-        out[p + "attention.wo.weight"] = w["self_attn.o_proj"]
-        out[p + "feed_forward.w13.weight"] = torch.cat([w["mlp.gate_proj"], w["mlp.up_proj"]])
-        out[p + "feed_forward.w2.weight"] = w["mlp.down_proj"]
-        out[p + "attention_norm.weight"] = w["input_layernorm"]
-        out[p + "ffn_norm.weight"] = w["post_attention_layernorm"]
-        if config.qkv_bias:  # one bias per output row: permuted as the rows are
-            out[p + "attention.qkv_bias"] = torch.cat([
-                hf_rope_to_interleaved(w["self_attn.q_proj.bias"][:, None], H, D)[:, 0],
-                hf_rope_to_interleaved(w["self_attn.k_proj.bias"][:, None], Hkv, D)[:, 0], w["self_attn.v_proj.bias"]])
-        if config.qk_norm:  # one weight per position within a head: permuted as a head's rows are
-            for name in ("q_norm", "k_norm"):
-                norm = w[f"self_attn.{name}"]
-                out[p + f"attention.{name}.weight"] = hf_rope_to_interleaved(norm[:, None], 1, D)[:, 0]
+        ffn = [hf.pop(p + name) for name in ffn_tensor_names(config, hf, i)]
+        attention = {name.removesuffix(".weight"): hf.pop(p + name) for name in attention_tensor_names(config)}
+        for name, t in {**convert_attention(attention, config), **convert_ffn(ffn, config)}.items():
+            out[p + name] = t
     return {k: v.contiguous() for k, v in out.items()}
 
 
+def convert_attention(w: dict, config: ModelArgs) -> dict:
+    """Q, K, V fused with Q and K rows (and their biases, and the Q/K norms' weights) in Meta's RoPE layout."""
+    H, Hkv, D = config.n_heads, config.n_kv_heads, config.head_dim
+    q = hf_rope_to_interleaved(w["self_attn.q_proj"], H, D)
+    k = hf_rope_to_interleaved(w["self_attn.k_proj"], Hkv, D)
+    out = {"attention.wqkv.weight": torch.cat([q, k, w["self_attn.v_proj"]]),
+           "attention.wo.weight": w["self_attn.o_proj"],
+           "attention_norm.weight": w["input_layernorm"], "ffn_norm.weight": w["post_attention_layernorm"]}
+    if config.qkv_bias:  # one bias per output row: permuted as the rows are
+        out["attention.qkv_bias"] = torch.cat([
+            hf_rope_to_interleaved(w["self_attn.q_proj.bias"][:, None], H, D)[:, 0],
+            hf_rope_to_interleaved(w["self_attn.k_proj.bias"][:, None], Hkv, D)[:, 0], w["self_attn.v_proj.bias"]])
+    if config.qk_norm:  # one weight per position within a head: permuted as a head's rows are
+        for name in ("q_norm", "k_norm"):
+            out[f"attention.{name}.weight"] = hf_rope_to_interleaved(w[f"self_attn.{name}"][:, None], 1, D)[:, 0]
+    return out
+
+
+def convert_ffn(ffn: list, config: ModelArgs) -> dict:
+    """gate and up fused into w13; for a mixture of experts the router, and every expert's w13 and w2 stacked."""
+    if not config.n_experts:
+        gate, up, down = ffn
+        return {"feed_forward.w13.weight": torch.cat([gate, up]), "feed_forward.w2.weight": down}
+    router, experts = ffn[0], [ffn[1 + 3 * e:4 + 3 * e] for e in range(config.n_experts)]
+    return {"feed_forward.gate.weight": router,
+            "feed_forward.w13.weight": torch.stack([torch.cat([gate, up]) for gate, up, _ in experts]),
+            "feed_forward.w2.weight": torch.stack([down for _, _, down in experts])}
 def same_config(path: Path, config: ModelArgs) -> bool:
     try:
         return path.is_file() and json.loads(path.read_text()) == asdict(config)

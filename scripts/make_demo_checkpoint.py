@@ -13,7 +13,7 @@ import torch
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
-from model import PRESETS, ModelArgs  # noqa: E402
+from model_config import PRESETS, ModelArgs  # noqa: E402
 
 
 def train_tokenizer(out_dir: Path, vocab_size: int = 1000) -> int:

@@ -21,7 +21,8 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 from checkpoint import TOKENIZER_NAME, atomic_save  # noqa: E402
-from model import CONFIG_NAME, ModelArgs, Transformer  # noqa: E402
+from model import Transformer  # noqa: E402
+from model_config import CONFIG_NAME, ModelArgs  # noqa: E402
 from tokenizer import load_tokenizer  # noqa: E402
 
 

@@ -121,6 +121,12 @@ HF_CONFIGS = {
     # Qwen2: biases on Q, K and V, tied embeddings; Qwen3: per-head Q/K norms, head_dim 32 (not 64 / 4 heads)
     "qwen2": ({"model_type": "qwen2", "num_key_value_heads": 2, "tie_word_embeddings": True, "rope_theta": 1e6}, None),
     "qwen3": ({"model_type": "qwen3", "num_key_value_heads": 2, "head_dim": 32}, None),
+    # mixtures of experts: Mixtral (8 experts, top-2, sharded safetensors), Qwen3-MoE (Q/K norms, 6 experts of its
+    # own width, top-2, weights not renormalized)
+    "mixtral": ({"model_type": "mixtral", "num_local_experts": 8, "num_experts_per_tok": 2, "num_key_value_heads": 2},
+                "300KB"),
+    "qwen3_moe": ({"model_type": "qwen3_moe", "num_experts": 6, "num_experts_per_tok": 2, "moe_intermediate_size": 48,
+                   "norm_topk_prob": False, "num_key_value_heads": 2}, None),
 }
 CONFIG_SEEDS = {name: i for i, name in enumerate(HF_CONFIGS)}
 
@@ -186,8 +192,8 @@ def _build_hf_checkpoint(root: Path, sp_model_path: Path, name: str, overrides: 
     import convert_hf_checkpoint
 
     overrides = dict(overrides)
-    family = {"llama": "Llama", "mistral": "Mistral", "qwen2": "Qwen2", "qwen3": "Qwen3"}[
-        overrides.pop("model_type", "llama")]
+    family = {"llama": "Llama", "mistral": "Mistral", "qwen2": "Qwen2", "qwen3": "Qwen3", "mixtral": "Mixtral",
+              "qwen3_moe": "Qwen3Moe"}[overrides.pop("model_type", "llama")]
     cfg = getattr(transformers, f"{family}Config")(**{**BASE_CONFIG, "vocab_size": VOCAB_SIZE, **overrides})
     torch.manual_seed(seed)
     model = getattr(transformers, f"{family}ForCausalLM")(cfg).float().eval()

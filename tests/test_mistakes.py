@@ -190,6 +190,9 @@ MISTAKES = {
     "generate/config_heads_do_not_divide_dim": ("generate.py", lambda u, w: [
         "--checkpoint_path", checkpoint_in(w, u, {"n_heads": 5, "n_kv_heads": 5, "head_dim": 0}), *GEN],
         "dim (64) must be a multiple of n_heads (5)"),
+    "generate/config_more_active_experts_than_experts": ("generate.py", lambda u, w: [
+        "--checkpoint_path", checkpoint_in(w, u, {"n_experts": 2, "n_active_experts": 3}), *GEN],
+        "n_active_experts (3) must be in 1..n_experts (2)"),
     "generate/config_unknown_field": ("generate.py", lambda u, w: [
         "--checkpoint_path", checkpoint_in(w, u, {"hidden_size": 64}), *GEN], "unknown field hidden_size"),
     "generate/config_norm_eps_string": ("generate.py", lambda u, w: [
@@ -450,7 +453,8 @@ def test_ctrl_c_while_generating(user):
 def big_checkpoint(user, tmp_path_factory) -> Path:
     """A 60M-parameter bfloat16 checkpoint with random weights: quantizing it takes seconds, long enough to be
     interrupted on the way."""
-    from model import ModelArgs, Transformer
+    from model import Transformer
+    from model_config import ModelArgs
 
     d = tmp_path_factory.mktemp("big")
     config = ModelArgs(dim=768, n_layers=8, n_heads=12, intermediate_size=2048, vocab_size=400, max_seq_len=256)

@@ -8,7 +8,8 @@ from conftest import HF_CONFIGS, VOCAB_SIZE, hf_greedy, on_cpu
 
 import decoding
 import model as model_mod
-from model import ModelArgs, Transformer
+from model import Transformer
+from model_config import PRESETS, ModelArgs
 from sampling import SamplingConfig
 
 CONFIG_NAMES = list(HF_CONFIGS)
@@ -42,9 +43,12 @@ def test_converted_config_matches_hf(pair):
     name, hf, ours, d = pair
     c, hc = ours.config, hf.config
     assert (c.dim, c.n_layers, c.n_heads, c.n_kv_heads) == (64, 2, 4, hc.num_key_value_heads)
-    assert c.vocab_size == VOCAB_SIZE and c.intermediate_size == 172 and c.head_dim == (32 if name == "qwen3" else 16)
+    assert c.vocab_size == VOCAB_SIZE and c.head_dim == (32 if name == "qwen3" else 16)
+    assert c.intermediate_size == (48 if name == "qwen3_moe" else 172)
+    assert (c.n_experts, c.n_active_experts, c.norm_topk_prob) == {"mixtral": (8, 2, True),
+                                                                    "qwen3_moe": (6, 2, False)}.get(name, (0, 0, True))
     assert c.tie_embeddings == (name in ("tied", "qwen2"))
-    assert (c.qkv_bias, c.qk_norm) == (name == "qwen2", name == "qwen3")
+    assert (c.qkv_bias, c.qk_norm) == (name == "qwen2", name in ("qwen3", "qwen3_moe"))
     if c.tie_embeddings:
         assert ours.output.weight is ours.tok_embeddings.weight
     assert c.sliding_window == (24 if name == "mistral_window" else 0)
@@ -211,7 +215,7 @@ def test_default_intermediate_size_and_gqa_check():
 def _llama_param_count(a: ModelArgs) -> int:
     """The Llama parameter count written out from the architecture."""
     attn = a.dim * a.n_heads * a.head_dim * 2 + a.dim * a.n_kv_heads * a.head_dim * 2  # q, o; k, v
-    mlp = 3 * a.dim * a.intermediate_size  # gate, up, down
+    mlp = 3 * a.dim * a.intermediate_size * max(a.n_experts, 1) + a.dim * a.n_experts  # gate, up, down; router
     per_layer = attn + mlp + 2 * a.dim  # two RMSNorms
     embeddings = a.vocab_size * a.dim * (1 if a.tie_embeddings else 2)
     return a.n_layers * per_layer + embeddings + a.dim  # final norm
@@ -226,10 +230,11 @@ PUBLISHED_COUNTS = {
     "mistral-7b": 7_241_732_096,
     "llama-3-8b": 8_030_261_248,
     "llama-3.2-1b": 1_235_814_400,
+    "mixtral-8x7b": 46_702_792_704,
 }
 
 
-@pytest.mark.parametrize("name", list(model_mod.PRESETS))
+@pytest.mark.parametrize("name", list(PRESETS))
 def test_presets_build_on_meta_with_right_parameter_count(name):
     args = ModelArgs.from_name(name)
     with torch.device("meta"):

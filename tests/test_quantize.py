@@ -21,7 +21,8 @@ import decoding
 import gptq as G
 import qlinear as Q
 import quantize
-from model import CONFIG_NAME, ModelArgs, Transformer
+from model import Transformer
+from model_config import CONFIG_NAME, ModelArgs
 from sampling import SamplingConfig
 from tokenizer import load_tokenizer
 

@@ -15,7 +15,7 @@ import checkpoint
 import decoding
 import qlinear as Q
 import tp
-from model import CONFIG_NAME
+from model_config import CONFIG_NAME
 from sampling import SamplingConfig
 from speculative import DraftModel, speculative_generate
 from tokenizer import load_tokenizer

@@ -11,7 +11,8 @@ sys.path.insert(0, str(ROOT / "scripts"))
 import train_small  # noqa: E402
 
 from checkpoint import load_model  # noqa: E402
-from model import ModelArgs, Transformer  # noqa: E402
+from model import Transformer  # noqa: E402
+from model_config import ModelArgs  # noqa: E402
 
 
 def test_training_lowers_the_loss(sp_tokenizer):
