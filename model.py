@@ -250,6 +250,10 @@ class MoEFeedForward(nn.Module):
         return y.view(shape)
 
     def gathered(self, x: Tensor, experts: Tensor, weights: Tensor) -> Tensor:
+        if not torch.compiler.is_compiling():  # eager: each chosen expert by index, a view (no copy) for F.linear
+            return torch.stack([sum(weights[n, j] * self.expert_ffn(x[n], experts[n, j].item()) for j in range(self.k))
+                                for n in range(x.shape[0])])
+        # compiled: the chosen experts' rows gathered and multiplied in one fused kernel (bmm-shaped einsums)
         gate, up = torch.einsum("nd,nkod->nko", x, self.w13.take(experts, x.dtype)).chunk(2, dim=-1)
         y = torch.einsum("nki,nkdi->nkd", F.silu(gate) * up, self.w2.take(experts, x.dtype))
         return torch.einsum("nkd,nk->nd", y, weights)
@@ -262,11 +266,13 @@ class MoEFeedForward(nn.Module):
         for e, n in enumerate(counts):
             if n:
                 idx = tokens[start:start + n]
-                gate, up = F.linear(x[idx], self.w13.expert(e, x.dtype)).chunk(2, dim=-1)
-                y = F.linear(F.silu(gate) * up, self.w2.expert(e, x.dtype))
-                out.index_add_(0, idx, y * pair_weights[start:start + n, None])
+                out.index_add_(0, idx, self.expert_ffn(x[idx], e) * pair_weights[start:start + n, None])
             start += n
         return out
+
+    def expert_ffn(self, x: Tensor, e: int) -> Tensor:
+        gate, up = F.linear(x, self.w13.expert(e, x.dtype)).chunk(2, dim=-1)
+        return F.linear(F.silu(gate) * up, self.w2.expert(e, x.dtype))
 
 
 class RMSNorm(nn.Module):

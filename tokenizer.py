@@ -7,6 +7,7 @@ Three backends with the same interface, picked by load_tokenizer(path) from the 
                           and EOS ids of tokenizer_config.json and generation_config.json beside it
 """
 import base64
+import functools
 import json
 import os
 from pathlib import Path
@@ -341,6 +342,7 @@ def _read_json(path: Path) -> dict:
         raise TokenizerError(f"cannot read {path}: {e}") from None
 
 
+@functools.lru_cache(maxsize=8)  # rendered at every chat turn; compiled once
 def _jinja_template(source: str):
     """The template compiled as transformers compiles chat templates: a sandbox, trim_blocks and lstrip_blocks,
     loop controls, its tojson and raise_exception, and the {% generation %} tag rendered as plain text."""
