@@ -125,3 +125,27 @@ def test_speculative_decoding_on_top(moe, prompt_ids, tmp_path):
     plain = decoding.generate(model, [prompt], 24, GREEDY).tokens
     result = speculative_generate(model, [prompt], 24, GREEDY, proposer=DraftModel(draft), speculate_k=4)
     assert result.tokens == plain and sum(result.accepted) > 0
+
+
+def test_eval_scores_a_document_as_hf(moe):
+    """eval.py's lm-eval model runs unchanged on a MoE: the log-likelihood of a document (one scoring window, so
+    the grouped expert path) is the sum of HF's log-probabilities of its tokens, BOS first and conditioned on BOS
+    (as lm-eval's HF backend scores a rolling document encoded with BOS)."""
+    import torch.nn.functional as F
+    from conftest import english_ish
+    from lm_eval.api.instance import Instance
+
+    import eval as llama_eval
+    from tokenizer import load_tokenizer
+
+    _, hf, d, model = moe
+    tok = load_tokenizer(d / "tokenizer.model")
+    text = english_ish(1, seed=8)[0]
+    ids = tok.encode(text, bos=False)
+    assert 8 < len(ids) < 63
+    lm = llama_eval.LlamaFastLM(model, tok, batch_size=2, max_length=64)
+    got = lm.loglikelihood_rolling([Instance("loglikelihood_rolling", {}, (text,), 0)])[0]
+    targets = [tok.bos_id] + ids
+    with torch.no_grad():
+        logprobs = F.log_softmax(hf(torch.tensor([[tok.bos_id] + targets])).logits[0, :-1].float(), dim=-1)
+    assert got == pytest.approx(logprobs.gather(1, torch.tensor(targets)[:, None]).sum().item(), abs=1e-3)
