@@ -150,8 +150,6 @@ def fault_message(e: BaseException) -> str | None:
         return f"no space left on device{f' writing {e.filename}' if e.filename else ''}"
     if isinstance(e, OSError) and type(e).__module__ == "builtins":  # permissions, read-only file systems, ...
         return str(e)
-    if isinstance(e, RuntimeError) and "No space left on device" in str(e):  # how torch.save reports a full disk
-        return "no space left on device"
     if isinstance(e, RuntimeError) and tp.world_size() > 1 and _peer_lost(str(e)):
         detail = re.sub(r"^\[[^\]]*\]\s*", "", str(e).splitlines()[0])  # without gloo's source file and line
         return f"another process of this torchrun launch stopped ({detail[:160]})"
@@ -164,10 +162,11 @@ def _peer_lost(message: str) -> bool:
 
 
 def cli_main(run, args):
-    """Return when run(args) returns 0, else exit with its code. A user mistake (ValueError, FileNotFoundError, TokenizerError) or a fault (see
-    fault_message) exits 1 with one "error: ..." line instead of a traceback; Ctrl-C exits 130 and SIGTERM 143, with
-    one line each. Under torchrun only rank 0 prints; errors are reported by every rank, and the process group is
-    torn down however the run ends."""
+    """Return when run(args) returns 0, else exit with its code. A user mistake (ValueError, FileNotFoundError,
+    TokenizerError) or a fault (see fault_message; a full disk arrives as checkpoint.atomic_save's ENOSPC OSError)
+    exits 1 with one "error: ..." line instead of a traceback; Ctrl-C exits 130 and SIGTERM 143, with one line each.
+    Under torchrun only rank 0 prints; errors are reported by every rank, and the process group is torn down however
+    the run ends."""
     previous = signal.signal(signal.SIGTERM, _terminate)
     try:
         with tp.rank0_output():

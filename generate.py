@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 
 import tp
-from checkpoint import check_vocab, load_model, tokenizer_file, write_json
+from checkpoint import atomic_save, check_vocab, load_model, tokenizer_file, write_json
 from decoding import compile_cache_counts, generate, make_steps, peak_memory_bytes, weight_bytes
 from sampling import SamplingConfig
 from speculative import DraftModel, PromptLookup, acceptance_stats, check_speculation, speculative_generate
@@ -184,7 +184,7 @@ def sample(i: int, gen, args, tokenizer, texts, prompts, eos_ids, wbytes: int, k
     with prof:
         result = gen(show if stream else None)
     if profiling:
-        prof.export_chrome_trace(str(args.profile))
+        atomic_save(prof, args.profile, save=lambda p, path: p.export_chrome_trace(str(path)))
     if stream:
         print(stream.flush())
     else:

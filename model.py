@@ -15,6 +15,7 @@ from torch import Tensor
 from cpu_kernels import KERNELS, choose
 from model_config import ModelArgs
 
+
 class Linear(nn.Linear):
     """nn.Linear without bias whose CPU matmul is the kernel cpu_kernels chose for this machine (`kernel`): ATen's
     addmv for one token (F.linear for several) unless use_kernel() switched it, e.g. to oneDNN on a prepacked
@@ -205,9 +206,9 @@ class FeedForward(nn.Module):
 
 
 class Experts(nn.Module):
-    """n_experts linear weights (n_experts, out_features, in_features) in one tensor, read by index: a token's
-    chosen experts are gathered (take) or one expert's rows used at a time (expert). qlinear.py has the int8 and
-    int4 forms, with the same two methods."""
+    """n_experts linear weights (n_experts, out_features, in_features) in one tensor, read by index: take(idx)
+    gives the weights of the experts idx names, a view for one int index (an expert's rows), a gather for a tensor
+    of them. qlinear.py has the int8 and int4 forms, with the same method."""
     output_dims, input_dims = {"weight": 1}, {"weight": 2}  # for tp.py, as on the quantized linears
 
     def __init__(self, n_experts: int, in_features: int, out_features: int):
@@ -217,9 +218,6 @@ class Experts(nn.Module):
 
     def take(self, idx: Tensor, dtype) -> Tensor:
         return self.weight[idx].to(dtype)
-
-    def expert(self, e: int, dtype) -> Tensor:
-        return self.weight[e].to(dtype)
 
 
 class MoEFeedForward(nn.Module):
@@ -251,8 +249,8 @@ class MoEFeedForward(nn.Module):
 
     def gathered(self, x: Tensor, experts: Tensor, weights: Tensor) -> Tensor:
         if not torch.compiler.is_compiling():  # eager: each chosen expert by index, a view (no copy) for F.linear
-            return torch.stack([sum(weights[n, j] * self.expert_ffn(x[n], experts[n, j].item()) for j in range(self.k))
-                                for n in range(x.shape[0])])
+            return torch.stack([sum(weights[n, j] * self.expert_ffn(x[n], experts[n, j].item())
+                                    for j in range(self.k)) for n in range(x.shape[0])])
         # compiled: the chosen experts' rows gathered and multiplied in one fused kernel (bmm-shaped einsums)
         gate, up = torch.einsum("nd,nkod->nko", x, self.w13.take(experts, x.dtype)).chunk(2, dim=-1)
         y = torch.einsum("nki,nkdi->nkd", F.silu(gate) * up, self.w2.take(experts, x.dtype))
@@ -271,8 +269,8 @@ class MoEFeedForward(nn.Module):
         return out
 
     def expert_ffn(self, x: Tensor, e: int) -> Tensor:
-        gate, up = F.linear(x, self.w13.expert(e, x.dtype)).chunk(2, dim=-1)
-        return F.linear(F.silu(gate) * up, self.w2.expert(e, x.dtype))
+        gate, up = F.linear(x, self.w13.take(e, x.dtype)).chunk(2, dim=-1)
+        return F.linear(F.silu(gate) * up, self.w2.take(e, x.dtype))
 
 
 class RMSNorm(nn.Module):

@@ -8,9 +8,7 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 CONFIG_NAME = "model_config.json"  # ModelArgs beside every checkpoint: loaders read it instead of guessing from paths
-
-
-HF_FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "mixtral", "qwen3_moe")  # the model_type values of config.json we convert
+HF_FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "mixtral", "qwen3_moe")  # config.json model_types we convert
 
 # The smallest value of each numeric ModelArgs field; 0 means "derive it" where the field's comment says so.
 FIELD_MINIMUM = {"dim": 1, "n_layers": 1, "n_heads": 1, "n_kv_heads": 0, "vocab_size": 1, "intermediate_size": 0,
@@ -40,7 +38,7 @@ def hf_field(cfg: dict, key: str, kind: type = int, default=None):
         if default is None:
             raise ValueError(f"config.json has no {key}")
         return default
-    return checked_field(key, cfg[key], kind, FIELD_MINIMUM["dim"] if kind is int else 0.0)
+    return checked_field(key, cfg[key], kind, 1 if kind is int else 0.0)  # HF sizes are given, never "derive it"
 
 
 def hf_moe_fields(cfg: dict, family: str) -> dict:

@@ -143,6 +143,14 @@ class Int8Linear(nn.Module):
         return F.linear(x, self.weight.to(x.dtype)) * self.scales.to(x.dtype)
 
 
+def int4_group_split_error(name: str, in_features: int, groupsize: int, world_size: int) -> str | None:
+    """A row-parallel int4 layer keeps whole groups on every process (tp.py)."""
+    if in_features % (groupsize * world_size):
+        return (f"int4 {name} has {in_features} input features: {world_size} processes would split its groups of "
+                f"{groupsize} (needs a multiple of {groupsize * world_size})")
+    return None
+
+
 class Int4Linear(nn.Module):
     """Groupwise int4. `weight` holds the portable packed codes (N, K/2) until pack_for_device() converts it to
     the layout of the device's kernel. K may be padded up to a multiple of the group size (padding columns are
@@ -170,10 +178,8 @@ class Int4Linear(nn.Module):
         """Why this layer cannot be split over world_size processes (tp.py), or None."""
         if self.kernel is not None:
             return "shard int4 layers before qlinear.pack_for_device: packed codes cannot be split"
-        g = self.groupsize
-        if split_inputs and self.in_features % (g * world_size):
-            return (f"int4 {name} has {self.in_features} input features: {world_size} processes would split its "
-                    f"groups of {g} (needs a multiple of {g * world_size})")
+        if split_inputs:
+            return int4_group_split_error(name, self.in_features, self.groupsize, world_size)
         if not split_inputs and self.out_features // world_size % 16:
             return (f"int4 {name} would have {self.out_features // world_size} output features per process; the "
                     f"int4 kernels need a multiple of 16")
@@ -227,9 +233,6 @@ class Int8Experts(nn.Module):
     def take(self, idx: Tensor, dtype) -> Tensor:
         return self.weight[idx].to(dtype) * self.scales[idx].to(dtype)[..., None]
 
-    def expert(self, e: int, dtype) -> Tensor:
-        return self.take(e, dtype)
-
 
 class Int4Experts(nn.Module):
     """model.Experts in int4 (the Int4Linear format per expert, kept in its portable packed layout): codes
@@ -239,27 +242,20 @@ class Int4Experts(nn.Module):
 
     def __init__(self, n_experts: int, in_features: int, out_features: int, groupsize: int):
         super().__init__()
-        self.n_experts, self.in_features, self.out_features, self.groupsize = n_experts, in_features, out_features, \
-            groupsize
+        self.n_experts, self.in_features, self.out_features = n_experts, in_features, out_features
+        self.groupsize = groupsize
         padded_in = -(-in_features // groupsize) * groupsize
         self.register_buffer("weight", torch.empty(n_experts, out_features, padded_in // 2, dtype=torch.uint8))
         self.register_buffer("scales_and_zeros", torch.empty(n_experts, out_features, padded_in // groupsize, 2))
 
     def shard_error(self, name: str, world_size: int, split_inputs: bool) -> str | None:
-        g = self.groupsize
-        if split_inputs and self.in_features % (g * world_size):
-            return (f"int4 {name} has {self.in_features} input features: {world_size} processes would split its "
-                    f"groups of {g} (needs a multiple of {g * world_size})")
-        return None
+        return int4_group_split_error(name, self.in_features, self.groupsize, world_size) if split_inputs else None
 
     def take(self, idx: Tensor, dtype) -> Tensor:
         packed, qparams = self.weight[idx], self.scales_and_zeros[idx]
         codes = unpack_int4(packed.reshape(-1, packed.shape[-1]))
         w = dequantize_int4(codes, qparams.reshape(-1, *qparams.shape[-2:]), self.groupsize, dtype)
         return w.reshape(*packed.shape[:-1], -1)[..., :self.in_features]
-
-    def expert(self, e: int, dtype) -> Tensor:
-        return self.take(e, dtype)
 
 
 def linear_names(model: nn.Module, quantize_output: bool) -> list:

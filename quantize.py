@@ -16,7 +16,7 @@ import sys
 import time
 from pathlib import Path
 
-from checkpoint import atomic_save, check_vocab, load_model, tokenizer_file
+from checkpoint import atomic_save, check_is_file, check_vocab, load_model, tokenizer_file
 from gptq import calibration_sequences, gptq_quantize_model, read_calibration_text
 from qlinear import GROUP_SIZES, quantize_model
 from tokenizer import load_tokenizer
@@ -90,8 +90,7 @@ def quantize_gptq(model, args, tokenizer, text: str, source: str) -> tuple[dict,
 def quantize(args) -> tuple[Path, int]:
     """Check everything, quantize, write the output; returns its path and size in bytes."""
     check_args(args)
-    if not args.checkpoint_path.is_file():  # the input first: its folder is also the output's
-        raise FileNotFoundError(f"checkpoint not found: {args.checkpoint_path}")
+    check_is_file(args.checkpoint_path, "checkpoint")  # the input first: its folder is also the output's
     out = output_path(args.checkpoint_path, args.mode, args.groupsize)
     check_output_path(out, "output", force=args.force)
     calibration_data = calibration(args) if args.mode == "int4-gptq" else None

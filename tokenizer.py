@@ -241,6 +241,7 @@ class TiktokenTokenizer:
 # --- tokenizer.json: any Hugging Face fast tokenizer, as transformers' AutoTokenizer uses it ------------------
 
 REPLY = "ReplyPlaceholder"  # stands for an assistant reply when a chat template is rendered to find its turns
+EXCHANGE = [{"role": "user", "content": "UserPlaceholder"}, {"role": "assistant", "content": REPLY}]
 
 
 class HFTokenizer:
@@ -297,12 +298,11 @@ class HFTokenizer:
             return self.encode_chat(system_message + [{"role": "user", "content": user_text}])
         if system is not None:
             raise ValueError("a system prompt can only be given on the first turn")
-        earlier = [{"role": "user", "content": "UserPlaceholder"}, {"role": "assistant", "content": REPLY}]
-        before = self.render_chat(earlier, add_generation_prompt=False)
-        after = self.render_chat(earlier + [{"role": "user", "content": user_text}])
+        before = self.render_chat(EXCHANGE, add_generation_prompt=False)
+        after = self.render_chat(EXCHANGE + [{"role": "user", "content": user_text}])
         if not after.startswith(before):
             raise TokenizerError("the chat template renders earlier turns differently once a turn is added")
-        end, glue = self._reply_end(before)
+        _, glue = self._reply_end
         return self.encode(glue + after[len(before):], bos=False)
 
     def encode_reply(self, text: str) -> list[int]:
@@ -314,12 +314,12 @@ class HFTokenizer:
         """The special token that ends an assistant reply in the chat template (the first EOS without one)."""
         if not self.chat_template:
             return self.eos_ids[0] if self.eos_ids else None
-        end, _ = self._reply_end(self.render_chat([{"role": "user", "content": "UserPlaceholder"},
-                                                   {"role": "assistant", "content": REPLY}], False))
-        return self._tok.token_to_id(end)
+        return self._tok.token_to_id(self._reply_end[0])
 
-    def _reply_end(self, rendered: str) -> tuple[str, str]:
-        """(the special token that ends a reply in this template, the text after it)."""
+    @functools.cached_property
+    def _reply_end(self) -> tuple[str, str]:
+        """(the special token that ends a reply in this template, the text after it), from a rendered exchange."""
+        rendered = self.render_chat(EXCHANGE, add_generation_prompt=False)
         tail = rendered[rendered.rindex(REPLY) + len(REPLY):]
         specials = [t.content for t in self._tok.get_added_tokens_decoder().values() if t.special]
         end = max((t for t in specials if tail.startswith(t)), key=len, default=None)

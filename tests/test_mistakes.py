@@ -449,6 +449,17 @@ def test_ctrl_c_while_generating(user):
     assert_interrupted(finish(proc))
 
 
+def test_sigterm_while_generating(user):
+    """kill (SIGTERM) ends a run like Ctrl-C does: one last line, exit status 143 (128 + 15)."""
+    proc = start(["generate.py", "--checkpoint_path", user["model"], *GEN, "--max_new_tokens", "200",
+                  "--num_samples", "1000", "--ignore_eos"])
+    assert proc.stdout.read(1)
+    proc.send_signal(signal.SIGTERM)
+    done = finish(proc)
+    assert done.returncode == 143 and "Traceback" not in done.stderr, done.stderr
+    assert done.stderr.splitlines()[-1] == "error: terminated (SIGTERM)", done.stderr
+
+
 @pytest.fixture(scope="module")
 def big_checkpoint(user, tmp_path_factory) -> Path:
     """A 60M-parameter bfloat16 checkpoint with random weights: quantizing it takes seconds, long enough to be

@@ -10,7 +10,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import train_byte_level_bpe, write_tokenizer
+from conftest import english_ish, train_byte_level_bpe, write_tokenizer
 
 import decoding
 from sampling import SamplingConfig
@@ -194,3 +194,14 @@ def test_cli_chat_with_the_checkpoints_own_template(qwen_checkpoint):
         expected.append(tok.decode([t for t in res.tokens[0] if t not in tok.eos_ids]))
         history += res.tokens[0] + ([] if res.stopped[0] else [tok.eot_id])
     assert re.findall(r"Assistant: (.*?)\n\nUser: ", proc.stdout, re.S) == expected
+
+
+def test_gptq_calibration_windows_without_bos(qwen_files):
+    """A tokenizer with no BOS (Qwen) calibrates on plain windows of the text's tokens, seq_length each."""
+    from gptq import calibration_sequences
+
+    _, tok, _ = qwen_files
+    text = " ".join(english_ish(40, seed=4))
+    ids = tok.encode(text, bos=False)
+    windows = calibration_sequences(tok, text, limit=3, seq_length=16)
+    assert windows == [ids[0:16], ids[16:32], ids[32:48]]
