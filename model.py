@@ -57,6 +57,27 @@ class KVCache(nn.Module):
         return self.k_cache[: k.shape[0]], self.v_cache[: v.shape[0]]
 
 
+class PagedKVCache(nn.Module):
+    """Keys and values of many sequences in one pool of fixed-size blocks (serving: engine.py), as vLLM's
+    PagedAttention keeps them: (n_slots, n_kv_heads, head_dim), slot = block * block_size + offset. Which blocks hold
+    a sequence's tokens, in order, is its block table (paged_cache.py); update() is given it expanded to slots."""
+
+    def __init__(self, n_slots, n_kv_heads, head_dim, dtype, device=None):
+        super().__init__()
+        shape = (n_slots, n_kv_heads, head_dim)
+        self.register_buffer("k_pool", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+        self.register_buffer("v_pool", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+
+    def update(self, slots: tuple[Tensor, Tensor], k: Tensor, v: Tensor):
+        # k, v: (B, n_kv_heads, T, head_dim) written to slots[0] (B, T); returns each row's keys and values
+        # (B, n_kv_heads, S, head_dim) read from slots[1] (B, S), the row's slots in position order
+        write, read = slots
+        B, H, T, D = k.shape
+        self.k_pool[write.flatten()] = k.transpose(1, 2).reshape(B * T, H, D)
+        self.v_pool[write.flatten()] = v.transpose(1, 2).reshape(B * T, H, D)
+        return self.k_pool[read].transpose(1, 2), self.v_pool[read].transpose(1, 2)
+
+
 class Transformer(nn.Module):
     def __init__(self, config: ModelArgs):
         super().__init__()
@@ -86,6 +107,16 @@ class Transformer(nn.Module):
         self.freqs_cis = precompute_freqs_cis(cache_len, self.config, weight.device)
         self.max_batch_size, self.cache_len = max_batch_size, cache_len
 
+    def setup_paged_cache(self, n_blocks: int, block_size: int):
+        """A pool of n_blocks KV blocks of block_size tokens (forward with slots) instead of the static cache."""
+        weight = self.output.weight
+        dtype = weight.dtype if weight.is_floating_point() else self.tok_embeddings.weight.dtype
+        for layer in self.layers:
+            layer.attention.kv_cache = PagedKVCache(n_blocks * block_size, layer.attention.n_kv_heads,
+                                                    self.config.head_dim, dtype, weight.device)
+        self.freqs_cis = precompute_freqs_cis(self.config.max_seq_len, self.config, weight.device)
+        self.max_batch_size = self.cache_len = 0  # a later setup_caches() allocates a static cache again
+
     def use_cpu_kernels(self, force: str = "auto") -> str:
         """Give the float linears the CPU matmul kernel that is fastest here for their shapes (cpu_kernels.choose:
         measured once per machine and cached), or the one `force` names. The output projection keeps addmv when
@@ -101,38 +132,46 @@ class Transformer(nn.Module):
         return kernel
 
     def forward(self, idx: Tensor, input_pos: Tensor | None = None, left_pad: Tensor | None = None,
-                last_only: bool = False, mask: Tensor | None = None) -> Tensor:
+                last_only: bool = False, mask: Tensor | None = None, slots: tuple | None = None) -> Tensor:
         """idx: (B, T) token ids; input_pos: (T,) cache positions they are written to (None: no cache, a plain
         causal forward from position 0); left_pad: (B,) number of padding slots at the start of each row, which
         are masked out and do not count as positions for RoPE. mask: (B or 1, T, cache_len) bool, the cache slots
         each new token attends to, for attention shapes that positions do not describe (e.g. a tree of candidate
         continuations), used as given (any sliding window included); default: every slot up to the token's own
-        position (within the last sliding_window ones if the model has one). Returns float logits (B, T or 1, V)."""
-        freqs, causal = self.block_inputs(idx.shape[0], idx.shape[1], idx.device, input_pos, left_pad)
+        position (within the last sliding_window ones if the model has one). Returns float logits (B, T or 1, V).
+
+        slots: the paged cache instead (setup_paged_cache; continuous batching, engine.py): (write (B, T), read
+        (B, S)), the pool slots the new tokens' keys and values go to and each row's slots in position order (its
+        block table expanded), so that key j is at position j; input_pos is then (B, T), each row's own positions."""
+        n_keys = None if slots is None else slots[1].shape[1]
+        freqs, causal = self.block_inputs(idx.shape[0], idx.shape[1], idx.device, input_pos, left_pad, n_keys)
         mask = causal if mask is None else mask[:, None]
+        cache_index = input_pos if slots is None else slots  # where each layer's KV cache writes: see its update()
         x = self.tok_embeddings(idx)
         for layer in self.layers:
             # On CPU torch.compile makes one graph of a block and calls it for every layer (shared_forward), so
             # inductor compiles one block instead of n_layers: tinyllama 14 s instead of 40 s on 2 cores, same speed
-            x = (layer.shared_forward(x, freqs, mask, input_pos) if x.device.type == "cpu" else
-                 layer(x, freqs, mask, input_pos))
+            x = (layer.shared_forward(x, freqs, mask, cache_index) if x.device.type == "cpu" else
+                 layer(x, freqs, mask, cache_index))
         if last_only:
             x = x[:, -1:]
         return self.output(self.norm(x)).float()
 
-    def block_inputs(self, B: int, T: int, device, input_pos: Tensor | None = None, left_pad: Tensor | None = None):
+    def block_inputs(self, B: int, T: int, device, input_pos: Tensor | None = None, left_pad: Tensor | None = None,
+                     n_keys: int | None = None):
         """RoPE frequencies (B, T, head_dim // 2, 2) and attention mask (B, 1, T, keys) for the layers: T tokens at
-        cache positions input_pos, or (input_pos None) a plain causal sequence from position 0 without the cache."""
+        cache positions input_pos ((T,), or (B, T) per row), or (input_pos None) a plain causal sequence from
+        position 0 without the cache. Keys: the cache's slots, or n_keys (the paged cache's)."""
         if input_pos is None:
             pos = torch.arange(T, device=device)
             freqs_cis, n_keys = precompute_freqs_cis(T, self.config, device), T
         else:
             assert self.freqs_cis is not None, "call setup_caches() before decoding with a KV cache"
-            pos, freqs_cis, n_keys = input_pos, self.freqs_cis, self.cache_len
+            pos, freqs_cis, n_keys = input_pos, self.freqs_cis, n_keys or self.cache_len
         key_pos = torch.arange(n_keys, device=device)
-        mask = key_pos <= pos[:, None]  # (T, S) causal
+        mask = key_pos <= pos[..., None]  # (T or B, T, S) causal
         if self.config.sliding_window:  # and within the window (slot distance = position distance, padded or not)
-            mask = mask & (key_pos > pos[:, None] - self.config.sliding_window)
+            mask = mask & (key_pos > pos[..., None] - self.config.sliding_window)
         rope_pos = pos.expand(B, T)
         if left_pad is not None:
             # Padding keys are invisible; a padding query sees itself so its softmax stays finite (no NaN in the cache).

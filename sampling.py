@@ -71,10 +71,11 @@ def logits_to_probs(logits: Tensor, cfg: SamplingConfig) -> Tensor:
     return probs / probs.sum(-1, keepdim=True)
 
 
-def draw(weights: Tensor) -> Tensor:
-    """(..., V) non-negative weights (not necessarily normalised) -> (..., 1) ids drawn in proportion to them."""
+def draw(weights: Tensor, generator: torch.Generator | None = None) -> Tensor:
+    """(..., V) non-negative weights (not necessarily normalised) -> (..., 1) ids drawn in proportion to them,
+    from the global random generator or the one given (a server request's own seed)."""
     # argmax(w / E) with E ~ Exp(1) draws from w (the exponential race) and needs no torch.multinomial sync.
-    return (weights / torch.empty_like(weights).exponential_(1)).argmax(-1, keepdim=True)
+    return (weights / torch.empty_like(weights).exponential_(1, generator=generator)).argmax(-1, keepdim=True)
 
 
 def sample(logits: Tensor, cfg: SamplingConfig) -> Tensor:

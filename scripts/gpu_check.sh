@@ -58,6 +58,11 @@ if ! "$PY" -c "import lm_eval" 2>/dev/null; then
   echo "note: lm_eval is not installed here: tests/test_eval.py is left out" | tee -a "$OUT"
   IGNORE=(--ignore tests/test_eval.py)
 fi
+if ! "$PY" -c "import fastapi, uvicorn, openai, httpx, prometheus_client" 2>/dev/null; then
+  # tests/test_serve.py runs on CPU whatever --device says; the engine's device tests are in tests/test_engine.py
+  echo "note: the serving packages are not installed here: tests/test_serve.py is left out" | tee -a "$OUT"
+  IGNORE+=(--ignore tests/test_serve.py)
+fi
 step "${TEST_TIMEOUT:-300}" "$PY" -m pytest -q tests --device cuda -x -m device "${IGNORE[@]}"
 bench bf16
 bench int8 --quantize int8

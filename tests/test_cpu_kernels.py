@@ -67,6 +67,9 @@ def test_choice_is_cached_per_machine(tmp_path):
     cache.write_text(json.dumps({other: {"kernel": "no-such-kernel", "g_weights_per_s": {}}}))
     chosen = cpu_kernels.choose([(64, 32)], torch.bfloat16, cache=cache)
     table = json.loads(cache.read_text())
+    if len(cpu_kernels.candidates(torch.bfloat16)) == 1:  # e.g. AVX2 without AVX-512: nothing to choose between
+        assert chosen == "addmv" and list(table) == [other]  # so nothing measured, nothing cached
+        return
     ours = [k for k in table if k != other]
     assert len(ours) == 1 and ours[0].startswith(cpu_kernels.machine_key())  # measured here, not taken from `other`
     rates = table[ours[0]]["g_weights_per_s"]

@@ -7,7 +7,7 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-ENTRY_POINTS = ("generate", "quantize", "eval")
+ENTRY_POINTS = ("generate", "quantize", "eval", "serve")
 MAX_FILE_LINES, MAX_FUNCTION_LINES = 450, 60
 
 

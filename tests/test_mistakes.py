@@ -318,6 +318,20 @@ MISTAKES = {
     "bench/speculate_k_0": ("scripts/bench.py", lambda u, w: ["--checkpoint_path", u["model"], "--device", "cpu",
                                                               "--prompt_lookup", "2", "--speculate_k", "0"],
                             "--speculate_k"),
+    # ---- serve.py (each refused before the model loads)
+    "serve/port_negative": ("serve.py", lambda u, w: ["--checkpoint_path", u["model"], "--device", "cpu",
+                                                       "--port", "-1"], "--port"),
+    "serve/port_too_big": ("serve.py", lambda u, w: ["--checkpoint_path", u["model"], "--device", "cpu",
+                                                      "--port", "70000"], "--port"),
+    "serve/max_batch_size_0": ("serve.py", lambda u, w: ["--checkpoint_path", u["model"], "--device", "cpu",
+                                                          "--max_batch_size", "0"], "--max_batch_size"),
+    "serve/kv_cache_gb_nan": ("serve.py", lambda u, w: ["--checkpoint_path", u["model"], "--device", "cpu",
+                                                         "--kv_cache_gb", "nan"], "--kv_cache_gb"),
+    "serve/no_such_host": ("serve.py", lambda u, w: ["--checkpoint_path", u["model"], "--device", "cpu",
+                                                      "--host", "10.255.255.254"], "cannot listen on 10.255.255.254"),
+    "serve/device_tpu": ("serve.py", lambda u, w: ["--checkpoint_path", u["model"], "--device", "tpu"], "tpu"),
+    "serve/missing_checkpoint": ("serve.py", lambda u, w: ["--checkpoint_path", w / "nope.pth", "--device", "cpu"],
+                                 "nope.pth"),
     # ---- scripts/train_small.py
     "train/heads_do_not_divide_width": ("scripts/train_small.py", lambda u, w: [
         "--text_file", u["text"], "--tokenizer_path", u["tokenizer"], "--out", w / "out", "--dim", "64",
@@ -429,6 +443,7 @@ def assert_interrupted(proc: subprocess.CompletedProcess):
     ("eval.py", lambda u: ["--checkpoint_path", u["model"], "--device", "cpu", "--text_file", u["text"]]),
     ("scripts/convert_hf_checkpoint.py", lambda u: ["--checkpoint_dir", u["dir"], "--force"]),
     ("scripts/bench.py", lambda u: ["--checkpoint_path", u["model"], "--device", "cpu"]),
+    ("serve.py", lambda u: ["--checkpoint_path", u["model"], "--device", "cpu", "--port", "0"]),
     ("scripts/train_small.py", lambda u: ["--text_file", u["text"], "--tokenizer_path", u["tokenizer"],
                                           "--out", u["dir"] / "trained"]),
 ])

@@ -4,6 +4,7 @@ are refused in one line; a rank that fails ends the whole launch."""
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -181,3 +182,59 @@ def test_a_failing_rank_ends_the_launch(checkpoints, tmp_path):
     assert proc.returncode != 0
     assert "rank 1 fails on purpose" in proc.stderr
     assert not (tmp_path / "never.pt").exists()
+
+
+def test_serve_under_torchrun(checkpoints, load_cpu, sp_tokenizer):
+    """serve.py with 2 ranks: rank 0 schedules and answers HTTP, rank 1 runs the same forward passes; concurrent
+    requests (batched, int8 weights) answer what one process's generate() gives; SIGTERM stops both ranks."""
+    import threading
+
+    import openai
+    from test_serve import free_port, wait_until_healthy
+
+    path = checkpoints["int8"]
+    port = free_port()
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "serve.py",
+           "--checkpoint_path", str(path), "--device", "cpu", "--precision", "float32", "--port", str(port),
+           "--tokenizer_path", str(path.parent / "tokenizer.model"), "--model_name", "tiny"]
+    proc = subprocess.Popen(cmd, cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"}, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    try:
+        wait_until_healthy(proc, f"http://127.0.0.1:{port}")
+        client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="none", max_retries=0)
+        prompts = ["The quick dog", "A small red bird sings when", "One old king"]
+        answers = {}
+
+        def ask(p):
+            answers[p] = client.completions.create(model="tiny", prompt=p, max_tokens=16, temperature=0)
+        threads = [threading.Thread(target=ask, args=(p,)) for p in prompts]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(timeout=120)
+        model = checkpoint.load_model(path, "cpu", torch.float32)
+        for p in prompts:
+            expected = decoding.generate(model, [sp_tokenizer.encode(p)], 16, SamplingConfig(temperature=0),
+                                         sp_tokenizer.eos_ids).tokens[0]
+            expected = [t for t in expected if t not in sp_tokenizer.eos_ids]
+            assert answers[p].choices[0].text == sp_tokenizer.decode(expected)
+        os.kill(rank0_of(proc.pid), signal.SIGTERM)  # torchrun itself turns a signal into a traceback of its own
+        out, err = proc.communicate(timeout=120)
+        assert proc.returncode == 0 and "Stopped" in err and "Traceback" not in err, err[-3000:]
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+
+
+def rank0_of(launcher: int) -> int:
+    """The pid of the RANK=0 process that torchrun (pid launcher) started."""
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            stat = Path(f"/proc/{pid}/stat").read_text()
+            environ = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if int(stat.rsplit(")", 1)[1].split()[1]) == launcher and b"RANK=0" in environ:
+            return int(pid)
+    raise LookupError("no rank 0")

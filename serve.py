@@ -1,0 +1,330 @@
+"""An OpenAI-compatible HTTP server over the serving engine (engine.py): many clients at once, continuously batched.
+
+    python serve.py --checkpoint_path checkpoints/<repo>/model.pth [--compile] [--port 8000]
+
+Routes: GET /v1/models, POST /v1/completions, POST /v1/chat/completions (both with "stream": server-sent events),
+GET /health, GET /metrics (Prometheus). FastAPI + uvicorn carry the HTTP; the engine runs in a thread of its own and
+hands each request's text to the event loop as it is produced. Binds 127.0.0.1 unless --host says otherwise.
+"""
+from cli import (PRECISIONS, add_model_args, check_at_least, check_device, cli_main)  # first, before torch (cli.py)
+import argparse
+import asyncio
+import json
+import secrets
+import os
+import signal
+import socket
+import sys
+import threading
+import time
+import traceback
+from pathlib import Path
+
+import torch
+import uvicorn
+from fastapi import FastAPI, Request as HTTPRequest
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
+from prometheus_client import CollectorRegistry, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+
+import tp
+from api import ChatRequest, CompletionRequest, chat_chunk, chat_response, completion_chunk, completion_response
+from checkpoint import check_vocab, load_model, tokenizer_file
+from engine import WORKER_PING_S, Engine, EngineConfig, Request, ping_workers, stop_workers, worker_loop
+from tokenizer import load_tokenizer
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description="Serve a Llama-family model over an OpenAI-compatible HTTP API.")
+    add_model_args(p)
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0: every interface)")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--model_name", help="the model's name in the API (default: the checkpoint's folder)")
+    p.add_argument("--api_key", help="require 'Authorization: Bearer KEY' on /v1 routes")
+    p.add_argument("--compile", action="store_true", help="torch.compile the forward passes (warmed up at start)")
+    p.add_argument("--max_batch_size", type=int, default=16, help="requests decoded together")
+    p.add_argument("--block_size", type=int, default=16, help="tokens per KV-cache block")
+    p.add_argument("--kv_cache_tokens", type=int, default=0, help="KV-cache pool size in tokens (default: "
+                   "max_batch_size full contexts, or half the free memory if smaller)")
+    p.add_argument("--kv_cache_gb", type=float, default=0.0, help="KV-cache pool size in GiB instead")
+    p.add_argument("--prefill_chunk", type=int, default=256, help="prompt tokens computed per step")
+    p.add_argument("--max_waiting", type=int, default=256, help="more waiting requests than this get a 503")
+    p.add_argument("--no_prefix_caching", action="store_true", help="never reuse the KV blocks of a shared prefix")
+    p.add_argument("--grace_period", type=float, default=30.0,
+                   help="seconds running requests get to finish after SIGTERM or Ctrl-C")
+    return p
+
+
+class OpenAIError(Exception):
+    """A request the server refuses: its HTTP status and OpenAI's error body."""
+
+    def __init__(self, status: int, message: str, kind: str = "invalid_request_error", param=None, code=None):
+        super().__init__(message)
+        self.status, self.body = status, {"error": {"message": message, "type": kind, "param": param, "code": code}}
+
+
+def model_name_of(checkpoint_path: Path) -> str:
+    """checkpoints/meta-llama/Llama-3.2-1B/model.pth -> meta-llama/Llama-3.2-1B; otherwise the folder's name."""
+    parts = checkpoint_path.resolve().parent.parts
+    if "checkpoints" in parts[:-1]:
+        return "/".join(parts[len(parts) - parts[::-1].index("checkpoints"):])
+    return parts[-1]
+
+
+class Server:
+    """The engine's thread, and what the HTTP handlers ask of it."""
+
+    def __init__(self, engine: Engine, tokenizer, model_name: str, max_waiting: int):
+        self.engine, self.tokenizer, self.model_name, self.max_waiting = engine, tokenizer, model_name, max_waiting
+        self.created = int(time.time())
+        self.failed = None  # the engine's crash, if it had one: every later request gets a 500
+        self.stopping = threading.Event()
+        self.registry = CollectorRegistry()
+        self.registry.register(self)  # collect() below: the engine's gauges and counters
+        self.ttft = Histogram("llama_fast_time_to_first_token_seconds", "Time from arrival to the first token",
+                              buckets=(.01, .025, .05, .1, .25, .5, 1, 2.5, 5, 10, 30, 60), registry=self.registry)
+        self.itl = Histogram("llama_fast_inter_token_latency_seconds", "Time between two tokens of a request",
+                             buckets=(.005, .01, .02, .04, .08, .16, .32, .64, 1.28, 2.56), registry=self.registry)
+        self.thread = threading.Thread(target=self.loop, name="engine", daemon=True)
+
+    def loop(self):
+        try:
+            busy = time.monotonic()
+            while not self.stopping.is_set():
+                self.engine.wait_for_work(0.1)
+                if self.engine.has_work():
+                    self.engine.step()
+                    busy = time.monotonic()
+                elif time.monotonic() - busy > WORKER_PING_S:  # tensor parallel: the other ranks wait in a collective
+                    ping_workers()
+                    busy = time.monotonic()
+        except Exception as e:  # a bug, or the device failing: say so, and fail what is in flight
+            traceback.print_exc()
+            self.failed = f"the engine stopped: {type(e).__name__}: {e}"
+            for r in [*self.engine.running, *self.engine.waiting, *self.engine.inbox]:
+                if r.on_output:
+                    r.on_output(r, "", [])
+
+    def collect(self):
+        e = self.engine
+        values = {"requests_running": len(e.running), "requests_waiting": len(e.waiting) + len(e.inbox),
+                  "kv_blocks_used": e.pool.n_used, "kv_blocks_free": e.pool.n_free}
+        for name, value in values.items():
+            yield GaugeMetricFamily(f"llama_fast_{name}", name.replace("_", " "), value=value)
+        for name, value in e.stats.items():
+            yield CounterMetricFamily(f"llama_fast_{name}", name.replace("_", " "), value=value)
+
+    async def run(self, r: Request):
+        """Submit r; yield (text, finish_reason) as the engine produces them, until a finish_reason."""
+        if self.failed:
+            raise OpenAIError(500, self.failed, "server_error")
+        if self.stopping.is_set():
+            raise OpenAIError(503, "the server is shutting down", "server_error")
+        if len(self.engine.waiting) + len(self.engine.inbox) >= self.max_waiting:
+            raise OpenAIError(503, f"the server is busy ({self.max_waiting} requests waiting); retry later",
+                              "server_error")
+        queue, loop = asyncio.Queue(), asyncio.get_running_loop()
+        last = [None]
+
+        def on_output(req, text, tokens):  # the engine's thread; finish_reason is read here, not when it arrives
+            now = time.perf_counter()
+            if tokens:
+                if last[0] is None:
+                    self.ttft.observe(now - req.arrival)
+                else:
+                    self.itl.observe(now - last[0])
+                last[0] = now
+            loop.call_soon_threadsafe(queue.put_nowait, (text, req.finish_reason))
+        r.on_output = on_output
+        try:
+            self.engine.add(r)
+        except ValueError as e:
+            raise OpenAIError(400, str(e)) from None
+        try:
+            while True:
+                text, finish_reason = await queue.get()
+                if self.failed:
+                    raise OpenAIError(500, self.failed, "server_error")
+                yield text, finish_reason
+                if finish_reason:
+                    return
+        finally:
+            if r.finish_reason is None:  # the client went away (or the server failed): free its blocks
+                self.engine.abort(r.id)
+
+
+def engine_request(server: Server, body, prompt: list[int], chat: bool) -> Request:
+    """The engine's Request for an API request; eos: the tokenizer's, and with chat its end-of-turn token."""
+    tok = server.tokenizer
+    eos = [] if body.ignore_eos else list(tok.eos_ids) + ([tok.eot_id] if chat and tok.eot_id is not None else [])
+    max_tokens = body.max_tokens_for(max(server.engine.context - len(prompt), 1))
+    return Request(prompt, max_tokens, body.sampling(), tuple(body.stop_strings()), tuple(eos), body.seed)
+
+
+def create_app(server: Server, api_key: str | None = None) -> FastAPI:
+    app = FastAPI(title="llama-fast", docs_url=None, redoc_url=None, openapi_url=None)
+
+    @app.exception_handler(OpenAIError)
+    async def refused(request, e: OpenAIError):
+        return JSONResponse(e.body, status_code=e.status)
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid(request, e: RequestValidationError):
+        first = e.errors()[0]
+        if first["type"] == "json_invalid":
+            return JSONResponse(OpenAIError(400, f"the body is not valid JSON ({first['ctx']['error']} at "
+                                                 f"character {first['loc'][-1]})").body, status_code=400)
+        where = ".".join(str(x) for x in first.get("loc", ())[1:])
+        if not where and first["type"] in ("model_attributes_type", "dict_type", "missing"):
+            first["msg"] = "the body must be a JSON object, sent as Content-Type: application/json"
+        message = f"{where}: {first['msg']}" if where else first["msg"]
+        return JSONResponse(OpenAIError(400, message, param=where or None).body, status_code=400)
+
+    @app.middleware("http")
+    async def check_key(request: HTTPRequest, call_next):
+        if api_key and request.url.path.startswith("/v1"):
+            given = request.headers.get("authorization", "")
+            if not secrets.compare_digest(given.encode(), f"Bearer {api_key}".encode()):
+                error = OpenAIError(401, "missing or wrong API key (Authorization: Bearer KEY)", code="invalid_api_key")
+                return JSONResponse(error.body, status_code=401)
+        return await call_next(request)
+
+    @app.get("/health")
+    async def health():
+        if server.failed:
+            return JSONResponse({"status": "failed", "reason": server.failed}, status_code=503)
+        return {"status": "ok"}
+
+    @app.get("/metrics")
+    async def metrics():
+        return PlainTextResponse(generate_latest(server.registry).decode(), media_type="text/plain; version=0.0.4")
+
+    @app.get("/v1/models")
+    async def models():
+        return {"object": "list", "data": [{"id": server.model_name, "object": "model", "created": server.created,
+                                            "owned_by": "llama-fast"}]}
+
+    @app.post("/v1/completions")
+    async def completions(body: CompletionRequest):
+        check_model(server, body.model)
+        prompt = body.prompt_ids(server.tokenizer)
+        return await respond(server, body, engine_request(server, body, prompt, chat=False), completion_response,
+                             completion_chunk)
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(body: ChatRequest):
+        check_model(server, body.model)
+        prompt = body.prompt_ids(server.tokenizer)
+        return await respond(server, body, engine_request(server, body, prompt, chat=True), chat_response, chat_chunk)
+
+    return app
+
+
+def check_model(server: Server, name: str):
+    if name != server.model_name:
+        raise OpenAIError(400, f"model {name!r} is not served here; this server has {server.model_name!r}",
+                          param="model", code="model_not_found")
+
+
+async def respond(server: Server, body, r: Request, response, chunk):
+    """The whole answer as one JSON body, or (stream) its pieces as server-sent events ending with [DONE]."""
+    meta = dict(id=f"{'chatcmpl' if chunk is chat_chunk else 'cmpl'}-{r.id}", created=int(time.time()),
+                model=server.model_name)
+    outputs = server.run(r)
+    if not body.stream:
+        async for _ in outputs:
+            pass
+        return response(r, **meta)
+    first = await anext(outputs)  # errors (a prompt too long, a busy server) still become a status code
+
+    async def events():
+        i = 0
+        async for text, finish_reason in prepend(first, outputs):
+            for event in chunk(r, text, finish_reason, i == 0, **meta, include_usage=body.include_usage()):
+                yield f"data: {json.dumps(event)}\n\n"
+            i += 1
+        yield "data: [DONE]\n\n"
+    return StreamingResponse(events(), media_type="text/event-stream")
+
+
+async def prepend(first, rest):
+    yield first
+    async for item in rest:
+        yield item
+
+
+def check_port(host: str, port: int):
+    """Fail before the model loads, not after, when the address cannot be listened on."""
+    try:
+        with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as s:
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            s.bind((host, port))
+    except OSError as e:
+        raise ValueError(f"cannot listen on {host}:{port}: {e.strerror or e}") from None
+
+
+def start(args):
+    """(model, tokenizer, engine): the checkpoint loaded and the engine built, compiled and warmed up if asked."""
+    t0 = time.perf_counter()
+    model = load_model(args.checkpoint_path, args.device, PRECISIONS[args.precision], tp.world_size() > 1,
+                       args.cpu_kernels)
+    tokenizer = load_tokenizer(tokenizer_file(args.checkpoint_path, args.tokenizer_path))
+    check_vocab(tokenizer, model)
+    config = EngineConfig(args.max_batch_size, args.block_size, args.kv_cache_tokens, args.kv_cache_gb,
+                          args.prefill_chunk, not args.no_prefix_caching, args.compile)
+    engine = Engine(model, tokenizer, config)
+    if args.compile:  # the graphs for one row and for several, decode and prefill, before the first client
+        t1 = time.perf_counter()
+        engine.generate([[1, 2, 3], [1, 2, 3, 4, 5]], 4)
+        engine.generate([[1, 2]], 3)
+        print(f"Compiled in {time.perf_counter() - t1:.1f}s", file=sys.stderr)
+        for key in engine.stats:
+            engine.stats[key] = 0
+    print(f"Loaded {args.checkpoint_path} in {time.perf_counter() - t0:.1f}s: KV cache of "
+          f"{engine.pool.n_blocks - 1} blocks x {args.block_size} tokens", file=sys.stderr)
+    return model, tokenizer, engine
+
+
+def run(args) -> int:
+    check_at_least(args, port=0, max_batch_size=1, block_size=1, kv_cache_tokens=0, kv_cache_gb=0, prefill_chunk=1,
+                   max_waiting=1, grace_period=0)
+    if args.port > 65535:
+        raise ValueError(f"--port must be at most 65535, not {args.port}")
+    check_device(args.device)
+    if int(os.environ.get("RANK", "0")) == 0:
+        check_port(args.host, args.port)
+    args.device = tp.maybe_init_dist(args.device)
+    model, tokenizer, engine = start(args)
+    if tp.rank() != 0:  # rank 0 tells this rank what to compute, and when to stop
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, signal.SIG_IGN)
+        worker_loop(engine)
+        return 0
+    server = Server(engine, tokenizer, args.model_name or model_name_of(args.checkpoint_path), args.max_waiting)
+    server.thread.start()
+    app = create_app(server, args.api_key)
+    config = uvicorn.Config(app, host=args.host, port=args.port, log_level="warning",
+                            timeout_graceful_shutdown=args.grace_period)
+    http = uvicorn.Server(config)
+    print(f"Serving {server.model_name} at http://{args.host}:{args.port}/v1", file=sys.stderr, flush=True)
+    # uvicorn stops accepting on SIGTERM / Ctrl-C, lets running requests finish, then raises the signal again
+    # with the handlers it found: these, so that a requested stop ends with exit 0
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: None)
+    try:
+        http.run()
+    finally:
+        server.stopping.set()
+        server.thread.join()
+        stop_workers()
+    print("Stopped", file=sys.stderr)
+    return 0
+
+
+def main(argv=None):
+    cli_main(run, build_parser().parse_args(argv))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,210 @@
+"""engine.py and paged_cache.py: continuous batching over the paged KV cache, checked against decoding.generate()
+of each prompt alone (the reference: the static-cache path, itself checked against HF transformers in
+test_generate.py), in float32 on --device."""
+import copy
+import random
+
+import pytest
+import torch
+
+from decoding import generate
+from engine import Engine, EngineConfig, Request
+from paged_cache import BlockPool
+from sampling import SamplingConfig
+
+pytestmark = pytest.mark.device
+GREEDY = SamplingConfig(temperature=0)
+
+
+def alone(model, prompt, max_tokens, sampling=GREEDY, eos_ids=()) -> list:
+    return generate(model, [prompt], max_tokens, sampling, eos_ids).tokens[0]
+
+
+def workload(prompt_ids, n: int, seed: int, shared_prefix: int = 24) -> list:
+    """n (prompt, max_tokens) of 5-60 prompt tokens and 5-40 new ones; every third prompt starts with the same
+    shared_prefix tokens (a system prompt), so that the prefix cache has something to find."""
+    rng, prefix = random.Random(seed), prompt_ids(shared_prefix, seed=999)
+    jobs = []
+    for i in range(n):
+        prompt = prompt_ids(rng.randint(5, 60), seed=seed * 100 + i)
+        if i % 3 == 0:
+            prompt = prefix + prompt[1:rng.randint(2, 30)]
+        jobs.append((prompt, rng.randint(5, 40)))
+    return jobs
+
+
+def run_arriving(engine: Engine, requests: list, every: int = 2):
+    """Add a request every `every` steps (arrivals while others decode), then step until all are done."""
+    pending, step = list(requests), 0
+    while pending or engine.has_work():
+        if pending and step % every == 0:
+            engine.add(pending.pop(0))
+        engine.step()
+        step += 1
+
+
+@pytest.mark.parametrize("name", ["gqa", "mistral_window", "qwen2", "mixtral"])
+def test_every_response_equals_generate_alone_under_load(name, hf_checkpoint, load_ours, prompt_ids):
+    """24 requests of different lengths arriving at different times, a pool of 14 blocks of 8 tokens (one request
+    needs up to 13): requests are preempted and recomputed, prefixes are shared; greedy output is token for token
+    what each prompt gives alone."""
+    _, d = hf_checkpoint(name)
+    model = load_ours(d)
+    reference = copy.deepcopy(model)
+    engine = Engine(model, None, EngineConfig(max_batch_size=8, block_size=8, kv_cache_tokens=112, prefill_chunk=16))
+    requests = [Request(p, n) for p, n in workload(prompt_ids, 24, seed=1)]
+    run_arriving(engine, requests)
+    assert engine.stats["preemptions"] > 0 and engine.stats["prefix_cache_hit_tokens"] > 0
+    for r in requests:
+        assert r.output == alone(reference, r.prompt, r.max_tokens), (len(r.prompt), r.max_tokens)
+        assert r.finish_reason == "length"
+    assert engine.pool.n_used == 0 and not engine.running and not engine.waiting
+
+
+def test_a_shared_prefix_is_computed_once(hf_checkpoint, load_ours, prompt_ids):
+    _, d = hf_checkpoint("gqa")
+    model = load_ours(d)
+    reference = copy.deepcopy(model)
+    engine = Engine(model, None, EngineConfig(max_batch_size=4, block_size=8))
+    system = prompt_ids(50, seed=7)
+    first = engine.generate([system + [5, 6, 7]], 8)[0]
+    computed = engine.stats["prefill_tokens"]
+    second = engine.generate([system + [9, 10]], 8)[0]
+    assert second.cached_tokens == 48  # the 6 full blocks of the shared 50 tokens
+    assert engine.stats["prefill_tokens"] - computed == len(second.prompt) - 48
+    assert first.output == alone(reference, first.prompt, 8) and second.output == alone(reference, second.prompt, 8)
+
+
+def test_seeded_sampling_is_the_same_alone_and_in_a_mixed_batch(hf_checkpoint, load_ours, prompt_ids):
+    _, d = hf_checkpoint("gqa")
+    engine = Engine(load_ours(d), None, EngineConfig(max_batch_size=8, block_size=8))
+    settings = SamplingConfig(temperature=0.9, top_k=50, top_p=0.9, min_p=0.02, repetition_penalty=1.1,
+                              frequency_penalty=0.3, presence_penalty=0.2)
+    prompt = prompt_ids(20, seed=3)
+    solo = engine.generate([prompt], 30, settings, seed=1234)[0].output
+    others = [Request(prompt_ids(10 + 7 * i, seed=40 + i), 25, s, seed=s_seed) for i, (s, s_seed) in enumerate([
+        (GREEDY, None), (SamplingConfig(temperature=1.3, top_k=0), None), (SamplingConfig(temperature=0.5), 7),
+        (SamplingConfig(temperature=0.7, top_p=0.5, presence_penalty=1.0), None), (settings, 99)])]
+    mine = Request(prompt, 30, settings, seed=1234)
+    run_arriving(engine, others[:3] + [mine] + others[3:], every=3)
+    assert mine.output == solo
+    assert engine.generate([prompt], 30, settings, seed=4321)[0].output != solo  # the seed matters
+    assert others[0].output == alone(load_ours(d), others[0].prompt, 25)  # greedy rows unaffected by sampled ones
+
+
+def test_penalized_greedy_rows_match_generate(hf_checkpoint, load_ours, prompt_ids):
+    _, d = hf_checkpoint("gqa")
+    model = load_ours(d)
+    reference = copy.deepcopy(model)
+    engine = Engine(model, None, EngineConfig(max_batch_size=4, block_size=8))
+    settings = [SamplingConfig(temperature=0, repetition_penalty=1.4), SamplingConfig(temperature=0,
+                frequency_penalty=0.8, presence_penalty=0.5), GREEDY]
+    requests = [Request(prompt_ids(15 + 5 * i, seed=60 + i), 30, s) for i, s in enumerate(settings)]
+    run_arriving(engine, requests, every=1)
+    for r in requests:
+        assert r.output == alone(reference, r.prompt, 30, r.sampling)
+
+
+def test_eos_stop_strings_and_streamed_text(hf_checkpoint, load_ours, prompt_ids, sp_tokenizer):
+    """EOS ends a request (the token kept in output, not in text); a stop string ends the text before it; what
+    on_output streams joins to the final text."""
+    _, d = hf_checkpoint("gqa")
+    model = load_ours(d)
+    reference = copy.deepcopy(model)
+    engine = Engine(model, sp_tokenizer, EngineConfig(max_batch_size=4, block_size=8))
+    prompt = prompt_ids(12, seed=5)
+    full = alone(reference, prompt, 40)
+    text = sp_tokenizer.decode(full)
+    eos = full[17]  # pretend the 18th token is an end-of-sequence token
+    r = engine.generate([prompt], 40, eos_ids=(eos,))[0]
+    assert r.finish_reason == "stop" and r.output == full[:full.index(eos) + 1]
+    assert r.text == sp_tokenizer.decode(full[:full.index(eos)])
+    stop = text[len(text) // 2:len(text) // 2 + 4]
+    streamed = []
+    r = engine.generate([prompt], 40, stop=(stop, "never appears"),
+                        on_output=lambda req, piece, ids: streamed.append(piece))[0]
+    assert r.finish_reason == "stop" and r.text == text[:text.index(stop)] and "".join(streamed) == r.text
+    r = engine.generate([prompt], 40, on_output=lambda req, piece, ids: streamed.append(piece))[0]
+    assert r.finish_reason == "length" and r.text == text
+
+
+def test_abort_frees_the_blocks(hf_checkpoint, load_ours, prompt_ids):
+    _, d = hf_checkpoint("gqa")
+    engine = Engine(load_ours(d), None, EngineConfig(max_batch_size=4, block_size=8))
+    r = Request(prompt_ids(40, seed=8), 100)
+    engine.add(r)
+    for _ in range(5):
+        engine.step()
+    assert engine.pool.n_used == 6 and r.output
+    engine.abort(r.id)
+    engine.step()
+    assert r.finish_reason == "abort" and engine.pool.n_used == 0 and not engine.has_work()
+
+
+def test_requests_that_cannot_be_served_are_refused(hf_checkpoint, load_ours):
+    _, d = hf_checkpoint("gqa")
+    engine = Engine(load_ours(d), None, EngineConfig(block_size=8, kv_cache_tokens=64))
+    for prompt, max_tokens, message in [([], 5, "empty"), ([1] * 256, 1, "maximum context length is 256"),
+                                        ([1] * 200, 100, "needs 300"), ([1, 400], 5, r"in \[0, 400\)"),
+                                        ([1] * 60, 10, "KV cache"), ([1], 0, "at least 1")]:
+        with pytest.raises(ValueError, match=message):
+            engine.add(Request(prompt, max_tokens))
+
+
+def test_block_pool_reference_counts_and_prefix_eviction():
+    pool = BlockPool(4, 2)
+    a, b = pool.allocate(), pool.allocate()
+    pool.register(a, b"x")
+    assert pool.match([7, 7, 7]) == ([], [])  # digests are of token contents, "x" is not one
+    from paged_cache import block_digest
+    pool.register(b, block_digest(b"", [5, 6]))
+    assert pool.match([5, 6, 9]) == ([b], [block_digest(b"", [5, 6])]) and pool.refs[b] == 2
+    pool.release([a, b])
+    pool.release([b])
+    assert pool.n_free == 3 and pool.n_used == 0
+    assert pool.match([5, 6])[0] == [b] and pool.n_free == 2  # a free block is found while it is still cached
+    pool.release([b])
+    assert {pool.allocate(), pool.allocate(), pool.allocate()} == {1, 2, 3} and pool.allocate() is None
+    assert pool.match([5, 6]) == ([], [])  # handed out again: forgotten
+
+
+def test_compiled_engine_matches_eager(hf_checkpoint, load_ours, prompt_ids, device):
+    """--compile: padded batches and block counts, one dynamic graph on CPU (CUDA graphs per shape on CUDA)."""
+    _, d = hf_checkpoint("gqa")
+    model = load_ours(d)
+    reference = copy.deepcopy(model)
+    torch._dynamo.reset()
+    engine = Engine(model, None, EngineConfig(max_batch_size=6, block_size=8, prefill_chunk=24, compile=True))
+    requests = [Request(p, n) for p, n in workload(prompt_ids, 7, seed=2)]
+    run_arriving(engine, requests, every=3)
+    for r in requests:
+        assert r.output == alone(reference, r.prompt, r.max_tokens)
+    torch._dynamo.reset()
+
+
+@pytest.mark.parametrize("mode", ["int8", "int4"])
+def test_quantized_checkpoints(mode, hf_checkpoint, load_cpu, prompt_ids, device, tmp_path):
+    import checkpoint
+    import qlinear as Q
+    _, d = hf_checkpoint("gqa")
+    state, meta = Q.quantize_model(load_cpu(d), mode, groupsize=32, progress=False)
+    path = tmp_path / f"model_{mode}.pth"
+    torch.save({"quantization": meta, "state_dict": state}, path)
+    (tmp_path / "model_config.json").write_bytes((d / "model_config.json").read_bytes())
+    model = checkpoint.load_model(path, device, torch.float32)
+    reference = copy.deepcopy(model)
+    engine = Engine(model, None, EngineConfig(max_batch_size=4, block_size=8))
+    requests = [Request(p, n) for p, n in workload(prompt_ids, 6, seed=3)]
+    run_arriving(engine, requests)
+    for r in requests:
+        assert r.output == alone(reference, r.prompt, r.max_tokens)
+
+
+def test_pool_size_from_tokens_or_memory(hf_checkpoint, load_ours):
+    _, d = hf_checkpoint("gqa")  # 2 layers, 2 KV heads of 16: 2 * 2 * 2 * 16 * 4 bytes = 512 bytes per token
+    engine = Engine(load_ours(d), None, EngineConfig(block_size=8, kv_cache_tokens=100))
+    assert engine.pool.n_blocks == 13 + 1  # 100 tokens in whole blocks, and the padding block
+    engine = Engine(load_ours(d), None, EngineConfig(block_size=8, kv_cache_gb=512 * 800 / 2**30))
+    assert engine.pool.n_blocks == 100 + 1
+    engine = Engine(load_ours(d), None, EngineConfig(max_batch_size=3, block_size=8))
+    assert engine.pool.n_blocks == 3 * 256 // 8 + 1  # max_batch_size full contexts: memory allows it
