@@ -81,7 +81,8 @@ async def one_request(client: httpx.AsyncClient, args, job: dict) -> dict:
 
 
 async def run_workload(args, jobs: list) -> tuple[list, float]:
-    limits = httpx.Limits(max_connections=max(args.concurrency, 64))
+    # a connection per request: a server may close an idle kept-alive one just as it is reused (llama-server does)
+    limits = httpx.Limits(max_connections=max(args.concurrency, 64), max_keepalive_connections=0)
     headers = {"Authorization": f"Bearer {args.api_key}"}
     async with httpx.AsyncClient(timeout=args.timeout, limits=limits, headers=headers) as client:
         if args.model is None:
