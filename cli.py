@@ -3,28 +3,39 @@ argument and output location goes through before any work starts, and how a run 
 exits with one "error: ..." line, never a traceback; Ctrl-C exits 130).
 
 Every entry point imports this module before torch, so that a Ctrl-C while the libraries load (seconds) also ends
-in one line: the hook below is in place before anything heavy is imported.
+in one line: the handler below is in place before anything heavy is imported.
 """
 import os
+import signal
 import sys
+from pathlib import Path
 
 
-def _interrupted_hook(kind, value, tb, default=sys.excepthook):
-    if issubclass(kind, KeyboardInterrupt):  # only reached before cli_main runs, i.e. while importing
-        sys.stdout.flush()
-        print("error: interrupted", file=sys.stderr, flush=True)
-        os._exit(130)
-    default(kind, value, tb)
+def _interrupted_while_loading(signum, frame):
+    # Exits at once instead of raising KeyboardInterrupt: an exception raised inside a C extension's import can be
+    # swallowed or turned into an ImportError (numpy's, under torch's `import numpy`, leaves the run going or failing
+    # later with "cannot load module more than once"). cli_main hands Ctrl-C back to KeyboardInterrupt.
+    sys.stdout.flush()
+    print("error: interrupted", file=sys.stderr, flush=True)
+    os._exit(130)
 
 
-sys.excepthook = _interrupted_hook
+def _run_as_entry_point() -> bool:
+    """True in `python generate.py` and the like; False when a test or a user's program imports this module (their
+    Ctrl-C stays theirs)."""
+    main = getattr(sys.modules.get("__main__"), "__file__", None)
+    here = Path(__file__).resolve().parent
+    return main is not None and Path(main).resolve().parent in (here, here / "scripts")
 
-import argparse  # noqa: E402 -- after the hook, on purpose
+
+# only over Python's own handler: an inherited SIG_IGN (nohup, `cmd &`) stays ignored
+if _run_as_entry_point() and signal.getsignal(signal.SIGINT) is signal.default_int_handler:
+    signal.signal(signal.SIGINT, _interrupted_while_loading)
+
+import argparse  # noqa: E402 -- after the handler, on purpose
 import errno  # noqa: E402
 import math  # noqa: E402
 import re  # noqa: E402
-import signal  # noqa: E402
-from pathlib import Path  # noqa: E402
 
 import torch  # noqa: E402
 
@@ -167,6 +178,8 @@ def cli_main(run, args):
     exits 1 with one "error: ..." line instead of a traceback; Ctrl-C exits 130 and SIGTERM 143, with one line each.
     Under torchrun only rank 0 prints; errors are reported by every rank, and the process group is torn down however
     the run ends."""
+    if signal.getsignal(signal.SIGINT) is _interrupted_while_loading:
+        signal.signal(signal.SIGINT, signal.default_int_handler)  # from here Ctrl-C unwinds (finally blocks run)
     previous = signal.signal(signal.SIGTERM, _terminate)
     try:
         with tp.rank0_output():

@@ -85,12 +85,15 @@ def cpu_inductor(options=None):
     return functools.partial(compile_fx, config_patches=options or {})
 
 
-def compile_dynamic(fn):
-    """torch.compile with dynamic shapes (a prefill of any length, eval's batches), floats specialized: with
-    symbolic floats (a module's constant such as RMSNorm's eps would be one) the layers' shared graph
-    (model.TransformerBlock.shared_forward) cannot be traced."""
-    compiled = torch.compile(fn, fullgraph=True, dynamic=True)
+def compile_dynamic(fn, backend="inductor"):
+    """torch.compile with dynamic shapes (a prefill of any length, eval's batches), floats specialized."""
+    return specialize_floats(torch.compile(fn, fullgraph=True, dynamic=True, backend=backend))
 
+
+def specialize_floats(compiled):
+    """A compiled function that traces floats as constants: with symbolic floats (a module's constant such as
+    RMSNorm's eps would be one, once a recompile makes inputs dynamic) the layers' shared graph
+    (model.TransformerBlock.shared_forward) cannot be traced."""
     def run(*args, **kwargs):
         with torch._dynamo.config.patch(specialize_float=True):
             return compiled(*args, **kwargs)

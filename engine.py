@@ -25,7 +25,7 @@ import torch
 from torch import Tensor
 
 import tp
-from decoding import cpu_inductor
+from decoding import compile_dynamic, cpu_inductor, specialize_floats
 from model import Transformer
 from paged_cache import BlockPool, block_digest
 from sampling import SamplingConfig, apply_penalties, draw, logits_to_probs
@@ -406,19 +406,11 @@ def paged_forward(model: Transformer, tokens, positions, slots, key_slots, last_
 
 
 def compile_forward(model: Transformer, device: str):
-    """(decode, prefill) forward passes compiled. Decode: on CUDA a CUDA graph for each padded (batch, blocks)
-    shape; on CPU one graph with dynamic shapes. Prefill: dynamic shapes (a chunk has any length)."""
+    """(decode, prefill) forward passes compiled. On CUDA, decode is a CUDA graph for each padded (batch, blocks)
+    shape; otherwise one function with dynamic shapes serves both (a chunk has any length)."""
     torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
-    backend = cpu_inductor() if device == "cpu" else "inductor"
-    prefill = torch.compile(paged_forward, fullgraph=True, dynamic=True, backend=backend)
+    prefill = compile_dynamic(paged_forward, backend=cpu_inductor() if device == "cpu" else "inductor")
+    decode = prefill
     if device == "cuda":
-        decode = torch.compile(paged_forward, fullgraph=True, mode="reduce-overhead")
-    else:
-        decode = torch.compile(paged_forward, fullgraph=True, dynamic=True, backend=backend)
-
-    def specialized(fn):  # see decoding.compile_dynamic: a module's float constant must not become symbolic
-        def run(*args, **kwargs):
-            with torch._dynamo.config.patch(specialize_float=True):
-                return fn(*args, **kwargs)
-        return run
-    return functools.partial(specialized(decode), model), functools.partial(specialized(prefill), model)
+        decode = specialize_floats(torch.compile(paged_forward, fullgraph=True, mode="reduce-overhead"))
+    return functools.partial(decode, model), functools.partial(prefill, model)

@@ -9,7 +9,7 @@ choice), loglikelihood_rolling (perplexity) and generate_until (generative tasks
 TaskManager knows runs, plus local task YAMLs (--include_path). Datasets come from the Hugging Face cache;
 HF_DATASETS_OFFLINE=1 uses it without the network.
 """
-# first, before torch: cli's Ctrl-C hook must be in place while the libraries load (see cli.py)
+# first, before torch: cli's Ctrl-C handler must be in place while the libraries load (see cli.py)
 from cli import PRECISIONS, add_model_args, check_at_least, check_device, check_output_path, cli_main
 import argparse
 import difflib

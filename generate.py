@@ -4,7 +4,7 @@ or an interactive chat; under torchrun, tensor-parallel.
     python generate.py --compile --checkpoint_path checkpoints/<repo>/model.pth --prompt "Hello, my name is"
 """
 from cli import (PRECISIONS, add_model_args, check_at_least, check_device, check_output_path, check_text, cli_main,
-                 read_text_file)  # first, before torch: its Ctrl-C hook (see cli.py)
+                 read_text_file)  # first, before torch: its Ctrl-C handler (see cli.py)
 import argparse
 import contextlib
 import sys

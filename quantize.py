@@ -9,7 +9,7 @@ The output (model_int8.pth, model_int4.g32.pth, model_int4-gptq.g32.pth beside t
 holds {"quantization": {...}, "state_dict": {...}}, and stores int4 weights in a portable layout that is packed
 for the device's kernel when loaded, so one file runs on CPU and CUDA.
 """
-# first, before torch: cli's Ctrl-C hook must be in place while the libraries load (see cli.py)
+# first, before torch: cli's Ctrl-C handler must be in place while the libraries load (see cli.py)
 from cli import check_at_least, check_device, check_output_path, cli_main
 import argparse
 import sys

@@ -20,7 +20,6 @@ import time
 import traceback
 from pathlib import Path
 
-import torch
 import uvicorn
 from fastapi import FastAPI, Request as HTTPRequest
 from fastapi.exceptions import RequestValidationError

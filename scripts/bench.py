@@ -17,7 +17,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-# first, before torch: cli's Ctrl-C hook must be in place while the libraries load (see cli.py)
+# first, before torch: cli's Ctrl-C handler must be in place while the libraries load (see cli.py)
 from cli import PRECISIONS, check_at_least, check_device, check_output_path, cli_main, default_device  # noqa: E402
 import torch  # noqa: E402
 

@@ -15,7 +15,7 @@ from dataclasses import asdict
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from cli import check_output_path, cli_main  # noqa: E402 -- first, before torch: its Ctrl-C hook (see cli.py)
+from cli import check_output_path, cli_main  # noqa: E402 -- first, before torch: its Ctrl-C handler (see cli.py)
 import torch  # noqa: E402
 from safetensors.torch import save_file  # noqa: E402
 from tqdm import tqdm  # noqa: E402

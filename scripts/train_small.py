@@ -15,7 +15,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
-# first, before torch: cli's Ctrl-C hook must be in place while the libraries load (see cli.py)
+# first, before torch: cli's Ctrl-C handler must be in place while the libraries load (see cli.py)
 from cli import check_at_least, check_output_folder, check_output_path, cli_main, read_text_file  # noqa: E402
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402

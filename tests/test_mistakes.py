@@ -410,8 +410,11 @@ def test_user_files_are_untouched(user, user_files_before, mistake_runs):
 # ------------------------------------------------------------------------------------------------ interrupts
 
 def start(command: list) -> subprocess.Popen:
+    """The command as a terminal starts it: Ctrl-C at its default even where these tests run with it ignored (an
+    ignored SIGINT is inherited, e.g. from a CI runner started in the background)."""
     return subprocess.Popen([sys.executable, *map(str, command)], cwd=ROOT, env={**os.environ, **ENV},
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
 
 
 def finish(proc: subprocess.Popen) -> subprocess.CompletedProcess:
@@ -454,6 +457,16 @@ def test_ctrl_c_while_starting_up(script, args, user, user_files_before):
     proc.send_signal(signal.SIGINT)
     assert_interrupted(finish(proc))
     assert snapshot(user["dir"]) == user_files_before
+
+
+@pytest.mark.parametrize("delay", [0.15, 0.3, 0.45, 0.6, 0.75, 0.9, 1.2])
+def test_ctrl_c_at_any_moment_of_loading(delay, user):
+    """Ctrl-C at moments spread over the libraries' loading: one landing inside a C extension's import (numpy's,
+    under torch) must not be swallowed (the run going on to exit 0) nor turned into an ImportError."""
+    proc = start(["eval.py", "--checkpoint_path", user["model"], "--device", "cpu", "--text_file", user["text"]])
+    time.sleep(delay)
+    proc.send_signal(signal.SIGINT)
+    assert_interrupted(finish(proc))
 
 
 def test_ctrl_c_while_generating(user):
