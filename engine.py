@@ -42,7 +42,7 @@ class EngineConfig:
     kv_cache_gb: float = 0.0  # the pool's size in memory; 0: max_batch_size full contexts, if memory allows
     prefill_chunk: int = 256  # prompt tokens computed per step
     prefix_caching: bool = True
-    compile: bool = False  # torch.compile the forward pass (batch and block counts padded to powers of two)
+    compile: bool = False  # torch.compile the forward pass (on CUDA, batch and block counts padded to powers of two)
 
     def __post_init__(self):
         for name in ("max_batch_size", "block_size", "prefill_chunk"):
@@ -251,13 +251,14 @@ class Engine:
             self.sample(ready, logits)
 
     def batch_tensors(self, rows: list[Request], n: int):
-        """(tokens, positions, slots) (B, n) and key slots (B, S) for the rows, padded when compiled: B to a power
-        of two (at most max_batch_size), the block count to a power of two (at most a context's); padding rows
-        write to block 0 and read it."""
-        bs, compiled = self.pool.block_size, self.config.compile
-        B = min(next_power_of_two(len(rows)), self.config.max_batch_size) if compiled else len(rows)
+        """(tokens, positions, slots) (B, n) and key slots (B, S) for the rows. Compiled on CUDA they are padded,
+        so that a bounded number of CUDA graphs serves every step: B to a power of two (at most max_batch_size),
+        the block count to a power of two (at most a context's); padding rows write to block 0 and read it. The
+        CPU's graph has dynamic shapes and takes them as they are (padding would only add work)."""
+        bs, padded = self.pool.block_size, self.config.compile and self.device.type == "cuda"
+        B = min(next_power_of_two(len(rows)), self.config.max_batch_size) if padded else len(rows)
         n_blocks = max(len(r.blocks) for r in rows)
-        n_blocks = min(next_power_of_two(n_blocks), self.max_blocks) if compiled else n_blocks
+        n_blocks = min(next_power_of_two(n_blocks), self.max_blocks) if padded else n_blocks
         tokens, positions, slots, tables = [[0] * n] * B, [[0] * n] * B, [[0] * n] * B, [[0] * n_blocks] * B
         for i, r in enumerate(rows):
             positions[i] = list(range(r.n_computed, r.n_computed + n))

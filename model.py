@@ -70,12 +70,30 @@ class PagedKVCache(nn.Module):
 
     def update(self, slots: tuple[Tensor, Tensor], k: Tensor, v: Tensor):
         # k, v: (B, n_kv_heads, T, head_dim) written to slots[0] (B, T); returns each row's keys and values
-        # (B, n_kv_heads, S, head_dim) read from slots[1] (B, S), the row's slots in position order
-        write, read = slots
+        # (B, n_kv_heads, S, head_dim) read from slots[1] (B, S), the row's slots in position order. index_select
+        # copies whole slots, 4x faster than indexing (a dense copy for SDPA costs more than it saves).
+        self.write(slots[0], k, v)
+        B, S = slots[1].shape
+        read = slots[1].flatten()
+        return tuple(pool.index_select(0, read).view(B, S, *pool.shape[1:]).transpose(1, 2)
+                     for pool in (self.k_pool, self.v_pool))
+
+    def write(self, slots: Tensor, k: Tensor, v: Tensor):
         B, H, T, D = k.shape
-        self.k_pool[write.flatten()] = k.transpose(1, 2).reshape(B * T, H, D)
-        self.v_pool[write.flatten()] = v.transpose(1, 2).reshape(B * T, H, D)
-        return self.k_pool[read].transpose(1, 2), self.v_pool[read].transpose(1, 2)
+        self.k_pool[slots.flatten()] = k.transpose(1, 2).reshape(B * T, H, D)
+        self.v_pool[slots.flatten()] = v.transpose(1, 2).reshape(B * T, H, D)
+
+    def attend_one(self, q: Tensor, k: Tensor, v: Tensor, slots: tuple[Tensor, Tensor], mask: Tensor) -> Tensor:
+        """Decode attention for compiled graphs: one new token per row, q (B, n_kv_heads, n_rep, head_dim), k and v
+        (B, n_kv_heads, 1, head_dim), mask (B, S). Written as products and sums rather than gather + SDPA so that
+        inductor fuses the gather into the reductions: each key is read once, where it lies in the pool, instead of
+        being copied out first (on a 2-core CPU, B=16 x 512 keys: 2.3 ms a layer against 18). Eager, it would
+        materialise every product: update() + SDPA is the eager path."""
+        self.write(slots[0], k, v)
+        keys, values = self.k_pool[slots[1]], self.v_pool[slots[1]]  # (B, S, n_kv_heads, head_dim), not copied
+        scores = (q[:, None] * keys[:, :, :, None]).sum(-1, dtype=torch.float32) * q.shape[-1] ** -0.5
+        probs = scores.masked_fill(~mask[:, :, None, None], float("-inf")).softmax(1)  # (B, S, n_kv_heads, n_rep)
+        return (probs[..., None] * values[:, :, :, None].float()).sum(1).to(q.dtype)
 
 
 class Transformer(nn.Module):
@@ -222,12 +240,15 @@ class Attention(nn.Module):
         q = apply_rotary_emb(q, freqs).transpose(1, 2)
         k = apply_rotary_emb(k, freqs).transpose(1, 2)
         v = v.transpose(1, 2)
-        if self.kv_cache is not None and input_pos is not None:
-            k, v = self.kv_cache.update(input_pos, k, v)
         # GQA without copying K/V: the n_rep query heads that share a KV head become n_rep * T query rows.
         n_rep = H // Hkv
         q = q.reshape(B, Hkv, n_rep * T, D)
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask.repeat(1, 1, n_rep, 1) if n_rep > 1 else mask)
+        if T == 1 and isinstance(self.kv_cache, PagedKVCache) and torch.compiler.is_compiling() and x.is_cpu:
+            y = self.kv_cache.attend_one(q, k, v, input_pos, mask[:, 0, 0])  # serving's decode step (measured on CPU)
+        else:
+            if self.kv_cache is not None and input_pos is not None:
+                k, v = self.kv_cache.update(input_pos, k, v)
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask.repeat(1, 1, n_rep, 1) if n_rep > 1 else mask)
         y = y.view(B, H, T, D).transpose(1, 2).reshape(B, T, H * D)
         return self.wo(y)
 

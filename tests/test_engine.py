@@ -168,9 +168,11 @@ def test_block_pool_reference_counts_and_prefix_eviction():
     assert pool.match([5, 6]) == ([], [])  # handed out again: forgotten
 
 
-def test_compiled_engine_matches_eager(hf_checkpoint, load_ours, prompt_ids, device):
-    """--compile: padded batches and block counts, one dynamic graph on CPU (CUDA graphs per shape on CUDA)."""
-    _, d = hf_checkpoint("gqa")
+@pytest.mark.parametrize("kind", ["gqa", "mistral_window"])
+def test_compiled_engine_matches_eager(kind, hf_checkpoint, load_ours, prompt_ids, device):
+    """--compile: one dynamic graph on CPU (attend_one for decode: GQA, a sliding window), padded batches and block
+    counts on CUDA."""
+    _, d = hf_checkpoint(kind)
     model = load_ours(d)
     reference = copy.deepcopy(model)
     torch._dynamo.reset()
