@@ -3,8 +3,8 @@
     python serve.py --checkpoint_path checkpoints/<repo>/model.pth [--compile] [--port 8000]
 
 Routes: GET /v1/models, POST /v1/completions, POST /v1/chat/completions (both with "stream": server-sent events),
-GET /health, GET /metrics (Prometheus). FastAPI + uvicorn carry the HTTP; the engine runs in a thread of its own and
-hands each request's text to the event loop as it is produced. Binds 127.0.0.1 unless --host says otherwise.
+GET /health, GET /metrics (Prometheus). FastAPI + uvicorn carry the HTTP on a thread of their own; the engine runs on
+the main thread and hands each request's text to the event loop as it is produced. Binds 127.0.0.1 unless --host says otherwise.
 """
 from cli import (PRECISIONS, add_model_args, check_at_least, check_device, cli_main)  # first, before torch (cli.py)
 import argparse
