@@ -4,7 +4,8 @@
 
 Routes: GET /v1/models, POST /v1/completions, POST /v1/chat/completions (both with "stream": server-sent events),
 GET /health, GET /metrics (Prometheus). FastAPI + uvicorn carry the HTTP on a thread of their own; the engine runs on
-the main thread and hands each request's text to the event loop as it is produced. Binds 127.0.0.1 unless --host says otherwise.
+the main thread and hands each request's text to the event loop as it is produced. Binds 127.0.0.1 unless --host
+says otherwise.
 """
 from cli import (PRECISIONS, add_model_args, check_at_least, check_device, cli_main)  # first, before torch (cli.py)
 import argparse
@@ -319,12 +320,12 @@ def run(args) -> int:
         signal.signal(sig, stop)
     http_thread = threading.Thread(target=serve_http, name="http", daemon=True)
     http_thread.start()
-    while not (http.started or server.stopping.is_set()):
-        time.sleep(0.01)
-    if not http.started:
-        raise ValueError(f"cannot listen on {args.host}:{args.port}")
-    print(f"Serving {server.model_name} at http://{args.host}:{args.port}/v1", file=sys.stderr, flush=True)
-    try:
+    try:  # from here on, however it ends, uvicorn is stopped and the other ranks are released
+        while not (http.started or server.stopping.is_set()):
+            time.sleep(0.01)
+        if not http.started:
+            raise ValueError(f"cannot listen on {args.host}:{args.port}")
+        print(f"Serving {server.model_name} at http://{args.host}:{args.port}/v1", file=sys.stderr, flush=True)
         server.loop()  # until uvicorn has stopped
         while http_thread.is_alive():  # the engine failed: requests get a 500 until the server is stopped
             http_thread.join(0.5)
