@@ -1,5 +1,6 @@
 """The decoding core: the step functions, their compilation, and generate() (prefill, then token-by-token decode
-over the static KV cache). generate.py, eval.py, speculative.py and the benchmarks all decode through here.
+over the static KV cache). generate.py, eval.py, speculative.py, lookahead.py and the benchmarks all decode through
+here.
 
     steps = make_steps("cuda", compile=True)      # one static-shape graph per step (CUDA graphs on CUDA)
     out = generate(model, [prompt_ids], 100, SamplingConfig(temperature=0), eos_ids, steps=steps)
@@ -46,6 +47,16 @@ def verify(model, tokens, input_pos, cfg):
     return token_probs(model(tokens, input_pos)[0], cfg)
 
 
+def lookahead_step(model, tokens, start, offsets, tree, n_verify, cfg):
+    """Lookahead decoding's one forward (lookahead.py): tokens (1, L) written at cache slots start..start+L-1
+    (start: (1,)) at positions start + offsets (L,), each attending to the cache before start and to the new tokens
+    tree (L, L) allows. Returns (L,) the token after each: drawn as sample() draws for the first n_verify (the
+    last accepted token and the verification branch), the argmax for the rest (the lookahead branch's guesses)."""
+    slots = start + torch.arange(tokens.shape[1], device=tokens.device)
+    logits = model(tokens, slots, mask=model.tree_mask(tree, offsets, start), positions=start + offsets)[0]
+    return torch.cat([sample(logits[:n_verify], cfg)[:, 0], logits[n_verify:].argmax(-1)])
+
+
 @dataclass(frozen=True)
 class Steps:
     """The step functions a decoding loop calls: eager by default, compiled by make_steps(compile=True)."""
@@ -53,6 +64,7 @@ class Steps:
     decode: Callable = decode_one_token
     draft: Callable = draft_step  # speculative decoding: a draft model's decode step
     verify: Callable = verify  # speculative decoding: the target's (K + 1)-token forward
+    lookahead: Callable = lookahead_step  # lookahead decoding: both branches in one forward
 
 
 def make_steps(device: str, compile: bool = False, compile_prefill: bool = False) -> Steps:
@@ -62,7 +74,7 @@ def make_steps(device: str, compile: bool = False, compile_prefill: bool = False
         return Steps()
     return Steps(prefill=compile_dynamic(prefill) if compile_prefill else prefill,
                  decode=compile_static(decode_one_token, device), draft=compile_static(draft_step, device),
-                 verify=compile_static(verify, device))
+                 verify=compile_static(verify, device), lookahead=compile_static(lookahead_step, device))
 
 
 def cpu_inductor(options=None):
@@ -124,6 +136,7 @@ class GenerationResult:
     decode_tokens: int  # tokens produced per sequence after the first (the loop's length: the same for every row)
     stopped: list = field(default_factory=list)  # per row: True if it ended at EOS
     accepted: list = field(default_factory=list)  # speculative_generate: draft tokens accepted at each verify step
+    pool_hits: int = 0  # lookahead_generate: steps whose n-gram pool had candidates to verify
 
     @property
     def decode_tokens_per_sec(self) -> float:  # per sequence

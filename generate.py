@@ -1,5 +1,5 @@
-"""Generate text from the command line: one prompt streamed, a batch of different prompts, speculative decoding,
-or an interactive chat; under torchrun, tensor-parallel.
+"""Generate text from the command line: one prompt streamed, a batch of different prompts, speculative or lookahead
+decoding, or an interactive chat; under torchrun, tensor-parallel.
 
     python generate.py --compile --checkpoint_path checkpoints/<repo>/model.pth --prompt "Hello, my name is"
 """
@@ -17,6 +17,7 @@ import torch
 import tp
 from checkpoint import atomic_save, check_vocab, load_model, tokenizer_file, write_json
 from decoding import compile_cache_counts, generate, make_steps, peak_memory_bytes, weight_bytes
+from lookahead import LookaheadConfig, lookahead_config, lookahead_generate, lookahead_stats
 from sampling import SamplingConfig
 from speculative import DraftModel, PromptLookup, acceptance_stats, check_speculation, speculative_generate
 from tokenizer import StreamDecoder, load_tokenizer
@@ -50,6 +51,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prompt_lookup", type=int, metavar="N", help="speculative decoding without a draft model: "
                    "propose what followed the last earlier occurrence of the last N tokens")
     p.add_argument("--speculate_k", type=int, help="tokens proposed per target forward pass (default 5)")
+    p.add_argument("--lookahead", type=int, nargs="?", const=0, metavar="W", help="lookahead decoding (no draft "
+                   "model) with W Jacobi guesses per level (default for the device: see README)")
+    p.add_argument("--lookahead_ngram", type=int, metavar="N", help="lookahead n-gram length N (N - 1 levels)")
+    p.add_argument("--lookahead_guesses", type=int, metavar="G", help="lookahead candidates verified per step")
     p.add_argument("--metrics_json", type=Path, help="write per-sample and mean metrics here")
     p.add_argument("--profile", type=Path, help="write a torch.profiler trace of the last sample here")
     return p
@@ -94,6 +99,22 @@ def speculate_k(args, sampling: SamplingConfig, batch_size: int) -> int:
     return k
 
 
+def lookahead_settings(args, sampling: SamplingConfig, batch_size: int, k: int) -> LookaheadConfig | None:
+    """The --lookahead settings (None: not asked for), the device's defaults where not given, checked before
+    anything is loaded."""
+    if args.lookahead is None:
+        if args.lookahead_ngram is not None or args.lookahead_guesses is not None:
+            raise ValueError("--lookahead_ngram and --lookahead_guesses need --lookahead")
+        return None
+    if k:
+        raise ValueError("choose one of --lookahead, --draft_checkpoint_path and --prompt_lookup")
+    if args.interactive:
+        raise ValueError("lookahead decoding does not support --interactive")
+    check_speculation(batch_size, sampling, 1, "lookahead decoding")
+    # --lookahead alone gives 0: the device's window
+    return lookahead_config(args.device, args.lookahead or None, args.lookahead_ngram, args.lookahead_guesses)
+
+
 def start_processes(args):
     """The device this process runs on; under torchrun a process group, and the same seed on every rank."""
     check_at_least(args, max_new_tokens=1, num_samples=1)
@@ -136,6 +157,7 @@ def run(args) -> int:
     start_processes(args)
     texts = [] if args.interactive else read_prompts(args)
     k = speculate_k(args, sampling, len(texts))
+    la = lookahead_settings(args, sampling, len(texts), k)
     model, tokenizer, prompts, proposer = load(args, texts, k)
     steps = make_steps(args.device, args.compile, args.compile_prefill)
     if args.interactive:
@@ -146,6 +168,8 @@ def run(args) -> int:
 
     def gen(on_token=None):
         options = dict(cache_len=args.max_seq_length, steps=steps, on_token=on_token)
+        if la:
+            return lookahead_generate(model, prompts, args.max_new_tokens, sampling, eos_ids, lookahead=la, **options)
         if proposer:
             return speculative_generate(model, prompts, args.max_new_tokens, sampling, eos_ids, proposer=proposer,
                                         speculate_k=k, **options)
@@ -159,12 +183,13 @@ def run(args) -> int:
         print(f"Compilation time: {compiled['compile_seconds']:.2f} seconds ({compiled['graphs_from_cache']} graphs "
               f"from inductor's cache, {compiled['graphs_compiled']} compiled)", file=sys.stderr)
     wbytes = weight_bytes(model)
-    samples = [sample(i, gen, args, tokenizer, texts, prompts, eos_ids, wbytes, k) for i in range(args.num_samples)]
-    report(args, samples, sampling, wbytes, compiled, k, model.cpu_kernel)
+    samples = [sample(i, gen, args, tokenizer, texts, prompts, eos_ids, wbytes, k, la)
+               for i in range(args.num_samples)]
+    report(args, samples, sampling, wbytes, compiled, k, la, model.cpu_kernel)
     return 0
 
 
-def sample(i: int, gen, args, tokenizer, texts, prompts, eos_ids, wbytes: int, k: int) -> dict:
+def sample(i: int, gen, args, tokenizer, texts, prompts, eos_ids, wbytes: int, k: int, la) -> dict:
     """Sample i: generate (streamed when there is one prompt), print the text and this sample's metrics."""
     profiling = args.profile and i == args.num_samples - 1 and tp.rank() == 0
     # trace CUDA kernels only when generating on CUDA (a CUDA build would set up CUPTI for a CPU run too)
@@ -191,10 +216,10 @@ def sample(i: int, gen, args, tokenizer, texts, prompts, eos_ids, wbytes: int, k
         for text, prompt, row in zip(texts, prompts, result.tokens):
             new = [t for t in row if t not in eos_ids]
             print(f"--- {text}{tokenizer.decode(prompt + new)[len(tokenizer.decode(prompt)):]}")
-    return sample_metrics(i, result, len(prompts), wbytes, k)
+    return sample_metrics(i, result, len(prompts), wbytes, k, la)
 
 
-def sample_metrics(i: int, result, batch_size: int, wbytes: int, k: int) -> dict:
+def sample_metrics(i: int, result, batch_size: int, wbytes: int, k: int, la) -> dict:
     m = {"time_to_first_token_s": result.time_to_first_token, "decode_tokens_per_sec": result.decode_tokens_per_sec,
          "total_tokens_per_sec": result.decode_tokens_per_sec * batch_size,
          "bandwidth_gbps": wbytes * result.decode_tokens_per_sec / 1e9,
@@ -205,10 +230,15 @@ def sample_metrics(i: int, result, batch_size: int, wbytes: int, k: int) -> dict
         m |= {"accepted": result.accepted, **acceptance_stats(result.accepted, k)}
         print(f"[sample {i}] accepted per verify step: mean {m['mean_accepted']:.2f} of {k}, "
               f"histogram {m['acceptance_histogram']}", file=sys.stderr)
+    if la:
+        m |= {"accepted": result.accepted, **lookahead_stats(result.accepted, result.pool_hits, la)}
+        print(f"[sample {i}] lookahead: {m['tokens_per_step']:.2f} tokens per step, histogram "
+              f"{m['tokens_per_step_histogram']}, pool hits {m['pool_hits']} of {m['lookahead_steps']}",
+              file=sys.stderr)
     return m
 
 
-def report(args, samples: list, sampling: SamplingConfig, wbytes: int, compiled: dict, k: int, kernel: str):
+def report(args, samples: list, sampling: SamplingConfig, wbytes: int, compiled: dict, k: int, la, kernel: str):
     """The means over the samples on stderr, and everything in --metrics_json (rank 0 only)."""
     mean = {key: sum(s[key] for s in samples) / len(samples) for key in
             ("time_to_first_token_s", "decode_tokens_per_sec", "total_tokens_per_sec", "bandwidth_gbps")}
@@ -226,6 +256,12 @@ def report(args, samples: list, sampling: SamplingConfig, wbytes: int, compiled:
                                   "prompt_lookup": args.prompt_lookup or 0, "speculate_k": k, **stats}
         print(f"Speculative: {stats['mean_accepted']:.2f} of {k} proposed tokens accepted per verify "
               f"step ({stats['acceptance_rate']:.0%}), histogram {stats['acceptance_histogram']}", file=sys.stderr)
+    if la:
+        stats = lookahead_stats([n for s in samples for n in s["accepted"]], sum(s["pool_hits"] for s in samples), la)
+        summary["lookahead"] = {**asdict(la), **stats}
+        print(f"Lookahead (W={la.window}, N={la.ngram}, G={la.guesses}): {stats['tokens_per_step']:.2f} tokens per "
+              f"step, histogram {stats['tokens_per_step_histogram']}, pool hits {stats['pool_hits']} of "
+              f"{stats['lookahead_steps']} steps", file=sys.stderr)
     if args.metrics_json and tp.rank() == 0:
         write_json(args.metrics_json, summary)
 

@@ -56,6 +56,11 @@ class KVCache(nn.Module):
         self.v_cache[: v.shape[0], :, input_pos] = v
         return self.k_cache[: k.shape[0]], self.v_cache[: v.shape[0]]
 
+    def copy(self, src: Tensor, dst: Tensor):
+        """The keys and values at slots src copied to slots dst (lookahead decoding keeps an accepted guess's)."""
+        self.k_cache[:, :, dst] = self.k_cache[:, :, src]
+        self.v_cache[:, :, dst] = self.v_cache[:, :, src]
+
 
 class PagedKVCache(nn.Module):
     """Keys and values of many sequences in one pool of fixed-size blocks (serving: engine.py), as vLLM's
@@ -125,6 +130,11 @@ class Transformer(nn.Module):
         self.freqs_cis = precompute_freqs_cis(cache_len, self.config, weight.device)
         self.max_batch_size, self.cache_len = max_batch_size, cache_len
 
+    def copy_cache_slots(self, src: Tensor, dst: Tensor):
+        """Every layer's keys and values at cache slots src copied to slots dst (the static cache)."""
+        for layer in self.layers:
+            layer.attention.kv_cache.copy(src, dst)
+
     def setup_paged_cache(self, n_blocks: int, block_size: int):
         """A pool of n_blocks KV blocks of block_size tokens (forward with slots) instead of the static cache."""
         weight = self.output.weight
@@ -150,7 +160,8 @@ class Transformer(nn.Module):
         return kernel
 
     def forward(self, idx: Tensor, input_pos: Tensor | None = None, left_pad: Tensor | None = None,
-                last_only: bool = False, mask: Tensor | None = None, slots: tuple | None = None) -> Tensor:
+                last_only: bool = False, mask: Tensor | None = None, slots: tuple | None = None,
+                positions: Tensor | None = None) -> Tensor:
         """idx: (B, T) token ids; input_pos: (T,) cache positions they are written to (None: no cache, a plain
         causal forward from position 0); left_pad: (B,) number of padding slots at the start of each row, which
         are masked out and do not count as positions for RoPE. mask: (B or 1, T, cache_len) bool, the cache slots
@@ -160,9 +171,14 @@ class Transformer(nn.Module):
 
         slots: the paged cache instead (setup_paged_cache; continuous batching, engine.py): (write (B, T), read
         (B, S)), the pool slots the new tokens' keys and values go to and each row's slots in position order (its
-        block table expanded), so that key j is at position j; input_pos is then (B, T), each row's own positions."""
+        block table expanded), so that key j is at position j; input_pos is then (B, T), each row's own positions.
+
+        positions: (T,) the tokens' positions for RoPE where they are not their cache slots input_pos: a tree of
+        guesses (lookahead decoding) puts several tokens at one position, each in a slot of its own (see tree_mask)."""
         n_keys = None if slots is None else slots[1].shape[1]
         freqs, causal = self.block_inputs(idx.shape[0], idx.shape[1], idx.device, input_pos, left_pad, n_keys)
+        if positions is not None:
+            freqs = self.freqs_cis[positions.expand(idx.shape[0], -1)]
         mask = causal if mask is None else mask[:, None]
         cache_index = input_pos if slots is None else slots  # where each layer's KV cache writes: see its update()
         x = self.tok_embeddings(idx)
@@ -196,6 +212,19 @@ class Transformer(nn.Module):
             mask = mask & ((key_pos >= left_pad[:, None, None]) | (key_pos == pos[:, None]))
             rope_pos = (rope_pos - left_pad[:, None]).clamp(min=0)
         return freqs_cis[rope_pos], mask.expand(B, T, n_keys)[:, None]
+
+    def tree_mask(self, tree: Tensor, offsets: Tensor, start: Tensor) -> Tensor:
+        """forward's mask (1, T, cache_len) for T tokens written at cache slots start..start+T-1 (start: (1,)) whose
+        positions are start + offsets (T,): each sees every cached slot before start and the new tokens that
+        tree (T, T) allows it, within the sliding window if the model has one (by position, not slot)."""
+        T, key = tree.shape[0], torch.arange(self.cache_len, device=tree.device)
+        rel = (key - start).clamp(0, T - 1)  # a key slot's index among the new tokens
+        new = (key >= start) & (key < start + T)
+        mask = (key < start)[None] | (new[None] & tree[:, rel])
+        if self.config.sliding_window:
+            key_pos = torch.where(new, start + offsets[rel], key)
+            mask = mask & (key_pos[None] > (start + offsets)[:, None] - self.config.sliding_window)
+        return mask[None]
 
 
 class TransformerBlock(nn.Module):

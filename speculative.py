@@ -132,11 +132,12 @@ class PromptLookup:
 
 # ----------------------------------------------------------------------------------------------- the loop
 
-def check_speculation(batch_size: int, sampling: SamplingConfig, speculate_k: int):
+def check_speculation(batch_size: int, sampling: SamplingConfig, speculate_k: int,
+                      method: str = "speculative decoding"):
     if batch_size != 1:
-        raise ValueError(f"speculative decoding needs batch size 1, not {batch_size}")
+        raise ValueError(f"{method} needs batch size 1, not {batch_size}")
     if sampling.penalized:  # they would change the target's distribution within a verified block
-        raise ValueError("repetition/frequency/presence penalties are not supported with speculative decoding")
+        raise ValueError(f"repetition/frequency/presence penalties are not supported with {method}")
     if speculate_k < 1:
         raise ValueError("speculate_k must be >= 1")
 

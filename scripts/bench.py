@@ -4,6 +4,7 @@
     python scripts/bench.py --checkpoint_path checkpoints/<repo>/model.pth --compile --batch_size 4
     python scripts/bench.py --model tinyllama-1.1b --compile --draft int4     # speculative: speed-up over plain
     python scripts/bench.py --checkpoint_path .../model.pth --compile --prompt_lookup 3
+    python scripts/bench.py --checkpoint_path .../model.pth --compile --lookahead 4 --lookahead_ngram 3
 
 By default the preset is built with random weights (speed does not depend on their values), so no download or
 tokenizer is needed. The roofline is tokens/s x weight bytes / the read bandwidth this process measures on a
@@ -28,6 +29,7 @@ from model import Transformer  # noqa: E402
 from model_config import CONFIG_NAME, PRESETS, ModelArgs  # noqa: E402
 from qlinear import GROUP_SIZES, quantize_model  # noqa: E402
 from sampling import SamplingConfig  # noqa: E402
+from lookahead import LookaheadConfig, lookahead_config, lookahead_generate, lookahead_stats  # noqa: E402
 from speculative import DraftModel, PromptLookup, acceptance_stats, speculative_generate  # noqa: E402
 from tokenizer import load_tokenizer  # noqa: E402
 
@@ -94,6 +96,10 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--draft_model", help="draft: a preset with random weights (e.g. stories15M)")
     s.add_argument("--draft_checkpoint_path", type=Path, help="draft: this checkpoint")
     s.add_argument("--prompt_lookup", type=int, metavar="N", help="no draft: prompt lookup with N-grams")
+    s.add_argument("--lookahead", type=int, nargs="?", const=0, metavar="W", help="no draft: lookahead decoding "
+                   "with W guesses per level (default: the device's)")
+    s.add_argument("--lookahead_ngram", type=int, metavar="N")
+    s.add_argument("--lookahead_guesses", type=int, metavar="G")
     s.add_argument("--speculate_k", type=int, default=5)
     s.add_argument("--prompt", help="prompt text (default: a built-in one; with --prompt_lookup, a passage to copy)")
     s.add_argument("--tokenizer_path", type=Path, help="to encode the prompt (default: tokenizer.model beside "
@@ -129,7 +135,8 @@ def run(args) -> int:
     check_args(args)
     dtype = PRECISIONS[args.precision]
     model, label = load_target(args, dtype)
-    if args.draft or args.draft_model or args.draft_checkpoint_path or args.prompt_lookup is not None:
+    if args.draft or args.draft_model or args.draft_checkpoint_path or args.prompt_lookup is not None or \
+            args.lookahead is not None:
         bench_speculative(args, model, label, dtype)
         return 0
     if args.prompt_length + args.max_new_tokens > model.config.max_seq_len:
@@ -204,9 +211,11 @@ def bench_prompt(args, vocab_size: int) -> tuple[list, str]:
 
 def make_proposer(args, model: Transformer, dtype):
     """(the proposer, how to describe it) for --draft, --draft_model, --draft_checkpoint_path or --prompt_lookup."""
-    modes = [args.draft, args.draft_model, args.draft_checkpoint_path, args.prompt_lookup is not None]
+    modes = [args.draft, args.draft_model, args.draft_checkpoint_path, args.prompt_lookup is not None,
+             args.lookahead is not None]
     if sum(map(bool, modes)) != 1:
-        raise ValueError("choose one of --draft, --draft_model, --draft_checkpoint_path and --prompt_lookup")
+        raise ValueError("choose one of --draft, --draft_model, --draft_checkpoint_path, --prompt_lookup and "
+                         "--lookahead")
     if args.batch_size != 1:
         raise ValueError("speculative decoding needs --batch_size 1")
     if args.draft and args.quantize:
@@ -214,6 +223,9 @@ def make_proposer(args, model: Transformer, dtype):
                          "--draft_checkpoint_path")
     if args.prompt_lookup is not None:
         return PromptLookup(args.prompt_lookup), f"prompt lookup, {args.prompt_lookup}-grams"
+    if args.lookahead is not None:
+        cfg = lookahead_config(args.device, args.lookahead or None, args.lookahead_ngram, args.lookahead_guesses)
+        return cfg, f"lookahead W={cfg.window} N={cfg.ngram} G={cfg.guesses}"
     if args.draft:
         draft = quantized(model, args.draft, args.groupsize, args.device, dtype, args.cpu_kernels)
         source = f"draft: {args.draft}{f' g{args.groupsize}' if args.draft == 'int4' else ''} copy of the target"
@@ -232,21 +244,25 @@ def make_proposer(args, model: Transformer, dtype):
 
 
 def bench_speculative(args, model, label: str, dtype):
-    """Plain greedy decoding and speculative decoding of the same target, alternating, after a warm-up (compile) of
-    each: median tokens/s of each, the speed-up, the acceptance histogram, and whether the outputs agree."""
+    """Plain greedy decoding and speculative (or lookahead) decoding of the same target, alternating, after a warm-up
+    (compile) of each: median tokens/s of each, the speed-up, acceptance, what a step costs against a plain decode
+    step, and whether the outputs agree."""
     proposer, source = make_proposer(args, model, dtype)
     model.use_cpu_kernels(args.cpu_kernels)  # after a draft was quantized from its weights
-    K = args.speculate_k
+    lookahead = proposer if isinstance(proposer, LookaheadConfig) else None
+    K = lookahead.ngram - 1 if lookahead else args.speculate_k  # proposed tokens a step can accept
     prompt, prompt_kind = bench_prompt(args, model.config.vocab_size)
     greedy, N = SamplingConfig(temperature=0), args.max_new_tokens
     steps = make_steps(args.device, args.compile)
     # one KV cache size for both: no re-allocation (or CUDA graph re-capture) between the runs
-    cache = min(len(prompt) + N + K, model.config.max_seq_len)
+    cache = min(len(prompt) + N + (lookahead.length if lookahead else K), model.config.max_seq_len)
 
     def plain():
         return generate(model, [prompt], N, greedy, cache_len=cache, steps=steps)
 
     def speculative():
+        if lookahead:
+            return lookahead_generate(model, [prompt], N, greedy, lookahead=lookahead, cache_len=cache, steps=steps)
         return speculative_generate(model, [prompt], N, greedy, proposer=proposer, speculate_k=K, cache_len=cache,
                                     steps=steps)
 
@@ -256,14 +272,17 @@ def bench_speculative(args, model, label: str, dtype):
     runs = [(plain(), speculative()) for _ in range(args.num_samples)]
     tps = statistics.median(p.decode_tokens_per_sec for p, _ in runs)
     spec_tps = statistics.median(s.decode_tokens_per_sec for _, s in runs)
-    stats = acceptance_stats([n for _, s in runs for n in s.accepted], K)
+    accepted = [n for _, s in runs for n in s.accepted]
+    stats = acceptance_stats(accepted, K)
+    if lookahead:
+        stats |= lookahead_stats(accepted, sum(s.pool_hits for _, s in runs), lookahead)
     same = sum(p.tokens == s.tokens for p, s in runs)
     metrics = {
         "model": label, "device": args.device, "precision": args.precision, "compile": args.compile,
         "quantize": args.quantize, "proposer": source, "speculate_k": K, "prompt": prompt_kind,
         "prompt_tokens": len(prompt), "new_tokens": N, "plain_tokens_per_sec": tps,
         "speculative_tokens_per_sec": spec_tps, "speedup": spec_tps / tps, **stats,
-        "identical_outputs": f"{same}/{len(runs)}",
+        "step_cost": step_cost(runs), "identical_outputs": f"{same}/{len(runs)}",
         "plain_runs_tokens_per_sec": [p.decode_tokens_per_sec for p, _ in runs],
         "speculative_runs_tokens_per_sec": [s.decode_tokens_per_sec for _, s in runs],
         "compile_seconds": compile_seconds, **compile_cache_counts(), "peak_memory_bytes": peak_memory_bytes(args.device),
@@ -272,12 +291,23 @@ def bench_speculative(args, model, label: str, dtype):
     mode = "compiled" if args.compile else "eager"
     print(f"{label} {args.precision} {mode} on {args.device}, {source}, k={K}, "
           f"prompt: {prompt_kind} ({len(prompt)} tokens): {spec_tps:.1f} tokens/s vs plain {tps:.1f} = "
-          f"{metrics['speedup']:.2f}x; accepted {stats['mean_accepted']:.2f} of {K} per verify step "
-          f"({stats['acceptance_rate']:.0%}), histogram {stats['acceptance_histogram']}; outputs identical in "
-          f"{same}/{len(runs)} runs (compile {compile_seconds:.0f}s)")
+          f"{metrics['speedup']:.2f}x; accepted {stats['mean_accepted']:.2f} of {K} per step "
+          f"({stats['acceptance_rate']:.0%}), histogram {stats['acceptance_histogram']}, a step costs "
+          f"{metrics['step_cost']:.2f} plain decode steps; outputs identical in {same}/{len(runs)} runs "
+          f"(compile {compile_seconds:.0f}s)")
     if args.metrics_json:
         write_json(args.metrics_json, metrics)
 
+
+def step_cost(runs: list) -> float:
+    """The median over the runs of a speculative step's time divided by a plain decode step's (the decode time over
+    its steps: speculative ones, and plain ones where a run had no proposal or no room). With tokens per step it
+    gives the speed-up: speedup = tokens per step / step cost."""
+    ratios = []
+    for p, s in runs:
+        plain_steps = max(0, s.decode_tokens - sum(n + 1 for n in s.accepted))  # from plain decode steps
+        ratios.append(s.decode_seconds / (len(s.accepted) + plain_steps) / (p.decode_seconds / p.decode_tokens))
+    return statistics.median(ratios)
 
 if __name__ == "__main__":
     main()

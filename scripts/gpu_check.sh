@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # One-command check on a machine with a CUDA GPU, about 10 minutes at most: the device-aware tests (pytest marker
 # `device`) with --device cuda, then Llama-2-7B-shaped decode benchmarks (random weights, --compile): bfloat16,
-# int8, int4 g128, and speculative decoding with an int4 g128 draft. Commands, their output, the GPU, the torch
-# version and the date are appended to one results file.
+# int8, int4 g128, speculative decoding with an int4 g128 draft, lookahead decoding and its step-cost table.
+# Commands, their output, the GPU, the torch version and the date are appended to one results file.
 #
 #     bash scripts/gpu_check.sh [RESULTS_FILE]          # default: gpu_check_results.txt
 #
@@ -68,6 +68,9 @@ bench bf16
 bench int8 --quantize int8
 bench int4 --quantize int4 --groupsize 128
 bench speculative_int4_draft --draft int4 --groupsize 128
+bench lookahead --lookahead   # the CUDA defaults (W=15, N=5, G=15)
+step "${BENCH_TIMEOUT:-180}" "$PY" scripts/bench_lookahead_cost.py --model llama-2-7b --device cuda \
+  --configs 4,3,2 7,4,5 10,5,10 15,5,15 20,6,20
 
 echo "=== gpu_check done, $(date -u '+%H:%M:%S UTC'): $FAILED step(s) failed or skipped" | tee -a "$OUT"
 rm -rf "$METRICS"

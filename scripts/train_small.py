@@ -3,8 +3,11 @@ with real (not random) behaviour to measure when no pretrained weights can be do
 
     python scripts/train_small.py --text_file wiki.valid.txt --tokenizer_path tokenizer.model \
         --out checkpoints/small-wiki --minutes 10
+    python scripts/train_small.py --text_file code.txt --vocab_size 4096 --out checkpoints/small-code
 
-Writes model.pth and model_config.json (what generate.py, quantize.py and eval.py load) and links the tokenizer.
+Writes model.pth and model_config.json (what generate.py, quantize.py and eval.py load) and links the tokenizer,
+or with --vocab_size trains a SentencePiece tokenizer on the text first (a small vocabulary: most of a small model's
+training time would otherwise go to a 32,000-row output layer) and writes it beside them.
 """
 import argparse
 import math
@@ -20,16 +23,17 @@ from cli import check_at_least, check_output_folder, check_output_path, cli_main
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
-from checkpoint import TOKENIZER_NAME, atomic_save  # noqa: E402
+from checkpoint import TOKENIZER_NAME, atomic_save, check_is_file, check_shapes, read_config, read_state_dict  # noqa: E402
 from model import Transformer  # noqa: E402
 from model_config import CONFIG_NAME, ModelArgs  # noqa: E402
 from tokenizer import load_tokenizer  # noqa: E402
 
 
 def train(model: Transformer, data: torch.Tensor, steps: int, seq_len: int, batch_size: int, lr: float,
-          minutes: float = 0.0, seed: int = 0, log=print) -> list:
+          minutes: float = 0.0, seed: int = 0, log=print, repeat: tuple = (0.0, [])) -> list:
     """AdamW on random windows of `data` with linear warm-up and cosine decay, in bfloat16 autocast (AMX on
-    recent Intel CPUs). Stops after `steps`, or earlier after `minutes` > 0. Returns the loss per step."""
+    recent Intel CPUs). Stops after `steps`, or earlier after `minutes` > 0. Returns the loss per step.
+    repeat = (fraction, request token ids): that fraction of each batch are repeat windows (repeat_window)."""
     gen = torch.Generator().manual_seed(seed)
     opt = torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.95), weight_decay=0.1)
     warmup, losses, t0 = max(1, steps // 20), [], time.perf_counter()
@@ -39,6 +43,8 @@ def train(model: Transformer, data: torch.Tensor, steps: int, seq_len: int, batc
             group["lr"] = lr * min(1.0, (step + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * step / steps))
         starts = torch.randint(0, len(data) - seq_len - 1, (batch_size,), generator=gen)
         batch = torch.stack([data[s : s + seq_len + 1] for s in starts.tolist()])
+        for row in range(round(repeat[0] * batch_size)):
+            batch[row] = repeat_window(batch[row], torch.tensor(repeat[1], dtype=torch.long), gen)
         with torch.autocast("cpu", dtype=torch.bfloat16):
             logits = model(batch[:, :-1])
         loss = F.cross_entropy(logits.flatten(0, 1), batch[:, 1:].flatten())
@@ -55,10 +61,21 @@ def train(model: Transformer, data: torch.Tensor, steps: int, seq_len: int, batc
     return losses
 
 
+def repeat_window(window: torch.Tensor, request: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+    """A training window that teaches a request to repeat: a passage of the text, the request, the passage again
+    (cut to the window's length), so that the model learns what an instruction-tuned model does when asked to copy,
+    the case prompt lookup exists for. The passage takes 30-50% of the window."""
+    n = len(window)
+    length = int(n * (0.3 + 0.2 * torch.rand((), generator=gen).item()))
+    passage = window[:length]
+    return torch.cat([passage, request, passage, window[length:]])[:n]
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--text_file", type=Path, required=True)
-    p.add_argument("--tokenizer_path", type=Path, required=True)
+    p.add_argument("--tokenizer_path", type=Path, help="the tokenizer to use (or --vocab_size)")
+    p.add_argument("--vocab_size", type=int, help="instead: train a SentencePiece BPE tokenizer of this size")
     p.add_argument("--out", type=Path, required=True, help="output directory")
     p.add_argument("--dim", type=int, default=288)
     p.add_argument("--n_layers", type=int, default=6)
@@ -70,41 +87,96 @@ def main(argv=None):
     p.add_argument("--minutes", type=float, default=0.0, help="stop early after this long (0: no limit)")
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--repeat_fraction", type=float, default=0.0, help="this fraction of the training windows are a "
+                   "passage, --repeat_request, and the passage again (a model that copies when asked)")
+    p.add_argument("--repeat_request", default="\n\nThe same text again, unchanged:\n\n")
+    p.add_argument("--init", type=Path, help="go on training this model.pth (its shape: --dim etc. are not used; "
+                   "the same tokenizer) instead of starting from random weights")
     p.add_argument("--force", action="store_true", help="replace a model already in --out")
     cli_main(run, p.parse_args(argv))
 
 
 def check_args(args):
     check_at_least(args, dim=1, n_layers=1, n_heads=1, n_kv_heads=1, seq_len=2, batch_size=1, steps=1,
-                   minutes=0.0, lr=0.0)
+                   minutes=0.0, lr=0.0, vocab_size=260, repeat_fraction=0.0)  # vocab: 256 byte-fallback ids + 4
+    if args.repeat_fraction > 1:
+        raise ValueError(f"--repeat_fraction must be at most 1, not {args.repeat_fraction}")
+    if (args.tokenizer_path is None) == (args.vocab_size is None):
+        raise ValueError("give one of --tokenizer_path and --vocab_size")
+    if args.init and args.vocab_size:
+        raise ValueError("--init goes on with the model's own tokenizer: give --tokenizer_path, not --vocab_size")
+    if args.init:
+        check_is_file(args.init, "--init checkpoint")
     check_output_folder(args.out, "--out")
-    for name in ("model.pth", CONFIG_NAME) if args.out.is_dir() else ():
-        check_output_path(args.out / name, "--out", force=args.force)
+    for name in ("model.pth", CONFIG_NAME) + ((TOKENIZER_NAME,) if args.vocab_size else ()):
+        if args.out.is_dir():
+            check_output_path(args.out / name, "--out", force=args.force)
 
 
-def run(args) -> int:
-    check_args(args)
-    tokenizer = load_tokenizer(args.tokenizer_path)
-    text = read_text_file(args.text_file, "text file")
-    data = torch.tensor(tokenizer.encode(text), dtype=torch.long)
-    if len(data) <= args.seq_len + 1:
-        raise ValueError(f"{args.text_file} has {len(data)} tokens: too few for --seq_len {args.seq_len}")
-    config = ModelArgs(dim=args.dim, n_layers=args.n_layers, n_heads=args.n_heads, n_kv_heads=args.n_kv_heads,
-                       vocab_size=tokenizer.vocab_size, max_seq_len=args.seq_len)
+def train_tokenizer(text: str, vocab_size: int, path: Path):
+    """A Llama-2-like SentencePiece BPE model of the text's lines: byte fallback, unk 0, bos 1, eos 2; spaces kept
+    as they are (indentation), runs of them as pieces."""
+    import sentencepiece as spm
+
+    lines = [line for line in text.splitlines() if line.strip()]
+    with open(path.with_suffix(".tmp"), "wb") as f:
+        spm.SentencePieceTrainer.train(
+            sentence_iterator=iter(lines), model_writer=f, vocab_size=vocab_size, model_type="bpe",
+            byte_fallback=True, character_coverage=1.0, bos_id=1, eos_id=2, unk_id=0, pad_id=-1,
+            normalization_rule_name="identity", remove_extra_whitespaces=False, allow_whitespace_only_pieces=True,
+            input_sentence_size=200_000, shuffle_input_sentence=True, minloglevel=2)
+    os.replace(path.with_suffix(".tmp"), path)
+
+
+def initial_model(args, vocab_size: int) -> Transformer:
+    """Random weights in the shape the arguments give, or --init's model in float32."""
     torch.manual_seed(args.seed)
+    if args.init:
+        config = read_config(args.init)
+        if config.vocab_size != vocab_size:
+            raise ValueError(f"--init {args.init} has a vocabulary of {config.vocab_size}, the tokenizer "
+                             f"{vocab_size}: give the tokenizer it was trained with")
+        if args.seq_len > config.max_seq_len:
+            raise ValueError(f"--seq_len {args.seq_len} is longer than --init's context of {config.max_seq_len}")
+        state = read_state_dict(args.init)
+        model = Transformer(config)
+        if set(state) != set(model.state_dict()):
+            raise ValueError(f"--init {args.init} is not a plain (unquantized) checkpoint of its config's shape")
+        check_shapes(state, model, args.init.parent / CONFIG_NAME)
+        model.load_state_dict({k: v.float() for k, v in state.items()})
+        return model
+    config = ModelArgs(dim=args.dim, n_layers=args.n_layers, n_heads=args.n_heads, n_kv_heads=args.n_kv_heads,
+                       vocab_size=vocab_size, max_seq_len=args.seq_len)
     model = Transformer(config)
     for name, param in model.named_parameters():  # GPT-2 style init; the norms keep their ones
         if param.dim() > 1:
             torch.nn.init.normal_(param, 0.0, 0.02)
+    return model
+
+
+def run(args) -> int:
+    check_args(args)
+    text = read_text_file(args.text_file, "text file")
+    if args.vocab_size:
+        args.out.mkdir(parents=True, exist_ok=True)
+        args.tokenizer_path = args.out / TOKENIZER_NAME
+        train_tokenizer(text, args.vocab_size, args.tokenizer_path)
+    tokenizer = load_tokenizer(args.tokenizer_path)
+    data = torch.tensor(tokenizer.encode(text), dtype=torch.long)
+    if len(data) <= args.seq_len + 1:
+        raise ValueError(f"{args.text_file} has {len(data)} tokens: too few for --seq_len {args.seq_len}")
+    model = initial_model(args, tokenizer.vocab_size)
+    config = model.config
     print(f"{sum(p.numel() for p in model.parameters()) / 1e6:.1f}M parameters, {len(data)} training tokens",
           file=sys.stderr)
+    repeat = (args.repeat_fraction, tokenizer.encode(args.repeat_request, bos=False))
     train(model, data, args.steps, args.seq_len, args.batch_size, args.lr, args.minutes, args.seed,
-          log=lambda s: print(s, file=sys.stderr, flush=True))
+          log=lambda s: print(s, file=sys.stderr, flush=True), repeat=repeat)
     args.out.mkdir(parents=True, exist_ok=True)
     atomic_save({k: v.detach().to(torch.bfloat16) for k, v in model.state_dict().items()}, args.out / "model.pth")
     atomic_save(config, args.out / CONFIG_NAME, save=lambda c, path: c.save(path))
     link = args.out / TOKENIZER_NAME
-    if not link.exists():
+    if not link.exists() and not args.vocab_size:
         os.symlink(args.tokenizer_path.resolve(), link)
     print(f"wrote {args.out / 'model.pth'}")
     return 0

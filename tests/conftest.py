@@ -4,6 +4,7 @@ import json
 import os
 import random
 import shutil
+import subprocess
 import sys
 import tempfile
 from pathlib import Path
@@ -231,6 +232,28 @@ def hf_checkpoint(tmp_path_factory, sp_model_path):
             cache[key] = _build_hf_checkpoint(root, sp_model_path, f"{name}_{len(cache)}", overrides, max_shard_size,
                                               seed)
         return cache[key]
+
+    return factory
+
+
+@pytest.fixture(scope="session")
+def quantized_copy(hf_checkpoint, tmp_path_factory):
+    """Factory: quantized_copy(name, *quantize_args) -> a copy of hf_checkpoint(name)'s directory (model.pth,
+    model_config.json, tokenizer.model) in which quantize.py has written its quantized checkpoint; returns the
+    copy's folder. Cached per arguments."""
+    cache = {}
+
+    def factory(name: str, *args):
+        if (name, args) not in cache:
+            _, d = hf_checkpoint(name)
+            root = tmp_path_factory.mktemp("quantized")
+            for f in ("model.pth", "model_config.json", "tokenizer.model"):
+                shutil.copyfile(d / f, root / f)
+            proc = subprocess.run([sys.executable, "quantize.py", "--checkpoint_path", root / "model.pth", *args],
+                                  cwd=ROOT, capture_output=True, text=True, timeout=300)
+            assert proc.returncode == 0, proc.stderr
+            cache[name, args] = root
+        return cache[name, args]
 
     return factory
 

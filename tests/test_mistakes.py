@@ -318,6 +318,20 @@ MISTAKES = {
     "bench/speculate_k_0": ("scripts/bench.py", lambda u, w: ["--checkpoint_path", u["model"], "--device", "cpu",
                                                               "--prompt_lookup", "2", "--speculate_k", "0"],
                             "--speculate_k"),
+    "bench/lookahead_ngram_1": ("scripts/bench.py", lambda u, w: ["--checkpoint_path", u["model"], "--device", "cpu",
+                                                                  "--lookahead", "--lookahead_ngram", "1"],
+                                "lookahead ngram must be >= 2"),
+    "bench/lookahead_and_lookup": ("scripts/bench.py", lambda u, w: [
+        "--checkpoint_path", u["model"], "--device", "cpu", "--lookahead", "--prompt_lookup", "2"], "choose one"),
+    "bench_lookahead_cost/bad_config": ("scripts/bench_lookahead_cost.py", lambda u, w: [
+        "--model", "stories15M", "--device", "cpu", "--configs", "4,3"], "W,N,G"),
+    # ---- scripts/pad_model.py
+    "pad/unknown_shape": ("scripts/pad_model.py", lambda u, w: ["--checkpoint_path", u["model"], "--shape",
+                                                               "llama-9", "--out", w / "big"], "llama-9"),
+    "pad/shape_too_small": ("scripts/pad_model.py", lambda u, w: ["--checkpoint_path", u["model"], "--shape",
+                                                                 "stories15M", "--out", w / "big"], "cannot pad"),
+    "pad/missing_checkpoint": ("scripts/pad_model.py", lambda u, w: ["--checkpoint_path", w / "nope.pth", "--shape",
+                                                                    "stories110M", "--out", w / "big"], "nope.pth"),
     # ---- serve.py (each refused before the model loads)
     "serve/port_negative": ("serve.py", lambda u, w: ["--checkpoint_path", u["model"], "--device", "cpu",
                                                        "--port", "-1"], "--port"),
@@ -346,6 +360,21 @@ MISTAKES = {
         "--text_file", u["text"], "--tokenizer_path", u["tokenizer"], "--out", w / "out", "--lr", "nan"], "--lr"),
     "train/out_is_a_file": ("scripts/train_small.py", lambda u, w: [
         "--text_file", u["text"], "--tokenizer_path", u["tokenizer"], "--out", u["text"]], "--out"),
+    "train/tokenizer_and_vocab_size": ("scripts/train_small.py", lambda u, w: [
+        "--text_file", u["text"], "--tokenizer_path", u["tokenizer"], "--vocab_size", "400", "--out", w / "out"],
+        "one of --tokenizer_path and --vocab_size"),
+    "train/vocab_size_too_small": ("scripts/train_small.py", lambda u, w: [
+        "--text_file", u["text"], "--vocab_size", "100", "--out", w / "out"], "--vocab_size"),
+    "train/init_and_vocab_size": ("scripts/train_small.py", lambda u, w: [
+        "--text_file", u["text"], "--init", u["model"], "--vocab_size", "400", "--out", w / "out"],
+        "--init goes on with the model's own tokenizer"),
+    "train/init_missing": ("scripts/train_small.py", lambda u, w: [
+        "--text_file", u["text"], "--tokenizer_path", u["tokenizer"], "--init", w / "nope.pth", "--out", w / "out"],
+        "--init checkpoint not found"),
+    "train/init_quantized": ("scripts/train_small.py", lambda u, w: [
+        "--text_file", u["text"], "--tokenizer_path", u["tokenizer"], "--init", u["int8"], "--out", w / "out",
+        "--seq_len", "16"],
+        "not a plain (unquantized) checkpoint"),
     "train/missing_text_file": ("scripts/train_small.py", lambda u, w: [
         "--text_file", w / "nope.txt", "--tokenizer_path", u["tokenizer"], "--out", w / "out"],
         "text file not found"),

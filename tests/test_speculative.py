@@ -6,13 +6,10 @@ no-cache forward passes over the final sequence (so both KV caches are checked, 
 target's exact joint distribution over a tiny vocabulary (sampling: chi-square tests at fixed seeds)."""
 import copy
 import json
-import shutil
-import subprocess
-import sys
 
 import pytest
 import torch
-from test_cli import BASE, ROOT, assert_ran_cleanly, run_cli
+from test_cli import BASE, assert_ran_cleanly, run_cli
 
 import decoding
 import generate
@@ -294,16 +291,9 @@ def test_sampled_generation_follows_the_target(tiny_vocab, mode):
 
 
 @pytest.fixture(scope="module")
-def int8_copy(hf_checkpoint, tmp_path_factory):
+def int8_copy(quantized_copy):
     """A copy of the target's checkpoint directory with an int8 copy made by quantize.py beside it."""
-    _, d = hf_checkpoint("mha")
-    root = tmp_path_factory.mktemp("spec_cli")
-    for f in ("model.pth", "model_config.json", "tokenizer.model"):
-        shutil.copyfile(d / f, root / f)
-    proc = subprocess.run([sys.executable, "quantize.py", "--checkpoint_path", root / "model.pth", "--mode", "int8"],
-                          cwd=ROOT, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr
-    return root
+    return quantized_copy("mha", "--mode", "int8")
 
 
 def test_cli_compiled_with_an_int8_draft(cpu_target, int8_copy, tmp_path):

@@ -16,6 +16,7 @@ import checkpoint
 import decoding
 import qlinear as Q
 import tp
+from lookahead import LookaheadConfig, lookahead_generate
 from model_config import CONFIG_NAME
 from sampling import SamplingConfig
 from speculative import DraftModel, speculative_generate
@@ -132,6 +133,25 @@ def test_cli_speculative_with_a_sharded_draft(checkpoints, tmp_path):
     proc = torchrun("generate.py", "--checkpoint_path", path, "--draft_checkpoint_path", draft_path, "--speculate_k", 4,
                     "--prompt", PROMPT, "--max_new_tokens", N_NEW, "--num_samples", 1, "--temperature", 0,
                     "--precision", "float32", "--device", "cpu", "--metrics_json", metrics)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout == PROMPT + tok.decode([t for t in row if t not in tok.eos_ids]) + "\n"
+    assert json.loads(metrics.read_text())["samples"][0]["accepted"] == single.accepted
+
+
+def test_cli_lookahead_under_torchrun(checkpoints, tmp_path):
+    """Lookahead decoding with the target sharded: plain greedy's output, and every step accepts what it accepts in
+    one process (the same guesses, the same candidate keys and values moved in each rank's half of the cache)."""
+    path = checkpoints["float32"]
+    model = checkpoint.load_model(path, "cpu", torch.float32)
+    tok = load_tokenizer(path.parent / "tokenizer.model")
+    prompt, greedy = tok.encode(PROMPT), SamplingConfig(temperature=0)
+    row = decoding.generate(model, [prompt], N_NEW, greedy, tok.eos_ids).tokens[0]
+    single = lookahead_generate(model, [prompt], N_NEW, greedy, tok.eos_ids, lookahead=LookaheadConfig(3, 3, 2))
+    assert single.tokens[0] == row
+    metrics = tmp_path / "metrics.json"
+    proc = torchrun("generate.py", "--checkpoint_path", path, "--lookahead", 3, "--lookahead_ngram", 3,
+                    "--lookahead_guesses", 2, "--prompt", PROMPT, "--max_new_tokens", N_NEW, "--num_samples", 1,
+                    "--temperature", 0, "--precision", "float32", "--device", "cpu", "--metrics_json", metrics)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert proc.stdout == PROMPT + tok.decode([t for t in row if t not in tok.eos_ids]) + "\n"
     assert json.loads(metrics.read_text())["samples"][0]["accepted"] == single.accepted

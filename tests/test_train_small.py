@@ -38,3 +38,51 @@ def test_cli_writes_a_loadable_checkpoint(sp_model_path, tmp_path):
     reference.load_state_dict({k: v.float() for k, v in state.items()})
     idx = torch.arange(1, 20)[None]
     torch.testing.assert_close(model(idx), reference(idx), rtol=0, atol=0)
+
+
+def test_cli_trains_its_own_tokenizer(tmp_path):
+    """--vocab_size: a SentencePiece tokenizer of that size, trained on the text, written beside the model; it
+    round-trips the text (indentation and newlines included) and the model's vocabulary is its size."""
+    from tokenizer import load_tokenizer
+
+    text = tmp_path / "code.py"
+    text.write_text("\n".join(f"def f{i}(x):\n    return x * {i}  # {w}\n" for i, w in
+                              enumerate(english_ish(150, seed=9))))
+    out = tmp_path / "small"
+    train_small.main(["--text_file", str(text), "--vocab_size", "400", "--out", str(out), "--dim", "64",
+                      "--n_layers", "1", "--n_heads", "4", "--n_kv_heads", "2", "--seq_len", "32", "--batch_size", "2",
+                      "--steps", "2"])
+    tok = load_tokenizer(out / "tokenizer.model")
+    assert tok.vocab_size == 400 and load_model(out / "model.pth", "cpu", torch.float32).config.vocab_size == 400
+    sample = text.read_text()[:300]
+    assert tok.decode(tok.encode(sample)) == sample
+
+
+def test_repeat_windows_hold_a_passage_the_request_and_the_passage_again():
+    window, request = torch.arange(100, 200), torch.tensor([7, 8, 9])
+    gen = torch.Generator().manual_seed(0)
+    for _ in range(20):
+        out = train_small.repeat_window(window, request, gen)
+        n = int((out == 7).nonzero()[0])  # the passage's length
+        assert len(out) == 100 and 30 <= n <= 50
+        assert torch.equal(out[:n], window[:n]) and torch.equal(out[n : n + 3], request)
+        assert torch.equal(out[n + 3 : 2 * n + 3], window[:n]) and torch.equal(out[2 * n + 3 :], window[n : 97 - n])
+
+
+def test_init_goes_on_from_a_checkpoint(sp_model_path, tmp_path):
+    """--init: training starts from that model's weights (with lr 0 they come out unchanged) in its shape,
+    whatever --dim etc. say."""
+    text = tmp_path / "train.txt"
+    text.write_text("\n".join(english_ish(100, seed=8)))
+    common = ["--text_file", str(text), "--tokenizer_path", str(sp_model_path), "--seq_len", "32", "--batch_size", "2"]
+    train_small.main([*common, "--out", str(tmp_path / "a"), "--dim", "64", "--n_layers", "2", "--n_heads", "4",
+                      "--n_kv_heads", "2", "--steps", "3"])
+    train_small.main([*common, "--out", str(tmp_path / "b"), "--init", str(tmp_path / "a" / "model.pth"),
+                      "--dim", "128", "--steps", "2", "--lr", "0"])
+    a, b = (torch.load(tmp_path / d / "model.pth", weights_only=True) for d in "ab")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    train_small.main([*common, "--out", str(tmp_path / "c"), "--init", str(tmp_path / "a" / "model.pth"),
+                      "--steps", "2"])
+    c = torch.load(tmp_path / "c" / "model.pth", weights_only=True)
+    assert c["output.weight"].shape == a["output.weight"].shape and not torch.equal(c["output.weight"],
+                                                                                       a["output.weight"])
