@@ -53,14 +53,19 @@ def default_device() -> str:
     return "mps" if torch.backends.mps.is_available() else "cpu"
 
 
+CPU_KERNEL_CHOICES = ["auto", *KERNELS, "w8a8"]
+CPU_KERNEL_HELP = ("CPU matmul: auto = for float weights the fastest on this machine, measured once and cached; "
+                   "w8a8 = int8 checkpoints also quantize activations per token to 8 bits (faster, opt-in: "
+                   "different numerics)")
+
+
 def add_model_args(p: argparse.ArgumentParser):
     """--checkpoint_path, --tokenizer_path, --device, --precision and --cpu_kernels, with the same meaning in every command."""
     p.add_argument("--checkpoint_path", type=Path, default=DEFAULT_CHECKPOINT)
     p.add_argument("--tokenizer_path", type=Path, help="default: tokenizer.model beside the checkpoint")
     p.add_argument("--device", default=default_device())
     p.add_argument("--precision", choices=PRECISIONS, default="bfloat16")
-    p.add_argument("--cpu_kernels", choices=["auto", *KERNELS], default="auto",
-                   help="CPU matmul for float weights: auto = the fastest on this machine, measured once and cached")
+    p.add_argument("--cpu_kernels", choices=CPU_KERNEL_CHOICES, default="auto", help=CPU_KERNEL_HELP)
 
 
 def check_device(device: str):

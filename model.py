@@ -12,7 +12,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
-from cpu_kernels import KERNELS, choose
+from cpu_kernels import INT8_KERNELS, KERNELS, choose
 from model_config import ModelArgs
 
 
@@ -89,16 +89,24 @@ class PagedKVCache(nn.Module):
         self.v_pool[slots.flatten()] = v.transpose(1, 2).reshape(B * T, H, D)
 
     def attend_one(self, q: Tensor, k: Tensor, v: Tensor, slots: tuple[Tensor, Tensor], mask: Tensor) -> Tensor:
-        """Decode attention for compiled graphs: one new token per row, q (B, n_kv_heads, n_rep, head_dim), k and v
-        (B, n_kv_heads, 1, head_dim), mask (B, S). Written as products and sums rather than gather + SDPA so that
-        inductor fuses the gather into the reductions: each key is read once, where it lies in the pool, instead of
-        being copied out first (on a 2-core CPU, B=16 x 512 keys: 2.3 ms a layer against 18). Eager, it would
-        materialise every product: update() + SDPA is the eager path."""
+        """Decode attention (see attend_one) straight from the pool: the indexing is not copied, inductor fuses it
+        into the reductions, so each key is read once where it lies (2-core CPU, B=16 x 512 keys: 2.3 ms a layer
+        against 18 for gather + SDPA)."""
         self.write(slots[0], k, v)
-        keys, values = self.k_pool[slots[1]], self.v_pool[slots[1]]  # (B, S, n_kv_heads, head_dim), not copied
-        scores = (q[:, None] * keys[:, :, :, None]).sum(-1, dtype=torch.float32) * q.shape[-1] ** -0.5
-        probs = scores.masked_fill(~mask[:, :, None, None], float("-inf")).softmax(1)  # (B, S, n_kv_heads, n_rep)
-        return (probs[..., None] * values[:, :, :, None].float()).sum(1).to(q.dtype)
+        return attend_one(q, self.k_pool[slots[1]], self.v_pool[slots[1]], mask)
+
+
+def attend_one(q: Tensor, keys: Tensor, values: Tensor, mask: Tensor) -> Tensor:
+    """Attention of one new token per row, for compiled CPU graphs: q (B, n_kv_heads, n_rep, head_dim), keys and
+    values (B, S, n_kv_heads, head_dim) (views: a static cache transposed, or a paged pool indexed), mask (B, S).
+    Written as products and sums, which inductor fuses into a few reductions with float32 accumulation. ATen's
+    flash-attention kernel pays a fixed cost per (row, head), so with one query row per KV head (n_rep = 1: Llama-2,
+    stories) this is 2-7x faster on a 2-core CPU (llama-2-7b's 32 heads x 1024 keys: 1.1 ms a layer against 4.2);
+    with n_rep >= 2 they are even and with 8 SDPA wins (scripts/bench_attention.py). Eager, it would materialise
+    every product: the eager path is SDPA."""
+    scores = (q[:, None] * keys[:, :, :, None]).sum(-1, dtype=torch.float32) * q.shape[-1] ** -0.5
+    probs = scores.masked_fill(~mask[:, :, None, None], float("-inf")).softmax(1)  # (B, S, n_kv_heads, n_rep)
+    return (probs[..., None] * values[:, :, :, None].float()).sum(1).to(q.dtype)
 
 
 class Transformer(nn.Module):
@@ -148,7 +156,20 @@ class Transformer(nn.Module):
     def use_cpu_kernels(self, force: str = "auto") -> str:
         """Give the float linears the CPU matmul kernel that is fastest here for their shapes (cpu_kernels.choose:
         measured once per machine and cached), or the one `force` names. The output projection keeps addmv when
-        it shares its weight with the embedding. Returns the kernel's name."""
+        it shares its weight with the embedding. Returns the kernel's name.
+
+        force="w8a8" (opt-in, never auto's choice: it changes the numerics): the int8 layers (qlinear.Int8Linear)
+        quantize their activations per token too (cpu_kernels.w8a8_linear); float linears, if any, get auto's."""
+        if force == "w8a8":
+            int8 = [m for m in self.modules() if getattr(m, "kernel", None) in INT8_KERNELS]
+            if not int8:
+                raise ValueError("--cpu_kernels w8a8 is for int8 checkpoints (quantize.py --mode int8): this one has "
+                                 "no int8 layers")
+            for m in int8:
+                m.use_kernel(force)
+            self.use_cpu_kernels("auto")
+            self.cpu_kernel = force
+            return force
         layers = [m for m in self.modules() if isinstance(m, Linear) and m.weight.device.type == "cpu"
                   and m.weight is not self.tok_embeddings.weight]
         if not layers:
@@ -272,8 +293,13 @@ class Attention(nn.Module):
         # GQA without copying K/V: the n_rep query heads that share a KV head become n_rep * T query rows.
         n_rep = H // Hkv
         q = q.reshape(B, Hkv, n_rep * T, D)
-        if T == 1 and isinstance(self.kv_cache, PagedKVCache) and torch.compiler.is_compiling() and x.is_cpu:
-            y = self.kv_cache.attend_one(q, k, v, input_pos, mask[:, 0, 0])  # serving's decode step (measured on CPU)
+        paged = isinstance(self.kv_cache, PagedKVCache)
+        if T == 1 and (paged or n_rep == 1) and input_pos is not None and x.is_cpu and torch.compiler.is_compiling():
+            if paged:  # serving's decode step: no gather
+                y = self.kv_cache.attend_one(q, k, v, input_pos, mask[:, 0, 0])
+            else:  # one query row per head, SDPA's worst case (see attend_one)
+                keys, values = self.kv_cache.update(input_pos, k, v)
+                y = attend_one(q, keys.transpose(1, 2), values.transpose(1, 2), mask[:, 0, 0])
         else:
             if self.kv_cache is not None and input_pos is not None:
                 k, v = self.kv_cache.update(input_pos, k, v)

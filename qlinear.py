@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from tqdm import tqdm
 
+from cpu_kernels import w8a8_available, w8a8_linear
 from model import Experts
 
 GROUP_SIZES = (32, 64, 128, 256)
@@ -126,11 +127,30 @@ class Int8Linear(nn.Module):
         if self.weight.device.type == "cpu" and self.in_features % 32:
             self.weight = F.pad(self.weight, (0, -self.in_features % 32))
 
+    kernel = "int8pack"  # or "w8a8" (use_kernel): cpu_kernels.INT8_KERNELS
+
+    @torch.no_grad()
+    def use_kernel(self, name: str):
+        """"w8a8": quantize activations too (cpu_kernels.w8a8_linear, opt-in), for every number of tokens; the
+        weight is prepacked for oneDNN (an opaque (K, N) tensor: no plain weight is kept). After pack_for_device."""
+        if name == self.kernel:
+            return
+        if name != "w8a8" or self.weight.device.type != "cpu" or not w8a8_available():
+            raise ValueError(f"--cpu_kernels {name}: not available for int8 layers on {self.weight.device.type} here")
+        self.weight = torch.ops.onednn.qlinear_prepack(self.weight, None)
+        self.scales = self.scales.float()
+        self.register_buffer("zero_points", torch.zeros(self.out_features, dtype=torch.int64), persistent=False)
+        self.kernel = name
+
     def dequantized(self, dtype) -> Tensor:
         """(N, K) weights in dtype (K padded as the kernel's rows are)."""
         return self.weight.to(dtype) * self.scales.to(dtype)[:, None]
 
     def forward(self, x: Tensor) -> Tensor:
+        if self.kernel == "w8a8":
+            K = self.weight.shape[0]  # prepacked: (K, N)
+            x = F.pad(x, (0, K - self.in_features)) if K != self.in_features else x
+            return w8a8_linear(x, self.weight, self.scales, self.zero_points)
         K = self.weight.shape[1]
         if K != self.in_features:  # rows padded for the CPU kernel (pack_for_device)
             x = F.pad(x, (0, K - self.in_features))

@@ -19,11 +19,11 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 # first, before torch: cli's Ctrl-C handler must be in place while the libraries load (see cli.py)
-from cli import PRECISIONS, check_at_least, check_device, check_output_path, cli_main, default_device  # noqa: E402
+from cli import (CPU_KERNEL_CHOICES, CPU_KERNEL_HELP, PRECISIONS, check_at_least, check_device, check_output_path,  # noqa: E402
+                 cli_main, default_device)
 import torch  # noqa: E402
 
 from checkpoint import load_model, tokenizer_file, write_json  # noqa: E402
-from cpu_kernels import KERNELS  # noqa: E402
 from decoding import compile_cache_counts, generate, make_steps, peak_memory_bytes, weight_bytes  # noqa: E402
 from model import Transformer  # noqa: E402
 from model_config import CONFIG_NAME, PRESETS, ModelArgs  # noqa: E402
@@ -88,8 +88,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quantize", choices=("int8", "int4"), help="round-to-nearest weight-only quantization first")
     p.add_argument("--groupsize", type=int, default=32, help="int4 group size")
     p.add_argument("--metrics_json", type=Path)
-    p.add_argument("--cpu_kernels", choices=["auto", *KERNELS], default="auto",
-                   help="CPU matmul for float weights (auto: the fastest here, measured once per machine)")
+    p.add_argument("--cpu_kernels", choices=CPU_KERNEL_CHOICES, default="auto", help=CPU_KERNEL_HELP)
     s = p.add_argument_group("speculative decoding (batch 1, greedy): tokens/s against plain decoding of the same "
                              "target, runs alternating in this process")
     s.add_argument("--draft", choices=("int8", "int4"), help="draft: a copy of the target quantized in memory")

@@ -10,7 +10,8 @@ weights from memory. By default the benchmark cycles through enough copies of th
 no cache holds them, which is what happens in a model bigger than the last-level cache. Reported: G weights/s and
 GB/s of weight bytes (median of --repeats passes), and this process's plain read bandwidth for comparison.
 Each quantized format is shown with its kernel and with the alternative of dequantizing its weights to bf16 and
-running the dense matmul (what qlinear does from qlinear.GEMM_TOKENS tokens on).
+running the dense matmul (what qlinear does from qlinear.GEMM_TOKENS tokens on); int8 also with the opt-in w8a8
+kernel (`--cpu_kernels w8a8`: activations quantized per token, oneDNN's integer kernel).
 """
 import argparse
 import copy
@@ -23,7 +24,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from cpu_kernels import candidates  # noqa: E402
+from cpu_kernels import candidates, w8a8_available  # noqa: E402
 from model import Linear  # noqa: E402
 from qlinear import Int4Linear, Int8Linear, quantize_linear  # noqa: E402
 from scripts.bench import measure_bandwidth  # noqa: E402
@@ -76,7 +77,7 @@ def main():
         if dequantize:
             layers = [lambda x, m=m: F.linear(x, m.dequantized(x.dtype)) for m in layers]
         t = median_seconds(layers, x, args.repeats)
-        nbytes = sum(b.numel() * b.element_size() for b in [*layer.parameters(), *layer.buffers()])
+        nbytes = sum(b.numel() * b.element_size() for b in layer.state_dict().values())
         print(f"{name:42s} {N * K * calls / t / 1e9:6.2f} G weights/s {nbytes * calls / t / 1e9:6.2f} GB/s", flush=True)
 
     for kernel in candidates(torch.bfloat16):  # what cpu_kernels.choose picks from
@@ -86,6 +87,8 @@ def main():
     int8.to(torch.bfloat16).pack_for_device()  # scales in the activation dtype, as checkpoint.load_model leaves them
     report("int8 (int8pack_mm)", int8)
     report("int8 (dequantize to bf16 + F.linear)", int8, dequantize=True)
+    if w8a8_available():  # last: it prepacks the layer
+        report("int8 (w8a8: activations to int8, opt-in)", int8, "w8a8")
     for g in args.groupsizes:
         int4 = Int4Linear(K, N, g)
         int4.load_state_dict(quantize_linear(dense, "int4", g))

@@ -11,8 +11,9 @@ by llama.cpp's convert_hf_to_gguf.py (BF16, then llama-quantize to Q8_0 and Q4_0
 other, each width:
 
     llama.cpp: llama-bench -t THREADS -p 512 -n 128 (tg128: decode from an empty context; pp512: prompt tokens/s)
-    ours:      scripts/bench.py --compile (bf16; --quantize int8; --quantize int4 --groupsize 32), and the time
-               to first token of a 512-token prompt (eager and --compile_prefill), as prompt tokens/s
+    ours:      scripts/bench.py --compile (bf16; --quantize int8, also with --cpu_kernels w8a8; --quantize int4
+               --groupsize 32), and the time to first token of a 512-token prompt (eager and
+               --compile_prefill), as prompt tokens/s
 
 and prints a Markdown table (also written to --out as JSON).
 """
@@ -33,6 +34,7 @@ from model_config import PRESETS, ModelArgs  # noqa: E402
 WIDTHS = [  # (label, llama.cpp type, our bench.py flags)
     ("bf16", "BF16", []),
     ("8-bit", "Q8_0", ["--quantize", "int8"]),
+    ("8-bit w8a8", "Q8_0", ["--quantize", "int8", "--cpu_kernels", "w8a8"]),  # activations to int8 too, as Q8_0
     ("4-bit", "Q4_0", ["--quantize", "int4", "--groupsize", "32"]),
 ]
 
@@ -44,6 +46,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", default="stories110M", choices=list(PRESETS))
     p.add_argument("--threads", type=int, default=torch.get_num_threads())
     p.add_argument("--repeats", type=int, default=5, help="llama-bench repetitions and our --num_samples")
+    p.add_argument("--widths", nargs="+", choices=[w[0] for w in WIDTHS], default=[w[0] for w in WIDTHS])
     p.add_argument("--work_dir", type=Path, help="keep the converted models here (default: a temporary folder)")
     p.add_argument("--out", type=Path, help="also write the results here as JSON")
     return p
@@ -123,7 +126,7 @@ def main(argv=None):
         results = []
         print("| model, width | llama.cpp decode tok/s | ours decode tok/s | ours ÷ llama.cpp | llama.cpp pp512 tok/s "
               "| ours pp512 tok/s (eager / compiled prefill) |\n| --- | ---: | ---: | ---: | ---: | ---: |")
-        for label, kind, flags in WIDTHS:
+        for label, kind, flags in (w for w in WIDTHS if w[0] in args.widths):
             results.append({"width": label, "llama.cpp": kind, "ours": " ".join(flags) or "bf16",
                             "llama_cpp_result": llama_bench(ggufs[kind], args.llama_cpp, args.threads, args.repeats),
                             "our_result": ours(hf_dir / "model.pth", flags, args.repeats, work)})

@@ -1,5 +1,5 @@
-"""scripts/bench_gemv.py runs on the model's own layers and reports one line per kernel (speed lives in BENCHMARKS.md;
-here only that it runs and refuses shapes the int4 packer cannot take)."""
+"""scripts/bench_gemv.py and scripts/bench_attention.py run on the model's own kernels and report one line per
+kernel (speed lives in BENCHMARKS.md; here only that they run and refuse what they cannot take)."""
 import re
 import subprocess
 import sys
@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
+import cpu_kernels
 from cpu_kernels import candidates
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -26,7 +27,8 @@ def test_reports_every_kernel_streamed_and_cached():
         rates = re.findall(r"^(bf16|int8|int4 g\d+) .*?([\d.]+) G weights/s +([\d.]+) GB/s$", proc.stdout, re.M)
         bf16 = ["bf16"] * len(candidates(torch.bfloat16))  # one line per CPU kernel cpu_kernels chooses from
         # each quantized format: its kernel, then dequantize + F.linear
-        assert [r[0] for r in rates] == [*bf16, "int8", "int8", "int4 g32", "int4 g32", "int4 g128", "int4 g128"], \
+        int8 = ["int8"] * (3 if cpu_kernels.w8a8_available() else 2)  # int8pack, dequantize + F.linear, w8a8
+        assert [r[0] for r in rates] == [*bf16, *int8, "int4 g32", "int4 g32", "int4 g128", "int4 g128"], \
             proc.stdout
         assert all(float(r[1]) > 0 and float(r[2]) > 0 for r in rates)
         assert "read bandwidth" in proc.stdout
@@ -37,3 +39,17 @@ def test_refuses_shapes_the_kernels_cannot_take(mistake):
     proc = run(*mistake)
     assert proc.returncode != 0
     assert proc.stderr.strip().startswith("error:") and len(proc.stderr.strip().splitlines()) == 1
+
+
+def test_bench_attention_reports_both_kernels_and_refuses_bad_sizes():
+    """scripts/bench_attention.py (SDPA against model.attend_one): one table row per configuration, both timed."""
+    proc = subprocess.run([sys.executable, "scripts/bench_attention.py", "--head_dim", "16", "--n_rep", "1", "2",
+                           "--keys", "24", "--layers", "2", "--repeats", "1"], cwd=ROOT, capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    rows = re.findall(r"^\| (\d+) x (\d+) \| 16 \| 24 \| (\d+) \| (\d+) \| ([\d.]+) \|$", proc.stdout, re.M)
+    assert [(r[0], r[1]) for r in rows] == [("16", "1"), ("8", "2")], proc.stdout
+    assert all(float(r[4]) > 0 for r in rows)
+    bad = subprocess.run([sys.executable, "scripts/bench_attention.py", "--keys", "0"], cwd=ROOT, capture_output=True,
+                         text=True, timeout=300)
+    assert bad.returncode != 0 and bad.stderr.strip() == "error: --keys must be >= 1, got 0", bad.stderr

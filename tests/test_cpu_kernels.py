@@ -1,6 +1,7 @@
 """cpu_kernels: every candidate is a correct linear (eager and compiled, one token and several), a model can be
 given any candidate from Python and the CLI, and a measured choice is cached per machine and never reused on
-another CPU. References: float32 F.linear on the same bf16 weights, and the model's own addmv path."""
+another CPU; the opt-in w8a8 kernel of int8 layers is the integer math it specifies, row by row. References:
+float32 F.linear on the same bf16 weights, the model's own addmv path, and w8a8's math written out in float64."""
 import json
 import subprocess
 import sys
@@ -101,3 +102,74 @@ def test_cli_refuses_a_kernel_the_precision_has_not(hf_checkpoint):
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 1 and proc.stderr.strip().splitlines() == [
         "error: --cpu_kernels onednn: not available for float32 weights here; choose from auto, addmv"]
+
+
+# ------------------------------------------------------------------ w8a8: int8 layers with int8 activations (opt-in)
+w8a8 = pytest.mark.skipif(not cpu_kernels.w8a8_available(), reason="this torch build has no oneDNN u8s8 linear")
+
+
+def w8a8_reference(x: torch.Tensor, w: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+    """The format written out: each row rounded to int8 at max |row| / 127 (float32 division, as specified), the
+    integer products summed exactly (float64), scaled by the row's and the channel's scales."""
+    rows = x.reshape(-1, x.shape[-1]).float()
+    s = rows.abs().amax(-1, keepdim=True) / 127
+    q = torch.where(s > 0, torch.round(rows / s.clamp(min=1e-38)), 0)
+    return (q.double() @ w.double().T) * s.double() * scales.double()
+
+
+@w8a8
+def test_w8a8_linear_is_the_integer_math_and_each_row_its_own(tmp_path):
+    torch.manual_seed(0)
+    w = torch.randint(-127, 128, (80, 96), dtype=torch.int8)
+    scales = torch.rand(80) * 0.01 + 1e-3
+    x = torch.randn(4, 96) * torch.tensor([[1.0], [30.0], [0.0], [1e-3]])  # very different rows, one all zeros
+    packed, zeros = torch.ops.onednn.qlinear_prepack(w, None), torch.zeros(80, dtype=torch.int64)
+    ref = w8a8_reference(x, w, scales)
+    got = cpu_kernels.w8a8_linear(x, packed, scales, zeros)
+    assert torch.allclose(got.double(), ref, rtol=1e-5, atol=1e-6 * ref.abs().max().item())
+    assert torch.equal(got[2], torch.zeros(80))
+    for i in range(4):  # a row's result does not depend on the others (serving batches rows of many requests)
+        assert torch.equal(cpu_kernels.w8a8_linear(x[i:i + 1], packed, scales, zeros)[0], got[i])
+    compiled = torch.compile(cpu_kernels.w8a8_linear, fullgraph=True, backend=cpu_inductor())
+    assert torch.allclose(compiled(x, packed, scales, zeros).double(), ref, rtol=1e-5,
+                          atol=1e-6 * ref.abs().max().item())
+    # against the weight-only int8 layer: the activations' rounding, 1/254 of each row's range at most per element
+    weight_only = (x.double() @ w.double().T) * scales.double()
+    assert (got.double() - weight_only).norm() <= 0.01 * weight_only.norm()
+
+
+@w8a8
+def test_w8a8_model_from_python_and_the_cli(hf_checkpoint, prompt_ids, tmp_path):
+    """An int8 checkpoint loaded with cpu_kernels="w8a8": every int8 layer prepacked for oneDNN, logits within the
+    activations' rounding of the weight-only int8 model's, a batch decoding as each prompt alone, compiled as
+    eager; from generate.py --cpu_kernels w8a8 with --compile."""
+    from decoding import generate, make_steps
+    from qlinear import quantize_model
+    from sampling import SamplingConfig
+    _, d = hf_checkpoint("gqa")
+    state, meta = quantize_model(load_model(d / "model.pth", "cpu", torch.float32, cpu_kernels="addmv"), "int8",
+                                 progress=False)
+    path = tmp_path / "model_int8.pth"
+    torch.save({"quantization": meta, "state_dict": state}, path)
+    (tmp_path / "model_config.json").write_text((d / "model_config.json").read_text())
+    weight_only = load_model(path, "cpu", torch.float32)
+    model = load_model(path, "cpu", torch.float32, cpu_kernels="w8a8")
+    assert model.cpu_kernel == "w8a8"
+    int8 = [m for m in model.modules() if getattr(m, "kernel", None) in cpu_kernels.INT8_KERNELS]
+    assert int8 and {m.kernel for m in int8} == {"w8a8"} and all(m.weight.is_mkldnn for m in int8)
+    idx = torch.tensor([prompt_ids(24, seed=5)])
+    with torch.inference_mode():
+        ref, got = weight_only(idx), model(idx)
+    assert (got - ref).norm() <= 0.05 * ref.norm()
+    prompts = [prompt_ids(n, seed=50 + n) for n in (7, 19, 12)]
+    greedy = SamplingConfig(temperature=0)
+    alone = [generate(model, [p], 12, greedy).tokens[0] for p in prompts]
+    assert generate(model, prompts, 12, greedy).tokens == alone
+    assert generate(model, prompts[:1], 12, greedy, steps=make_steps("cpu", compile=True)).tokens == alone[:1]
+    metrics = tmp_path / "m.json"
+    proc = subprocess.run([sys.executable, str(ROOT / "generate.py"), "--checkpoint_path", str(path),
+                           "--tokenizer_path", str(d / "tokenizer.model"), "--device", "cpu", "--compile",
+                           "--cpu_kernels", "w8a8", "--prompt", "the", "--max_new_tokens", "4", "--num_samples", "1",
+                           "--metrics_json", str(metrics)], capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert json.loads(metrics.read_text())["cpu_kernel"] == "w8a8"

@@ -3,6 +3,7 @@ of each prompt alone (the reference: the static-cache path, itself checked again
 test_generate.py), in float32 on --device."""
 import copy
 import random
+from pathlib import Path
 
 import pytest
 import torch
@@ -174,32 +175,54 @@ def test_compiled_engine_matches_eager(kind, hf_checkpoint, load_ours, prompt_id
     counts on CUDA."""
     _, d = hf_checkpoint(kind)
     model = load_ours(d)
-    reference = copy.deepcopy(model)
+    check_compiled_engine(model, copy.deepcopy(model), workload(prompt_ids, 7, seed=2), max_batch_size=6, every=3)
+
+
+def check_compiled_engine(model, reference, workload: list, max_batch_size: int, every: int):
+    """The compiled engine serving the workload's requests as they arrive gives each what `reference` gives it
+    alone."""
     torch._dynamo.reset()
-    engine = Engine(model, None, EngineConfig(max_batch_size=6, block_size=8, prefill_chunk=24, compile=True))
-    requests = [Request(p, n) for p, n in workload(prompt_ids, 7, seed=2)]
-    run_arriving(engine, requests, every=3)
+    config = EngineConfig(max_batch_size=max_batch_size, block_size=8, prefill_chunk=24, compile=True)
+    engine = Engine(model, None, config)
+    requests = [Request(p, n) for p, n in workload]
+    run_arriving(engine, requests, every=every)
     for r in requests:
         assert r.output == alone(reference, r.prompt, r.max_tokens)
     torch._dynamo.reset()
 
 
-@pytest.mark.parametrize("mode", ["int8", "int4"])
-def test_quantized_checkpoints(mode, hf_checkpoint, load_cpu, prompt_ids, device, tmp_path):
-    import checkpoint
+def quantized_checkpoint(mode: str, hf_checkpoint, load_cpu, folder) -> Path:
+    """The "gqa" fixture quantized by quantize_model, saved as quantize.py saves it (config beside it)."""
     import qlinear as Q
     _, d = hf_checkpoint("gqa")
     state, meta = Q.quantize_model(load_cpu(d), mode, groupsize=32, progress=False)
-    path = tmp_path / f"model_{mode}.pth"
+    path = folder / f"model_{mode}.pth"
     torch.save({"quantization": meta, "state_dict": state}, path)
-    (tmp_path / "model_config.json").write_bytes((d / "model_config.json").read_bytes())
-    model = checkpoint.load_model(path, device, torch.float32)
+    (folder / "model_config.json").write_bytes((d / "model_config.json").read_bytes())
+    return path
+
+
+@pytest.mark.parametrize("mode", ["int8", "int4"])
+def test_quantized_checkpoints(mode, hf_checkpoint, load_cpu, prompt_ids, device, tmp_path):
+    import checkpoint
+    model = checkpoint.load_model(quantized_checkpoint(mode, hf_checkpoint, load_cpu, tmp_path), device, torch.float32)
     reference = copy.deepcopy(model)
     engine = Engine(model, None, EngineConfig(max_batch_size=4, block_size=8))
     requests = [Request(p, n) for p, n in workload(prompt_ids, 6, seed=3)]
     run_arriving(engine, requests)
     for r in requests:
         assert r.output == alone(reference, r.prompt, r.max_tokens)
+
+
+def test_w8a8_int8_checkpoint_compiled(hf_checkpoint, load_cpu, prompt_ids, device, tmp_path):
+    """--cpu_kernels w8a8 (int8 activations, quantized per token): the compiled engine's dynamic batches give each
+    request what it gets alone, since no row's rounding depends on another's."""
+    import checkpoint
+    if device != "cpu":
+        pytest.skip("w8a8 is a CPU kernel")
+    path = quantized_checkpoint("int8", hf_checkpoint, load_cpu, tmp_path)
+    model, reference = (checkpoint.load_model(path, "cpu", torch.float32, cpu_kernels="w8a8") for _ in range(2))
+    check_compiled_engine(model, reference, workload(prompt_ids, 6, seed=4), max_batch_size=4, every=2)
 
 
 def test_pool_size_from_tokens_or_memory(hf_checkpoint, load_ours):

@@ -159,6 +159,29 @@ def test_batch_gqa_compiled_equals_alone_and_stops_at_eos(gqa, compiled_steps, b
     check_batch_eos(ours, batch_prompts, alone, all_rows_stop=False, steps=compiled_steps)
 
 
+def test_compiled_mha_decode_step_equals_sdpa(mha, batch_prompts, device):
+    """On CPU, a compiled one-token step of a model with one query head per KV head attends through
+    model.attend_one, not SDPA (measured faster there): its logits equal the eager step's (SDPA) in float32, for a
+    left-padded batch at several positions, and the batch's greedy tokens equal transformers' for each prompt
+    alone."""
+    hf, ours = mha
+    assert ours.config.n_heads == ours.config.n_kv_heads
+    step = decoding.compile_static(lambda m, tok, pos, pad: m(tok, pos, pad), device)
+    batch = decoding.Batch.of(batch_prompts, ours.config.vocab_size, False, device)
+    T = batch.tokens.shape[1]
+    ours.setup_caches(len(batch_prompts), T + 8)
+    with torch.inference_mode():
+        ours(batch.tokens, torch.arange(T, device=device), batch.left_pad)
+        for i in range(8):
+            token = torch.tensor([[3 + i]] * len(batch_prompts), device=device)
+            pos = torch.tensor([T + i], device=device)
+            compiled = step(ours, token, pos, batch.left_pad)
+            eager = ours(token, pos, batch.left_pad)  # rewrites the same cache slot with the same keys and values
+            torch.testing.assert_close(compiled, eager, atol=1e-4, rtol=1e-4)
+    compiled_steps = decoding.make_steps(device, compile=True)
+    assert gen(ours, batch_prompts, steps=compiled_steps).tokens == hf_greedy(hf, batch_prompts, N_NEW)
+
+
 def test_equal_length_batch_and_repeated_prompt(mha, prompt_ids):
     """Without padding (all rows the same length) rows are still independent, including identical rows."""
     _, ours = mha

@@ -154,6 +154,8 @@ MISTAKES = {
     "generate/device_tpu": ("generate.py", G("--device", "tpu"), "--device tpu"),
     "generate/device_mps": ("generate.py", G("--device", "mps"), "--device mps"),
     "generate/device_cuda_7": ("generate.py", G("--device", "cuda:7"), "--device cuda:7"),
+    "generate/w8a8_on_a_float_checkpoint": ("generate.py", G("--cpu_kernels", "w8a8"),
+                                            "--cpu_kernels w8a8 is for int8 checkpoints"),
     "generate/prompt_not_utf8": ("generate.py", G("--prompt", os.fsdecode(b"caf\xe9 au lait")), "--prompt"),
     # ---- generate.py: input files
     "generate/missing_checkpoint": ("generate.py", lambda u, w: ["--checkpoint_path", w / "nowhere" / "model.pth",
