@@ -1,7 +1,8 @@
 """Quantized linear layers (weight-only): the int8 and int4 formats, their modules, and round-to-nearest
 quantization of a model as module swaps (torchao's approach).
 
-    int8: symmetric per output channel, ATen's _weight_int8pack_mm on CPU, a fused dequantising matmul elsewhere
+    int8: symmetric per output channel, ATen's _weight_int8pack_mm on CPU (or, opt-in, activations quantized per
+          token too and oneDNN's integer kernel: --cpu_kernels w8a8), a fused dequantising matmul elsewhere
     int4: asymmetric per group of input features, PyTorch's packed int4 kernels on CPU and CUDA
 
 A checkpoint stores int4 codes in a portable layout (pack_int4); pack_for_device() converts them to the layout of
@@ -113,6 +114,7 @@ class Int8Linear(nn.Module):
     # use_gemm: 5632 x 2048, 2-core EPYC: float32 4.4 ms/token in the kernel, crossover between 4 and 8 tokens;
     # bf16 512 tokens 37 ms in the kernel, 1.5 ms to dequantize + 14 ms GEMM (scripts/bench_gemv.py --tokens)
     GEMM_TOKENS = (8, 64)
+    kernel = "int8pack"  # or "w8a8" (use_kernel): cpu_kernels.INT8_KERNELS
 
     def __init__(self, in_features: int, out_features: int):
         super().__init__()
@@ -126,8 +128,6 @@ class Int8Linear(nn.Module):
         # rewrites the generic path below into that kernel too: pad rows with zeros to a multiple of 32.
         if self.weight.device.type == "cpu" and self.in_features % 32:
             self.weight = F.pad(self.weight, (0, -self.in_features % 32))
-
-    kernel = "int8pack"  # or "w8a8" (use_kernel): cpu_kernels.INT8_KERNELS
 
     @torch.no_grad()
     def use_kernel(self, name: str):
