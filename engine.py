@@ -100,6 +100,7 @@ class Engine:
         self.max_blocks = -(-self.context // bs)  # per sequence
         n_blocks = -(-pool_tokens(model, config) // bs) + 1
         model.setup_paged_cache(n_blocks, bs)
+        self.cache = model.layers[0].attention.kv_cache  # step() checks nobody replaced it
         self.pool = BlockPool(n_blocks, bs, config.prefix_caching)
         self.device = model.freqs_cis.device
         self.waiting: deque[Request] = deque()
@@ -169,6 +170,9 @@ class Engine:
     @torch.inference_mode()
     def step(self) -> bool:
         """Admit, decode the running requests one token each, prefill one chunk. Returns whether it did any work."""
+        if self.model.layers[0].attention.kv_cache is not self.cache:
+            raise RuntimeError("the model's KV cache was replaced (generate(), setup_caches() or another Engine on "
+                               "the model this Engine serves): an Engine owns its model; use a copy for other work")
         self.take_inbox()
         self.admit()
         decoding = self.reserve([r for r in self.running if r.n_pending == 1], 1)

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import hf_greedy
 
 from decoding import generate
 from engine import Engine, EngineConfig, Request
@@ -223,6 +224,19 @@ def test_w8a8_int8_checkpoint_compiled(hf_checkpoint, load_cpu, prompt_ids, devi
     path = quantized_checkpoint("int8", hf_checkpoint, load_cpu, tmp_path)
     model, reference = (checkpoint.load_model(path, "cpu", torch.float32, cpu_kernels="w8a8") for _ in range(2))
     check_compiled_engine(model, reference, workload(prompt_ids, 6, seed=4), max_batch_size=4, every=2)
+
+
+def test_an_engine_whose_model_cache_was_replaced_says_so(hf_checkpoint, load_ours, prompt_ids):
+    """generate() on the Engine's own model gives it a static cache: the engine's next step refuses in words
+    instead of failing inside the model (and the model generates correctly for generate())."""
+    hf, d = hf_checkpoint("gqa")
+    model = load_ours(d)
+    engine = Engine(model, None, EngineConfig(max_batch_size=2, block_size=8))
+    prompt = prompt_ids(9, seed=1)
+    assert engine.generate([prompt], 5)[0].output == alone(load_ours(d), prompt, 5)
+    assert alone(model, prompt, 5) == hf_greedy(hf, [prompt], 5)[0]
+    with pytest.raises(RuntimeError, match="an Engine owns its model"):
+        engine.generate([prompt], 5)
 
 
 def test_pool_size_from_tokens_or_memory(hf_checkpoint, load_ours):
