@@ -35,7 +35,7 @@ from torch import Tensor
 from decoding import GenerationResult, Steps, sync
 from model import Transformer
 from sampling import SamplingConfig
-from speculative import check_speculation, keep
+from speculative import check_speculation, keep, setup_one
 
 
 @dataclass(frozen=True)
@@ -205,15 +205,9 @@ def lookahead_generate(model: Transformer, prompts: list, max_new_tokens: int,
     for a step's L tokens, plain decode steps finish. result.accepted: the candidate tokens accepted at each
     lookahead step; result.pool_hits: the steps that had candidates."""
     check_speculation(len(prompts), sampling, 1, "lookahead decoding")
-    prompt, device = list(prompts[0]), model.output.weight.device
-    T, context, L = len(prompt), model.config.max_seq_len, lookahead.length
-    if T == 0:
-        raise ValueError("empty prompt")
-    if T >= context:
-        raise ValueError(f"prompt of {T} tokens does not fit the model's context of {context} tokens")
-    max_new_tokens = min(max_new_tokens, context - T)
-    cache_len = min(context, max(cache_len, T + max_new_tokens + L))  # a step writes L slots from the last token's
-    model.setup_caches(1, cache_len)
+    L = lookahead.length  # a step writes L slots from the last token's
+    prompt, max_new_tokens, cache_len = setup_one(model, prompts, max_new_tokens, cache_len, L)
+    T, device = len(prompt), model.output.weight.device
 
     t0 = time.perf_counter()
     state = Lookahead(lookahead, prompt, device)

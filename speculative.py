@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from decoding import GenerationResult, Steps, sync
+from decoding import GenerationResult, Steps, check_room, sync
 from model import Transformer
 from sampling import SamplingConfig, draw
 
@@ -165,15 +165,9 @@ def speculative_generate(model: Transformer, prompts: list, max_new_tokens: int,
     room for K more, take a plain decode step. result.accepted: the accepted count of each verify step."""
     K = speculate_k
     check_speculation(len(prompts), sampling, K)
-    prompt, device = list(prompts[0]), model.output.weight.device
-    T, context = len(prompt), model.config.max_seq_len
-    if T == 0:
-        raise ValueError("empty prompt")
-    if T >= context:
-        raise ValueError(f"prompt of {T} tokens does not fit the model's context of {context} tokens")
-    max_new_tokens = min(max_new_tokens, context - T)
-    cache_len = min(context, max(cache_len, T + max_new_tokens + K))  # a verify step writes K past the last token
-    model.setup_caches(1, cache_len)
+    # a verify step writes K slots past the last token
+    prompt, max_new_tokens, cache_len = setup_one(model, prompts, max_new_tokens, cache_len, K)
+    T, device = len(prompt), model.output.weight.device
 
     t0 = time.perf_counter()
     proposer.start(model, prompt, cache_len, sampling, steps)
@@ -205,6 +199,16 @@ def speculative_generate(model: Transformer, prompts: list, max_new_tokens: int,
     sync(device)
     decode_seconds = time.perf_counter() - t0 - ttft
     return GenerationResult([out], [T], ttft, decode_seconds, len(out) - 1, [out[-1] in eos], accepted)
+
+
+def setup_one(model: Transformer, prompts: list, max_new_tokens: int, cache_len: int, extra: int):
+    """For decoding one prompt with steps that write `extra` cache slots past the last token: (the prompt,
+    max_new_tokens shortened to the model's context as generate() does, the KV cache length set up)."""
+    prompt = list(prompts[0])
+    max_new_tokens = check_room(model, [prompt], max_new_tokens, 0)
+    cache_len = min(model.config.max_seq_len, max(cache_len, len(prompt) + max_new_tokens + extra))
+    model.setup_caches(1, cache_len)
+    return prompt, max_new_tokens, cache_len
 
 
 def keep(new: list, room: int, eos: set) -> list:

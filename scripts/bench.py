@@ -25,11 +25,11 @@ import torch  # noqa: E402
 
 from checkpoint import load_model, tokenizer_file, write_json  # noqa: E402
 from decoding import compile_cache_counts, generate, make_steps, peak_memory_bytes, weight_bytes  # noqa: E402
+from lookahead import LookaheadConfig, lookahead_config, lookahead_generate, lookahead_stats  # noqa: E402
 from model import Transformer  # noqa: E402
 from model_config import CONFIG_NAME, PRESETS, ModelArgs  # noqa: E402
 from qlinear import GROUP_SIZES, quantize_model  # noqa: E402
 from sampling import SamplingConfig  # noqa: E402
-from lookahead import LookaheadConfig, lookahead_config, lookahead_generate, lookahead_stats  # noqa: E402
 from speculative import DraftModel, PromptLookup, acceptance_stats, speculative_generate  # noqa: E402
 from tokenizer import load_tokenizer  # noqa: E402
 
