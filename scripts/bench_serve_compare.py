@@ -11,7 +11,8 @@ One random LlamaForCausalLM of the preset's shape (scripts/bench_llamacpp.py's, 
                    process, bf16, fed the same requests with the same number in flight, its per-token timestamps
                    giving TTFT and ITL (no HTTP: `transformers serve` needs a tokenizer this random model lacks)
 Each gets the same workload (--num_requests, --prompt_tokens, --output_tokens, token-id prompts, ignore_eos); the
-peak resident memory (VmHWM) of the server process (of this process for transformers) is read from /proc.
+resident memory of the server process (of this process for transformers), peak (VmHWM) and after the
+workload (VmRSS), is read from /proc.
 """
 import argparse
 import asyncio
@@ -98,8 +99,7 @@ def transformers_run(paths: dict, args, concurrency: int) -> dict:
     seconds = time.perf_counter() - t_start
     manager.stop(block=True)
     load.model = "transformers"
-    return {**bench_serve.summarize(load, results, seconds), "engine": "transformers",
-            "peak_rss_gb": peak_rss_gb(os.getpid())}
+    return {**bench_serve.summarize(load, results, seconds), "engine": "transformers", **rss_gb(os.getpid())}
 
 
 def workload_args(args, concurrency: int, url: str):
@@ -135,9 +135,11 @@ def start(cmd: list, port: int, log: Path) -> subprocess.Popen:
     sys.exit(f"error: {cmd[0]} did not start in 15 minutes; see {log}")
 
 
-def peak_rss_gb(pid: int) -> float:
-    status = Path(f"/proc/{pid}/status").read_text()
-    return next(int(line.split()[1]) for line in status.splitlines() if line.startswith("VmHWM")) / 2**20
+def rss_gb(pid: int) -> dict:
+    """Resident memory of a process: its peak (VmHWM, loading included) and now (VmRSS, after the workload)."""
+    status = dict(line.split(":", 1) for line in Path(f"/proc/{pid}/status").read_text().splitlines())
+    gb = lambda key: int(status[key].split()[0]) / 2**20  # noqa: E731 (kB)
+    return {"peak_rss_gb": gb("VmHWM"), "end_rss_gb": gb("VmRSS")}
 
 
 def one_run(engine: str, paths: dict, args, concurrency: int) -> dict:
@@ -152,7 +154,7 @@ def one_run(engine: str, paths: dict, args, concurrency: int) -> dict:
         load = workload_args(args, concurrency, f"http://127.0.0.1:{port}/v1")
         results, seconds = asyncio.run(bench_serve.run_workload(load, bench_serve.workload(load)))
         summary = bench_serve.summarize(load, results, seconds)
-        summary.update(engine=engine, peak_rss_gb=peak_rss_gb(proc.pid))
+        summary.update(engine=engine, **rss_gb(proc.pid))
         return summary
     finally:
         proc.terminate()
@@ -171,11 +173,13 @@ def bench_serve_port() -> int:
 
 def table(rows: list) -> str:
     ms = lambda d: f"{d['p50'] * 1e3:.0f} / {d['p99'] * 1e3:.0f}"  # noqa: E731
-    lines = ["| engine | concurrency | output tok/s | requests/s | TTFT p50 / p99 ms | ITL p50 / p99 ms | peak RSS GB |",
+    lines = ["| engine | concurrency | output tok/s | requests/s | TTFT p50 / p99 ms | ITL p50 / p99 ms "
+             "| RSS peak / end GB |",
              "| --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
     for r in rows:
         lines.append(f"| {r['engine']} | {r['concurrency']} | {r['output_tokens_per_s']:.1f} | "
-                     f"{r['requests_per_s']:.3f} | {ms(r['ttft_s'])} | {ms(r['itl_s'])} | {r['peak_rss_gb']:.2f} |")
+                     f"{r['requests_per_s']:.3f} | {ms(r['ttft_s'])} | {ms(r['itl_s'])} | "
+                     f"{r['peak_rss_gb']:.2f} / {r.get('end_rss_gb', 0):.2f} |")
     return "\n".join(lines)
 
 

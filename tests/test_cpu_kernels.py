@@ -2,6 +2,7 @@
 given any candidate from Python and the CLI, and a measured choice is cached per machine and never reused on
 another CPU; the opt-in w8a8 kernel of int8 layers is the integer math it specifies, row by row. References:
 float32 F.linear on the same bf16 weights, the model's own addmv path, and w8a8's math written out in float64."""
+import gc
 import json
 import subprocess
 import sys
@@ -173,3 +174,27 @@ def test_w8a8_model_from_python_and_the_cli(hf_checkpoint, prompt_ids, tmp_path)
                            "--metrics_json", str(metrics)], capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert json.loads(metrics.read_text())["cpu_kernel"] == "w8a8"
+
+
+def mapped(path: Path) -> bool:
+    """Whether this process still has the file memory-mapped (torch.load(mmap=True) keeps it so while any tensor
+    points into it, and every page that was read stays resident with it)."""
+    gc.collect()
+    return str(path.resolve()) in Path("/proc/self/maps").read_text()
+
+
+def test_converted_weights_let_the_checkpoint_file_go(hf_checkpoint, quantized_copy, tmp_path):
+    """Weights converted on load (prepacked for oneDNN, int4-packed) are copies: the file mapping they were read
+    from must go, or the model is resident twice. Weights used as stored (addmv) are read from the mapping."""
+    _, d = hf_checkpoint("tied")
+    path = tmp_path / "model.pth"
+    torch.save({k: v.bfloat16() for k, v in torch.load(d / "model.pth", weights_only=True).items()}, path)
+    (tmp_path / "model_config.json").write_text((d / "model_config.json").read_text())
+    for kernel in cpu_kernels.candidates(torch.bfloat16):
+        model = load_model(path, "cpu", torch.bfloat16, cpu_kernels=kernel)
+        assert mapped(path) == (kernel == "addmv"), kernel
+        del model
+        assert not mapped(path)
+    path = quantized_copy("mha", "--mode", "int4", "--groupsize", "32") / "model_int4.g32.pth"
+    model = load_model(path, "cpu", torch.float32)
+    assert not mapped(path)
