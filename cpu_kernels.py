@@ -8,6 +8,12 @@ model, threads, torch version) in $XDG_CACHE_HOME/llama-fast/cpu_kernels.json, a
     kernel = choose(shapes, torch.bfloat16)      # "addmv" or "onednn" (measured, or from the cache)
     model.use_cpu_kernels()                      # a Transformer's float linears: choose, then prepare their weights
 
+`--cpu_kernels inductor` (opt-in, for 16-bit weights) writes a one-token matmul in a compiled step as a multiply
+and a sum, which inductor generates as a loop inside the layer's fused C++ kernel: no call into a library, whose
+fixed cost (~20-35 us per oneDNN call) is a sixth of a small model's step. It wins on small models (stories110M
+bf16: 1.2x oneDNN's decode) and loses on larger ones (tinyllama: 0.8x), which timing the kernels alone does not
+predict, so auto does not choose it.
+
 int8 layers (quantize.py --mode int8) run ATen's weight-only int8 kernel, or with `--cpu_kernels w8a8` (opt-in,
 never chosen by auto: it changes the numerics) quantize their activations per token too and run oneDNN's integer
 kernel (w8a8_linear).
@@ -90,18 +96,28 @@ def addmv(x: Tensor, weight: Tensor) -> Tensor:
     return F.linear(x, weight)
 
 
+def inductor(x: Tensor, weight: Tensor) -> Tensor:
+    """Inside torch.compile, one token: x @ W.T written as a product and a sum over the input features, float32
+    accumulation, which inductor generates as a vectorized loop and fuses into the step (no library call per
+    layer). Eager, or several tokens (the generated loop would read the weights once per token): F.linear."""
+    if torch.compiler.is_compiling() and x.shape[:-1].numel() == 1:
+        return (x[..., None, :].float() * weight.float()).sum(-1).to(x.dtype)
+    return F.linear(x, weight)
+
+
 INT8_KERNELS = ("int8pack", "w8a8")  # qlinear.Int8Linear's: ATen's weight-only kernel (default), w8a8_linear (opt-in)
 
 # name -> (prepare a plain (N, K) weight, multiply x by a prepared weight): the float linears' candidates
 KERNELS = {
     "addmv": (lambda w: w, addmv),
     "onednn": (lambda w: torch.ops.mkldnn._reorder_linear_weight(w, 1), torch.ops.llama_fast.onednn_linear),
+    "inductor": (lambda w: w, inductor),  # opt-in: never auto's choice (see the module's docstring)
 }
 
 
 @functools.cache
 def candidates(dtype) -> list:
-    """The kernels this machine offers for weights of `dtype` (oneDNN's float16 path, for one, needs AVX512-FP16
+    """The kernels auto chooses from for weights of `dtype` (oneDNN's float16 path, for one, needs AVX512-FP16
     or AVX-NE-CONVERT: a tiny weight is packed to find out)."""
     if dtype not in ONEDNN_DTYPES or not torch.backends.mkldnn.is_available():
         return ["addmv"]
@@ -110,6 +126,11 @@ def candidates(dtype) -> list:
     except RuntimeError:
         return ["addmv"]
     return ["addmv", "onednn"]
+
+
+def forcible(dtype) -> list:
+    """What --cpu_kernels may name for weights of `dtype`: the candidates, and inductor for 16-bit weights."""
+    return candidates(dtype) + (["inductor"] if dtype in ONEDNN_DTYPES else [])
 
 
 def machine_key() -> str:
@@ -154,9 +175,9 @@ def choose(shapes: list, dtype, force: str = "auto", cache: Path | None = None) 
     """The kernel for these shapes and dtype: `force` if it names one, else the cached choice for this machine,
     else the fastest by measure() (then cached)."""
     if force != "auto":
-        if force not in candidates(dtype):
+        if force not in forcible(dtype):
             raise ValueError(f"--cpu_kernels {force}: not available for {str(dtype).removeprefix('torch.')} weights "
-                             f"here; choose from auto, {', '.join(candidates(dtype))}")
+                             f"here; choose from auto, {', '.join(forcible(dtype))}")
         return force
     if len(candidates(dtype)) == 1:
         return candidates(dtype)[0]

@@ -5,7 +5,8 @@
     python scripts/bench_gemv.py --out_features 4096 --in_features 4096 --threads 1
     python scripts/bench_gemv.py --tokens 64      # a batch of 64 tokens (prefill): where dequantize + GEMM wins
 
-Decode is a chain of GEMVs over weights read once per token, so its speed is set by how fast each kernel streams
+(`inductor`, the loop inductor generates, is timed inside one compiled graph of all the copies, the way a
+compiled decode step runs it.) Decode is a chain of GEMVs over weights read once per token, so its speed is set by how fast each kernel streams
 weights from memory. By default the benchmark cycles through enough copies of the matrix (0.9 GB of int8) that
 no cache holds them, which is what happens in a model bigger than the last-level cache. Reported: G weights/s and
 GB/s of weight bytes (median of --repeats passes), and this process's plain read bandwidth for comparison.
@@ -24,7 +25,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from cpu_kernels import candidates, w8a8_available  # noqa: E402
+from cpu_kernels import forcible, w8a8_available  # noqa: E402
 from model import Linear  # noqa: E402
 from qlinear import Int4Linear, Int8Linear, quantize_linear  # noqa: E402
 from scripts.bench import measure_bandwidth  # noqa: E402
@@ -76,12 +77,15 @@ def main():
             distinct.use_kernel(kernel)  # after the copies: a prepacked weight cannot be copied
         if dequantize:
             layers = [lambda x, m=m: F.linear(x, m.dequantized(x.dtype)) for m in layers]
+        if kernel == "inductor":  # its generated loop exists inside a compiled graph only: one of all the layers
+            layers = [torch.compile(lambda x, ms=tuple(layers): [m(x) for m in ms], fullgraph=True)]
         t = median_seconds(layers, x, args.repeats)
         nbytes = sum(b.numel() * b.element_size() for b in layer.state_dict().values())
         print(f"{name:42s} {N * K * calls / t / 1e9:6.2f} G weights/s {nbytes * calls / t / 1e9:6.2f} GB/s", flush=True)
 
-    for kernel in candidates(torch.bfloat16):  # what cpu_kernels.choose picks from
-        report(f"bf16 (model.Linear: {kernel})", copy.deepcopy(dense), kernel)
+    for kernel in forcible(torch.bfloat16):  # what --cpu_kernels can name
+        report(f"bf16 (model.Linear: {kernel}{', compiled' if kernel == 'inductor' else ''})", copy.deepcopy(dense),
+               kernel)
     int8 = Int8Linear(K, N)
     int8.load_state_dict(quantize_linear(dense, "int8", 0))
     int8.to(torch.bfloat16).pack_for_device()  # scales in the activation dtype, as checkpoint.load_model leaves them

@@ -117,6 +117,7 @@ def main(argv=None):
     with tempfile.TemporaryDirectory() as tmp:
         work = args.work_dir or Path(tmp)
         hf_dir = work / "hf"
+        check_work_dir(work, args.model)
         if not (hf_dir / "model.pth").is_file():  # ours is written beside the HF files
             random_hf_model(args.model, args.tokenizer_path, hf_dir)
             run([sys.executable, ROOT / "scripts" / "convert_hf_checkpoint.py", "--checkpoint_dir", hf_dir])
@@ -133,6 +134,18 @@ def main(argv=None):
             print_row(args.model, results[-1])
     if args.out:
         args.out.write_text(json.dumps({"model": args.model, "threads": args.threads, "results": results}, indent=2))
+
+
+def check_work_dir(work: Path, model: str):
+    """The models kept in --work_dir are reused by a later run: only by a run of the same preset."""
+    mark = work / "preset.txt"
+    if mark.is_file() and mark.read_text().strip() != model:
+        sys.exit(f"error: --work_dir {work} holds {mark.read_text().strip()}'s models, not {model}'s: give each "
+                 "preset its own folder")
+    if not mark.is_file() and (work / "hf").exists():
+        sys.exit(f"error: --work_dir {work} holds models of an unknown preset: give each preset its own folder")
+    work.mkdir(parents=True, exist_ok=True)
+    mark.write_text(model + "\n")
 
 
 def print_row(model: str, r: dict):

@@ -1,5 +1,6 @@
 """scripts/bench_gemv.py and scripts/bench_attention.py run on the model's own kernels and report one line per
-kernel (speed lives in BENCHMARKS.md; here only that they run and refuse what they cannot take)."""
+kernel (speed lives in BENCHMARKS.md; here only that they run and refuse what they cannot take); and
+scripts/bench_llamacpp.py reuses a work folder only for the preset it holds."""
 import re
 import subprocess
 import sys
@@ -9,7 +10,7 @@ import pytest
 import torch
 
 import cpu_kernels
-from cpu_kernels import candidates
+from cpu_kernels import forcible
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -25,7 +26,7 @@ def test_reports_every_kernel_streamed_and_cached():
                    "--groupsizes", "32", "128", "--threads", "1", *extra)
         assert proc.returncode == 0, proc.stderr
         rates = re.findall(r"^(bf16|int8|int4 g\d+) .*?([\d.]+) G weights/s +([\d.]+) GB/s$", proc.stdout, re.M)
-        bf16 = ["bf16"] * len(candidates(torch.bfloat16))  # one line per CPU kernel cpu_kernels chooses from
+        bf16 = ["bf16"] * len(forcible(torch.bfloat16))  # one line per CPU kernel --cpu_kernels can name
         # each quantized format: its kernel, then dequantize + F.linear
         int8 = ["int8"] * (3 if cpu_kernels.w8a8_available() else 2)  # int8pack, dequantize + F.linear, w8a8
         assert [r[0] for r in rates] == [*bf16, *int8, "int4 g32", "int4 g32", "int4 g128", "int4 g128"], \
@@ -53,3 +54,17 @@ def test_bench_attention_reports_both_kernels_and_refuses_bad_sizes():
     bad = subprocess.run([sys.executable, "scripts/bench_attention.py", "--keys", "0"], cwd=ROOT, capture_output=True,
                          text=True, timeout=300)
     assert bad.returncode != 0 and bad.stderr.strip() == "error: --keys must be >= 1, got 0", bad.stderr
+
+
+def test_llamacpp_work_dir_is_reused_only_by_the_same_preset(tmp_path):
+    """scripts/bench_llamacpp.py keeps its converted models in --work_dir for later runs: a run of another preset
+    must not benchmark them under its own name."""
+    from scripts.bench_llamacpp import check_work_dir
+    check_work_dir(tmp_path / "w", "stories110M")  # a new folder: made and marked
+    (tmp_path / "w" / "hf").mkdir()
+    check_work_dir(tmp_path / "w", "stories110M")  # the same preset again: reused
+    with pytest.raises(SystemExit, match="holds stories110M's models, not tinyllama-1.1b's"):
+        check_work_dir(tmp_path / "w", "tinyllama-1.1b")
+    (tmp_path / "old" / "hf").mkdir(parents=True)  # models from before the mark existed: whose is unknown
+    with pytest.raises(SystemExit, match="models of an unknown preset"):
+        check_work_dir(tmp_path / "old", "stories110M")
