@@ -11,8 +11,8 @@ model, threads, torch version) in $XDG_CACHE_HOME/llama-fast/cpu_kernels.json, a
 `--cpu_kernels inductor` (opt-in, for 16-bit weights) writes a one-token matmul in a compiled step as a multiply
 and a sum, which inductor generates as a loop inside the layer's fused C++ kernel: no call into a library, whose
 fixed cost (~20-35 us per oneDNN call) is a sixth of a small model's step. It wins on small models (stories110M
-bf16: 1.2x oneDNN's decode) and loses on larger ones (tinyllama: 0.8x), which timing the kernels alone does not
-predict, so auto does not choose it.
+bf16: 1.1-1.2x oneDNN's decode) and loses on larger ones (tinyllama: 0.7-0.8x), which timing the kernels alone
+does not predict, so auto does not choose it.
 
 int8 layers (quantize.py --mode int8) run ATen's weight-only int8 kernel, or with `--cpu_kernels w8a8` (opt-in,
 never chosen by auto: it changes the numerics) quantize their activations per token too and run oneDNN's integer
