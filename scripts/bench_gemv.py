@@ -5,10 +5,11 @@
     python scripts/bench_gemv.py --out_features 4096 --in_features 4096 --threads 1
     python scripts/bench_gemv.py --tokens 64      # a batch of 64 tokens (prefill): where dequantize + GEMM wins
 
-(`inductor`, the loop inductor generates, is timed inside one compiled graph of all the copies, the way a
-compiled decode step runs it.) Decode is a chain of GEMVs over weights read once per token, so its speed is set by how fast each kernel streams
-weights from memory. By default the benchmark cycles through enough copies of the matrix (0.9 GB of int8) that
-no cache holds them, which is what happens in a model bigger than the last-level cache. Reported: G weights/s and
+Decode is a chain of GEMVs over weights read once per token, so its speed is set by how fast each kernel streams
+weights from memory (`inductor`, the loop inductor generates, is timed inside one compiled graph of all the
+copies, the way a compiled decode step runs it). By default the benchmark cycles through enough copies of the
+matrix (0.9 GB of int8) that no cache holds them, which is what happens in a model bigger than the last-level
+cache. Reported: G weights/s and
 GB/s of weight bytes (median of --repeats passes), and this process's plain read bandwidth for comparison.
 Each quantized format is shown with its kernel and with the alternative of dequantizing its weights to bf16 and
 running the dense matmul (what qlinear does from qlinear.GEMM_TOKENS tokens on); int8 also with the opt-in w8a8
