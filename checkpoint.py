@@ -122,10 +122,14 @@ def load_model(checkpoint_path, device="cpu", precision=torch.bfloat16, tensor_p
     return model
 
 
+def cpu_tensors(model: Transformer) -> list:
+    """The model's parameters and buffers in plain CPU memory (not oneDNN's opaque prepacked tensors)."""
+    return [t for t in [*model.parameters(), *model.buffers()] if t.device.type == "cpu" and not t.is_mkldnn]
+
+
 def storages(model: Transformer) -> set:
     """The CPU storages the model's tensors live in (their start addresses)."""
-    return {t.untyped_storage().data_ptr() for t in [*model.parameters(), *model.buffers()]
-            if t.device.type == "cpu" and not t.is_mkldnn}
+    return {t.untyped_storage().data_ptr() for t in cpu_tensors(model)}
 
 
 def release_file(model: Transformer, from_file: set):
@@ -133,8 +137,7 @@ def release_file(model: Transformer, from_file: set):
     memory-mapped checkpoint go: the tensors still pointing into it (from_file: the storages loading assigned)
     keep the whole mapping alive, and with it every page of the file that loading read, so a prepacked model would
     stay resident twice (tinyllama bf16: 4.4 GB instead of 2.3). Those tensors get their own memory instead."""
-    still = [t for t in [*model.parameters(), *model.buffers()]
-             if t.device.type == "cpu" and not t.is_mkldnn and t.untyped_storage().data_ptr() in from_file]
+    still = [t for t in cpu_tensors(model) if t.untyped_storage().data_ptr() in from_file]
     if len({t.untyped_storage().data_ptr() for t in still}) < len(from_file):  # some were converted
         for t in still:
             t.data = t.data.clone()

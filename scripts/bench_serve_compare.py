@@ -177,9 +177,10 @@ def table(rows: list) -> str:
              "| RSS peak / end GB |",
              "| --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
     for r in rows:
+        end = f"{r['end_rss_gb']:.2f}" if "end_rss_gb" in r else "–"  # JSON from before end RSS was recorded
         lines.append(f"| {r['engine']} | {r['concurrency']} | {r['output_tokens_per_s']:.1f} | "
                      f"{r['requests_per_s']:.3f} | {ms(r['ttft_s'])} | {ms(r['itl_s'])} | "
-                     f"{r['peak_rss_gb']:.2f} / {r.get('end_rss_gb', 0):.2f} |")
+                     f"{r['peak_rss_gb']:.2f} / {end} |")
     return "\n".join(lines)
 
 
