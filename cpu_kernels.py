@@ -11,12 +11,13 @@ model, threads, torch version) in $XDG_CACHE_HOME/llama-fast/cpu_kernels.json, a
 `--cpu_kernels inductor` (opt-in, for 16-bit weights) writes a one-token matmul in a compiled step as a multiply
 and a sum, which inductor generates as a loop inside the layer's fused C++ kernel: no call into a library, whose
 fixed cost (~20-35 us per oneDNN call) is a sixth of a small model's step. It wins on small models (stories110M
-bf16: 1.1-1.2x oneDNN's decode) and loses on larger ones (tinyllama: 0.7-0.8x), which timing the kernels alone
-does not predict, so auto does not choose it.
+bf16: 1.3x oneDNN's decode) and loses on larger ones (tinyllama: 0.8x), which timing the kernels alone does not
+predict, so auto does not choose it.
 
-int8 layers (quantize.py --mode int8) run ATen's weight-only int8 kernel, or with `--cpu_kernels w8a8` (opt-in,
-never chosen by auto: it changes the numerics) quantize their activations per token too and run oneDNN's integer
-kernel (w8a8_linear).
+int8 layers (quantize.py --mode int8) run ATen's weight-only int8 kernel; with `--cpu_kernels inductor` the same
+kind of generated loop (inductor_int8: stories110M 1.4x ATen's kernel, tinyllama level); or with `--cpu_kernels
+w8a8` (opt-in, never chosen by auto: it changes the numerics) they quantize their activations per token too and
+run oneDNN's integer kernel (w8a8_linear).
 
 A new candidate is an entry of KERNELS (how to prepare a weight, how to multiply), correct for any number of
 tokens, and callable from a compiled graph without Python per layer where possible.
@@ -96,16 +97,32 @@ def addmv(x: Tensor, weight: Tensor) -> Tensor:
     return F.linear(x, weight)
 
 
+def materialize(x: Tensor) -> Tensor:
+    """x itself, which a compiled graph then stores once before a generated matmul reads it. Otherwise inductor
+    inlines x's producer (the RMSNorm before the layer) into the matmul's loop and recomputes it for every output
+    row, several loads and conversions per weight. as_strided is an identity whose lowering stores its input."""
+    return x.as_strided(x.shape, x.stride())
+
+
 def inductor(x: Tensor, weight: Tensor) -> Tensor:
     """Inside torch.compile, one token: x @ W.T written as a product and a sum over the input features, float32
     accumulation, which inductor generates as a vectorized loop and fuses into the step (no library call per
     layer). Eager, or several tokens (the generated loop would read the weights once per token): F.linear."""
     if torch.compiler.is_compiling() and x.shape[:-1].numel() == 1:
-        return (x[..., None, :].float() * weight.float()).sum(-1).to(x.dtype)
+        return (materialize(x)[..., None, :].float() * weight.float()).sum(-1).to(x.dtype)
     return F.linear(x, weight)
 
 
-INT8_KERNELS = ("int8pack", "w8a8")  # qlinear.Int8Linear's: ATen's weight-only kernel (default), w8a8_linear (opt-in)
+def inductor_int8(x: Tensor, weight: Tensor, scales: Tensor) -> Tensor:
+    """The int8 layers' inductor kernel (qlinear.Int8Linear, compiled, one token): x @ (W * scales).T as a product
+    and a sum. x is stored in float32 first, so that the loop holds no 16-bit value and inductor steps through it
+    16 weights at a time: with bf16 x it takes 32, and loads 32 int8 weights with a masked load (3x slower)."""
+    xf = materialize(x.float())
+    return ((xf[..., None, :] * weight.float()).sum(-1) * scales.float()).to(x.dtype)
+
+
+# qlinear.Int8Linear's: ATen's weight-only kernel (default), w8a8_linear and inductor_int8 (both opt-in)
+INT8_KERNELS = ("int8pack", "w8a8", "inductor")
 
 # name -> (prepare a plain (N, K) weight, multiply x by a prepared weight): the float linears' candidates
 KERNELS = {

@@ -12,7 +12,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
-from cpu_kernels import INT8_KERNELS, KERNELS, choose
+from cpu_kernels import INT8_KERNELS, KERNELS, choose, forcible
 from model_config import ModelArgs
 
 
@@ -159,26 +159,26 @@ class Transformer(nn.Module):
         it shares its weight with the embedding. Returns the kernel's name.
 
         force="w8a8" (opt-in, never auto's choice: it changes the numerics): the int8 layers (qlinear.Int8Linear)
-        quantize their activations per token too (cpu_kernels.w8a8_linear); float linears, if any, get auto's."""
-        if force == "w8a8":
-            int8 = [m for m in self.modules() if getattr(m, "kernel", None) in INT8_KERNELS]
-            if not int8:
-                raise ValueError("--cpu_kernels w8a8 is for int8 checkpoints (quantize.py --mode int8): this one has "
-                                 "no int8 layers")
-            for m in int8:
-                m.use_kernel(force)
-            self.use_cpu_kernels("auto")
-            self.cpu_kernel = force
-            return force
+        quantize their activations per token too (cpu_kernels.w8a8_linear); float linears, if any, get auto's.
+        force="inductor": the int8 layers take it too; float linears that cannot (float32) get auto's."""
+        int8 = [m for m in self.modules() if getattr(m, "kernel", None) in INT8_KERNELS]
+        if force == "w8a8" and not int8:
+            raise ValueError("--cpu_kernels w8a8 is for int8 checkpoints (quantize.py --mode int8): this one has "
+                             "no int8 layers")
+        int8_kernel = force if force in ("w8a8", "inductor") and int8 else None
+        for m in int8 if int8_kernel else []:
+            m.use_kernel(force)
         layers = [m for m in self.modules() if isinstance(m, Linear) and m.weight.device.type == "cpu"
                   and m.weight is not self.tok_embeddings.weight]
-        if not layers:
-            return self.cpu_kernel
-        kernel = choose([tuple(m.weight.shape) for m in layers], layers[0].weight.dtype, force)
-        for m in layers:
-            m.use_kernel(kernel)
-        self.cpu_kernel = kernel
-        return kernel
+        kernel = self.cpu_kernel
+        if layers:
+            dtype = layers[0].weight.dtype
+            kernel = choose([tuple(m.weight.shape) for m in layers], dtype,
+                            "auto" if int8_kernel and force not in forcible(dtype) else force)
+            for m in layers:
+                m.use_kernel(kernel)
+        self.cpu_kernel = int8_kernel or kernel
+        return self.cpu_kernel
 
     def forward(self, idx: Tensor, input_pos: Tensor | None = None, left_pad: Tensor | None = None,
                 last_only: bool = False, mask: Tensor | None = None, slots: tuple | None = None,

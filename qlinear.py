@@ -1,8 +1,9 @@
 """Quantized linear layers (weight-only): the int8 and int4 formats, their modules, and round-to-nearest
 quantization of a model as module swaps (torchao's approach).
 
-    int8: symmetric per output channel, ATen's _weight_int8pack_mm on CPU (or, opt-in, activations quantized per
-          token too and oneDNN's integer kernel: --cpu_kernels w8a8), a fused dequantising matmul elsewhere
+    int8: symmetric per output channel, ATen's _weight_int8pack_mm on CPU (opt-in: a loop generated into compiled
+          one-token steps, --cpu_kernels inductor; or activations quantized per token too and oneDNN's integer
+          kernel, --cpu_kernels w8a8), a fused dequantising matmul elsewhere
     int4: asymmetric per group of input features, PyTorch's packed int4 kernels on CPU and CUDA
 
 A checkpoint stores int4 codes in a portable layout (pack_int4); pack_for_device() converts them to the layout of
@@ -18,7 +19,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from tqdm import tqdm
 
-from cpu_kernels import w8a8_available, w8a8_linear
+from cpu_kernels import inductor_int8, w8a8_available, w8a8_linear
 from model import Experts
 
 GROUP_SIZES = (32, 64, 128, 256)
@@ -114,7 +115,7 @@ class Int8Linear(nn.Module):
     # use_gemm: 5632 x 2048, 2-core EPYC: float32 4.4 ms/token in the kernel, crossover between 4 and 8 tokens;
     # bf16 512 tokens 37 ms in the kernel, 1.5 ms to dequantize + 14 ms GEMM (scripts/bench_gemv.py --tokens)
     GEMM_TOKENS = (8, 64)
-    kernel = "int8pack"  # or "w8a8" (use_kernel): cpu_kernels.INT8_KERNELS
+    kernel = "int8pack"  # or "w8a8", "inductor" (use_kernel): cpu_kernels.INT8_KERNELS
 
     def __init__(self, in_features: int, out_features: int):
         super().__init__()
@@ -132,11 +133,17 @@ class Int8Linear(nn.Module):
     @torch.no_grad()
     def use_kernel(self, name: str):
         """"w8a8": quantize activations too (cpu_kernels.w8a8_linear, opt-in), for every number of tokens; the
-        weight is prepacked for oneDNN (an opaque (K, N) tensor: no plain weight is kept). After pack_for_device."""
+        weight is prepacked for oneDNN (an opaque (K, N) tensor: no plain weight is kept). "inductor": a loop
+        generated into compiled one-token steps (cpu_kernels.inductor_int8), the weight as it is. After
+        pack_for_device, from int8pack."""
         if name == self.kernel:
             return
-        if name != "w8a8" or self.weight.device.type != "cpu" or not w8a8_available():
+        if (name not in ("w8a8", "inductor") or self.kernel != "int8pack" or self.weight.device.type != "cpu"
+                or name == "w8a8" and not w8a8_available()):
             raise ValueError(f"--cpu_kernels {name}: not available for int8 layers on {self.weight.device.type} here")
+        if name == "inductor":
+            self.kernel = name
+            return
         self.weight = torch.ops.onednn.qlinear_prepack(self.weight, None)
         self.scales = self.scales.float()
         self.register_buffer("zero_points", torch.zeros(self.out_features, dtype=torch.int64), persistent=False)
@@ -154,6 +161,8 @@ class Int8Linear(nn.Module):
         K = self.weight.shape[1]
         if K != self.in_features:  # rows padded for the CPU kernel (pack_for_device)
             x = F.pad(x, (0, K - self.in_features))
+        if self.kernel == "inductor" and torch.compiler.is_compiling() and x.shape[:-1].numel() == 1:
+            return inductor_int8(x, self.weight, self.scales)
         if use_gemm(x, self.GEMM_TOKENS):
             return F.linear(x, self.dequantized(x.dtype))
         if x.device.type == "cpu" and K % 32 == 0:

@@ -12,8 +12,8 @@ other, each width:
 
     llama.cpp: llama-bench -t THREADS -p 512 -n 128 (tg128: decode from an empty context; pp512: prompt tokens/s)
     ours:      scripts/bench.py --compile (bf16, also with --cpu_kernels inductor; --quantize int8, also with
-               --cpu_kernels w8a8; --quantize int4 --groupsize 32), and the time to first token of a 512-token
-               prompt (eager and --compile_prefill), as prompt tokens/s
+               --cpu_kernels inductor and w8a8; --quantize int4 --groupsize 32), and the time to first token of a
+               512-token prompt (eager and --compile_prefill), as prompt tokens/s
 
 and prints a Markdown table (also written to --out as JSON).
 """
@@ -35,6 +35,7 @@ WIDTHS = [  # (label, llama.cpp type, our bench.py flags)
     ("bf16", "BF16", []),
     ("bf16 inductor", "BF16", ["--cpu_kernels", "inductor"]),  # the opt-in generated loop (small models)
     ("8-bit", "Q8_0", ["--quantize", "int8"]),
+    ("8-bit inductor", "Q8_0", ["--quantize", "int8", "--cpu_kernels", "inductor"]),  # the generated loop
     ("8-bit w8a8", "Q8_0", ["--quantize", "int8", "--cpu_kernels", "w8a8"]),  # activations to int8 too, as Q8_0
     ("4-bit", "Q4_0", ["--quantize", "int4", "--groupsize", "32"]),
 ]

@@ -28,7 +28,8 @@ def test_reports_every_kernel_streamed_and_cached():
         rates = re.findall(r"^(bf16|int8|int4 g\d+) .*?([\d.]+) G weights/s +([\d.]+) GB/s$", proc.stdout, re.M)
         bf16 = ["bf16"] * len(forcible(torch.bfloat16))  # one line per CPU kernel --cpu_kernels can name
         # each quantized format: its kernel, then dequantize + F.linear
-        int8 = ["int8"] * (3 if cpu_kernels.w8a8_available() else 2)  # int8pack, dequantize + F.linear, w8a8
+        # int8pack, dequantize + F.linear, inductor, w8a8
+        int8 = ["int8"] * (4 if cpu_kernels.w8a8_available() else 3)
         assert [r[0] for r in rates] == [*bf16, *int8, "int4 g32", "int4 g32", "int4 g128", "int4 g128"], \
             proc.stdout
         assert all(float(r[1]) > 0 and float(r[2]) > 0 for r in rates)

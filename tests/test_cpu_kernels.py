@@ -110,6 +110,55 @@ def test_cli_refuses_a_kernel_the_precision_has_not(hf_checkpoint):
         "error: --cpu_kernels onednn: not available for float32 weights here; choose from auto, addmv"]
 
 
+# ------------------------------------------------------------------ inductor on int8 layers (opt-in)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_int8_inductor_kernel_is_the_dequantized_product(dtype):
+    """Compiled, one token: the generated loop; eager or several tokens: ATen's int8 kernel. Both are x @ (W *
+    scales).T in float32 arithmetic (reference in float64), rounded to the activations' dtype. 80 input features:
+    rows padded to 96 for ATen's kernel, the padding multiplied by zeros."""
+    from qlinear import Int8Linear
+    torch.manual_seed(0)
+    layer = Int8Linear(80, 64)
+    layer.weight.copy_(torch.randint(-127, 128, (64, 80), dtype=torch.int8))
+    layer.scales.copy_(torch.rand(64) * 0.01 + 1e-3)
+    layer.scales = layer.scales.to(dtype)
+    ref_w = layer.weight.double() * layer.scales.double()[:, None]
+    layer.pack_for_device()
+    layer.use_kernel("inductor")
+    assert layer.kernel == "inductor" and layer.weight.shape == (64, 96)
+    compiled = torch.compile(layer, fullgraph=True, backend=cpu_inductor())
+    rtol = BF16_RTOL if dtype == torch.bfloat16 else 1e-5
+    for tokens in (1, 5):
+        x = torch.randn(1, tokens, 80, dtype=dtype)
+        ref = x.double() @ ref_w.T
+        for got in (layer(x), compiled(x)):
+            assert got.dtype == dtype and (got.double() - ref).abs().max().item() <= rtol * ref.abs().max().item()
+    with pytest.raises(ValueError, match="not available for int8 layers"):
+        layer.use_kernel("w8a8")  # one opt-in kernel at a time
+
+
+def test_int8_inductor_model_from_python_and_the_cli(quantized_copy, prompt_ids, tmp_path):
+    """An int8 checkpoint loaded with cpu_kernels="inductor": every int8 layer takes it, and its compiled greedy
+    decode gives the tokens of the weight-only model's eager one; from generate.py --cpu_kernels inductor."""
+    from decoding import generate, make_steps
+    from sampling import SamplingConfig
+    path = quantized_copy("gqa", "--mode", "int8") / "model_int8.pth"
+    model = load_model(path, "cpu", torch.float32, cpu_kernels="inductor")
+    int8 = [m for m in model.modules() if getattr(m, "kernel", None) in cpu_kernels.INT8_KERNELS]
+    assert model.cpu_kernel == "inductor" and int8 and {m.kernel for m in int8} == {"inductor"}
+    reference = load_model(path, "cpu", torch.float32)
+    prompt, greedy = prompt_ids(9, seed=7), SamplingConfig(temperature=0)
+    expected = generate(reference, [prompt], 16, greedy).tokens
+    assert generate(model, [prompt], 16, greedy, steps=make_steps("cpu", compile=True)).tokens == expected
+    metrics = tmp_path / "m.json"
+    proc = subprocess.run([sys.executable, str(ROOT / "generate.py"), "--checkpoint_path", str(path),
+                           "--device", "cpu", "--precision", "bfloat16", "--compile", "--cpu_kernels", "inductor",
+                           "--prompt", "the", "--max_new_tokens", "4", "--num_samples", "1",
+                           "--metrics_json", str(metrics)], capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert json.loads(metrics.read_text())["cpu_kernel"] == "inductor"
+
+
 # ------------------------------------------------------------------ w8a8: int8 layers with int8 activations (opt-in)
 w8a8 = pytest.mark.skipif(not cpu_kernels.w8a8_available(), reason="this torch build has no oneDNN u8s8 linear")
 
