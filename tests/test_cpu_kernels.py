@@ -43,6 +43,21 @@ def test_every_candidate_is_a_correct_linear(kernel, tokens):
         check_close(compiled(x), ref)
 
 
+@pytest.mark.parametrize("K", [4096, 5632, 4099])
+def test_generated_loop_sums_long_rows_in_parts(K):
+    """Rows longer than cpu_kernels.SUM_CHUNK are summed in equal parts (5632: 2 x 2816; 4099, a prime: 4099 x 1),
+    then the parts: the same product, compiled, for bf16 and int8 weights."""
+    from qlinear import Int8Linear
+    torch.manual_seed(0)
+    w, x = torch.randn(16, K, dtype=torch.bfloat16), torch.randn(1, 1, K, dtype=torch.bfloat16)
+    check_close(torch.compile(cpu_kernels.inductor, fullgraph=True, backend=cpu_inductor())(x, w),
+                F.linear(x.float(), w.float()))
+    q, scales = torch.randint(-127, 128, (16, K), dtype=torch.int8), torch.rand(16, dtype=torch.bfloat16)
+    ref = x.double() @ (q.double() * scales.double()[:, None]).T
+    got = torch.compile(cpu_kernels.inductor_int8, fullgraph=True, backend=cpu_inductor())(x, q, scales)
+    assert (got.double() - ref).abs().max().item() <= BF16_RTOL * ref.abs().max().item()
+
+
 def test_float32_has_only_addmv_and_a_forced_missing_kernel_is_refused():
     assert cpu_kernels.candidates(torch.float32) == ["addmv"]
     assert cpu_kernels.choose([(8, 8)], torch.float32) == "addmv"
