@@ -11,11 +11,11 @@ model, threads, torch version) in $XDG_CACHE_HOME/llama-fast/cpu_kernels.json, a
 `--cpu_kernels inductor` (opt-in, for 16-bit weights) writes a one-token matmul in a compiled step as a multiply
 and a sum, which inductor generates as a loop inside the layer's fused C++ kernel: no call into a library, whose
 fixed cost (~20-35 us per oneDNN call) is a sixth of a small model's step. It wins on small models (stories110M
-bf16: 1.3x oneDNN's decode) and loses on larger ones (tinyllama: 0.8x), which timing the kernels alone does not
+bf16: 1.3x oneDNN's decode) and loses on larger ones (tinyllama: 0.9x), which timing the kernels alone does not
 predict, so auto does not choose it.
 
 int8 layers (quantize.py --mode int8) run ATen's weight-only int8 kernel; with `--cpu_kernels inductor` the same
-kind of generated loop (inductor_int8: stories110M 1.4x ATen's kernel, tinyllama level); or with `--cpu_kernels
+kind of generated loop (inductor_int8: stories110M 1.4x ATen's kernel, tinyllama 1.1x); or with `--cpu_kernels
 w8a8` (opt-in, never chosen by auto: it changes the numerics) they quantize their activations per token too and
 run oneDNN's integer kernel (w8a8_linear).
 
