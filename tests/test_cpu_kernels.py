@@ -47,7 +47,6 @@ def test_every_candidate_is_a_correct_linear(kernel, tokens):
 def test_generated_loop_sums_long_rows_in_parts(K):
     """Rows longer than cpu_kernels.SUM_CHUNK are summed in equal parts (5632: 2 x 2816; 4099, a prime: 4099 x 1),
     then the parts: the same product, compiled, for bf16 and int8 weights."""
-    from qlinear import Int8Linear
     torch.manual_seed(0)
     w, x = torch.randn(16, K, dtype=torch.bfloat16), torch.randn(1, 1, K, dtype=torch.bfloat16)
     check_close(torch.compile(cpu_kernels.inductor, fullgraph=True, backend=cpu_inductor())(x, w),
