@@ -12,6 +12,7 @@ import json
 import os
 import pickle
 import shutil
+import warnings
 import zipfile
 from pathlib import Path
 
@@ -37,7 +38,9 @@ def read_state_dict(path) -> dict:
         if path.suffix == ".safetensors":
             state = load_file(str(path))
         else:
-            state = torch.load(path, map_location="cpu", mmap=zipfile.is_zipfile(path), weights_only=True)
+            with warnings.catch_warnings():  # a damaged file starting with byte 0x80 reads as an odd pickle protocol
+                warnings.filterwarnings("ignore", message="Detected pickle protocol")  # we say what it is instead
+                state = torch.load(path, map_location="cpu", mmap=zipfile.is_zipfile(path), weights_only=True)
     except pickle.UnpicklingError as e:
         found = next((ln.strip() for ln in str(e).splitlines() if "GLOBAL" in ln), "")
         if not found:  # not a pickle of ours at all: random bytes, a damaged file

@@ -167,6 +167,10 @@ MISTAKES = {
                                                                *GEN], "is empty"),
     "generate/random_bytes_checkpoint": ("generate.py", lambda u, w: [
         "--checkpoint_path", checkpoint_in(w, u, weights=os.urandom(30000)), *GEN], "not a PyTorch or safetensors"),
+    # random bytes that start like a pickle (0x80, then a protocol number) made torch.load warn before our error
+    "generate/pickle_like_random_bytes": ("generate.py", lambda u, w: [
+        "--checkpoint_path", checkpoint_in(w, u, weights=b"\x80\x6d" + os.urandom(30000)), *GEN],
+        "not a PyTorch or safetensors"),
     "generate/truncated_checkpoint": ("generate.py", lambda u, w: [
         "--checkpoint_path", checkpoint_in(w, u, weights=u["model"].read_bytes()[:20000]), *GEN], "truncated"),
     "generate/malicious_pickle": ("generate.py", lambda u, w: [
