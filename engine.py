@@ -393,6 +393,7 @@ def worker_loop(engine: Engine):
         with torch.inference_mode():
             run_model(engine.prefill_forward if last_only else engine.decode_forward,
                       *[t.to(engine.device) for t in tensors], last_only=last_only)
+    tp.barrier()  # stop_workers' pair: every rank is done communicating before any tears the group down
 
 
 def ping_workers():
@@ -404,6 +405,7 @@ def stop_workers():
     """Rank 0, at shutdown: end the other ranks' worker_loop."""
     if tp.world_size() > 1:
         tp.from_rank0(None)
+        tp.barrier()  # rank 0 leaves once the others have the message (an exit mid-broadcast aborted one, once)
 
 
 def paged_forward(model: Transformer, tokens, positions, slots, key_slots, last_only: bool) -> Tensor:

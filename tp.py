@@ -68,6 +68,10 @@ def destroy_dist():
         dist.destroy_process_group()
 
 
+def barrier():
+    dist.barrier()
+
+
 def from_rank0(obj):
     """Rank 0's `obj` (anything picklable), on every rank."""
     box = [obj]
