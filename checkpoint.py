@@ -23,6 +23,7 @@ import tp
 from model import Transformer
 from model_config import CONFIG_NAME, ModelArgs
 from qlinear import GROUP_SIZES, pack_for_device, swap_in_quantized
+from step_kernels import step_kernel
 
 TOKENIZER_NAME = "tokenizer.model"  # beside the checkpoint unless a path is given
 HF_TOKENIZER_NAME = "tokenizer.json"  # used when there is no tokenizer.model
@@ -88,13 +89,15 @@ def read_config(checkpoint_path: Path) -> ModelArgs:
 
 
 def load_model(checkpoint_path, device="cpu", precision=torch.bfloat16, tensor_parallel=False,
-               cpu_kernels: str = "auto") -> Transformer:
+               cpu_kernels: str = "auto", compiled: bool = False) -> Transformer:
     """Build the model described by model_config.json beside the checkpoint and load its weights. Quantized
     checkpoints from quantize.py get their quantized modules, packed for the device, and keep their metadata in
     model.quantization. precision=None keeps stored dtypes. tensor_parallel=True keeps only this rank's shard
     (tp.apply_tp) of the process group that tp.maybe_init_dist set up. On CPU the float linears use the matmul
     kernel that is fastest on this machine (cpu_kernels="auto", see cpu_kernels.py) or the one named; "addmv"
-    keeps the weights as stored (e.g. to quantize them)."""
+    keeps the weights as stored (e.g. to quantize them). compiled=True: the one-token steps will be compiled
+    (generate.py --compile), so auto also considers inductor's generated loops (step_kernels.py; not under tensor
+    parallelism, where every rank takes rank 0's eager choice)."""
     path = Path(checkpoint_path)
     check_is_file(path, "checkpoint")
     config = read_config(path)
@@ -120,7 +123,7 @@ def load_model(checkpoint_path, device="cpu", precision=torch.bfloat16, tensor_p
         pack_for_device(model)
     if tensor_parallel:  # the replicated layers must compute alike on every rank: rank 0 measures, all use its choice
         cpu_kernels = tp.from_rank0(model.use_cpu_kernels(cpu_kernels) if tp.rank() == 0 else None)
-    model.use_cpu_kernels(cpu_kernels)
+    model.use_cpu_kernels(step_kernel(model, cpu_kernels, compiled and not tensor_parallel))
     release_file(model, from_file)
     return model
 

@@ -54,10 +54,10 @@ def default_device() -> str:
 
 
 CPU_KERNEL_CHOICES = ["auto", *KERNELS, "w8a8"]
-CPU_KERNEL_HELP = ("CPU matmul: auto = for float weights the fastest on this machine, measured once and cached; "
-                   "inductor = a loop generated into the compiled step, for 16-bit and int8 weights (opt-in: faster "
-                   "for small models decoding one prompt with --compile); w8a8 = int8 checkpoints also quantize "
-                   "activations per token to 8 bits (faster, opt-in: different numerics)")
+CPU_KERNEL_HELP = ("CPU matmul: auto = for float weights the fastest on this machine, and with --compile inductor "
+                   "where the compiled step ran faster with it, measured once and cached; inductor = a loop "
+                   "generated into the compiled step, for 16-bit and int8 weights; w8a8 = int8 checkpoints also "
+                   "quantize activations per token to 8 bits (faster, opt-in: different numerics)")
 
 
 def add_model_args(p: argparse.ArgumentParser):

@@ -8,11 +8,11 @@ model, threads, torch version) in $XDG_CACHE_HOME/llama-fast/cpu_kernels.json, a
     kernel = choose(shapes, torch.bfloat16)      # "addmv" or "onednn" (measured, or from the cache)
     model.use_cpu_kernels()                      # a Transformer's float linears: choose, then prepare their weights
 
-`--cpu_kernels inductor` (opt-in, for 16-bit weights) writes a one-token matmul in a compiled step as a multiply
-and a sum, which inductor generates as a loop inside the layer's fused C++ kernel: no call into a library, whose
-fixed cost (~20-35 us per oneDNN call) is a sixth of a small model's step. It wins on small models (stories110M
-bf16: 1.3x oneDNN's decode) and loses on larger ones (tinyllama: 0.9x), which timing the kernels alone does not
-predict, so auto does not choose it.
+`--cpu_kernels inductor` (16-bit weights) writes a one-token matmul in a compiled step as a multiply and a sum,
+which inductor generates as a loop inside the layer's fused C++ kernel: no call into a library, whose fixed cost
+(~20-35 us per oneDNN call) is a sixth of a small model's step. It wins on small models (stories110M bf16: 1.3x
+oneDNN's decode) and loses on larger ones (tinyllama: 0.9x), which timing the kernels alone does not predict: for
+compiled steps, auto times the step itself each way (step_kernels.py) and chooses it where it is faster.
 
 int8 layers (quantize.py --mode int8) run ATen's weight-only int8 kernel; with `--cpu_kernels inductor` the same
 kind of generated loop (inductor_int8: stories110M 1.4x ATen's kernel, tinyllama 1.1x); or with `--cpu_kernels
@@ -79,14 +79,20 @@ def w8a8_linear(x: Tensor, packed_weight: Tensor, scales: Tensor, zero_points: T
 
 @functools.cache
 def w8a8_available() -> bool:
-    """oneDNN's u8s8 linear, tried on a tiny weight (it needs a CPU build with oneDNN; fast with AVX-512 VNNI)."""
+    """oneDNN's u8s8 linear, tried on a probe whose exact answer is known: it needs a CPU build with oneDNN, and a
+    CPU on which oneDNN computes it exactly. Without VNNI (an AVX2-only AMD EPYC) the answers were wrong: 8160 for
+    64 products of 127 x 127 (multiply-adds into 16 bits saturate)."""
+    gen = torch.Generator().manual_seed(0)
+    w = torch.randint(-127, 128, (16, 64), dtype=torch.int8, generator=gen)
+    w[0] = 127  # the largest sums: saturate 16-bit pair sums if the kernel has them
+    qx = torch.randint(0, 256, (2, 64), dtype=torch.uint8, generator=gen)
+    qx[0] = 255
     try:
-        packed = torch.ops.onednn.qlinear_prepack(torch.ones(16, 32, dtype=torch.int8), None)
-        onednn_int8_linear(torch.full((1, 32), 128, dtype=torch.uint8), packed, torch.ones(16),
-                           torch.zeros(16, dtype=torch.int64))
+        packed = torch.ops.onednn.qlinear_prepack(w, None)
+        got = onednn_int8_linear(qx, packed, torch.ones(16), torch.zeros(16, dtype=torch.int64))
     except (RuntimeError, AttributeError):
         return False
-    return True
+    return torch.equal(got.double(), (qx.double() - 128) @ w.double().T)  # below 2^24: exact in float32
 
 
 def addmv(x: Tensor, weight: Tensor) -> Tensor:
@@ -139,7 +145,7 @@ INT8_KERNELS = ("int8pack", "w8a8", "inductor")
 KERNELS = {
     "addmv": (lambda w: w, addmv),
     "onednn": (lambda w: torch.ops.mkldnn._reorder_linear_weight(w, 1), torch.ops.llama_fast.onednn_linear),
-    "inductor": (lambda w: w, inductor),  # opt-in: never auto's choice (see the module's docstring)
+    "inductor": (lambda w: w, inductor),  # not among measure()'s candidates: step_kernels times it in the step
 }
 
 
@@ -161,13 +167,22 @@ def forcible(dtype) -> list:
     return candidates(dtype) + (["inductor"] if dtype in ONEDNN_DTYPES else [])
 
 
-def machine_key() -> str:
-    """What a measurement holds for: the CPU model, the threads used and the torch version."""
+KERNEL_FLAGS = ("avx2", "avx512f", "avx512_vnni", "avx512_bf16", "avx512_fp16", "amx_bf16", "amx_int8")
+
+
+def machine_key(cpuinfo: str | None = None) -> str:
+    """What a measurement holds for: the CPU (its model name, family and model numbers, and the vector extensions
+    the kernels use: one model name, "AMD EPYC", is both an AVX2 Zen 3 and an AVX-512 Zen 5 on our VMs), the
+    threads used and the torch version. cpuinfo: /proc/cpuinfo's text (read if not given)."""
     cpu = platform.processor() or platform.machine()
     try:
-        cpu = next(line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                   if line.startswith("model name"))
-    except (OSError, StopIteration):
+        cpuinfo = Path("/proc/cpuinfo").read_text() if cpuinfo is None else cpuinfo
+        info = dict(line.split(":", 1) for line in cpuinfo.split("\n\n")[0].splitlines() if ":" in line)
+        info = {k.strip(): v.strip() for k, v in info.items()}
+        flags = set(info.get("flags", "").split())
+        cpu = (f"{info.get('model name', cpu)} (family {info.get('cpu family', '?')} model {info.get('model', '?')}"
+               f"; {' '.join(f for f in KERNEL_FLAGS if f in flags) or 'no AVX2'})")
+    except OSError:
         pass
     return f"{cpu} | {torch.get_num_threads()} threads | torch {torch.__version__}"
 
@@ -209,15 +224,21 @@ def choose(shapes: list, dtype, force: str = "auto", cache: Path | None = None) 
         return force
     if len(candidates(dtype)) == 1:
         return candidates(dtype)[0]
-    cache = cache or cache_path()
     key = f"{machine_key()} | {str(dtype).removeprefix('torch.')} | {sorted(set(map(tuple, shapes)))}"
+    return cached(key, lambda: measure(shapes, dtype), cache)
+
+
+def cached(key: str, rates, cache: Path | None = None) -> str:
+    """The fastest kernel under `key` in this machine's table of measurements (the key names the machine), else
+    the fastest of rates() ({kernel: rate, higher is faster}), which is then added to the table."""
+    cache = cache or cache_path()
     try:
         table = json.loads(cache.read_text())
     except (OSError, ValueError):
         table = {}
     if key not in table:
-        rates = measure(shapes, dtype)
-        table[key] = {"kernel": max(rates, key=rates.get), "g_weights_per_s": rates}
+        measured = rates()
+        table[key] = {"kernel": max(measured, key=measured.get), "rates": measured}
         try:  # a read-only home only costs the measurement next time (checkpoint.atomic_save's pattern: this
             # module sits below checkpoint.py, so it cannot import it)
             cache.parent.mkdir(parents=True, exist_ok=True)

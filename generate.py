@@ -136,11 +136,11 @@ def load(args, texts: list, k: int):
     """(model, tokenizer, token-id prompts, proposer or None), every file checked."""
     t0, tensor_parallel = time.perf_counter(), tp.world_size() > 1
     precision = PRECISIONS[args.precision]
-    model = load_model(args.checkpoint_path, args.device, precision, tensor_parallel, args.cpu_kernels)
+    model = load_model(args.checkpoint_path, args.device, precision, tensor_parallel, args.cpu_kernels, args.compile)
     proposer = PromptLookup(args.prompt_lookup) if k and args.prompt_lookup else None
     if args.draft_checkpoint_path:  # under torchrun the draft is sharded like the target: each rank streams half
         proposer = DraftModel(load_model(args.draft_checkpoint_path, args.device, precision, tensor_parallel,
-                                         args.cpu_kernels))
+                                         args.cpu_kernels, args.compile))
         proposer.check(model)
     tokenizer = load_tokenizer(tokenizer_file(args.checkpoint_path, args.tokenizer_path))
     check_vocab(tokenizer, model)

@@ -31,6 +31,7 @@ from model_config import CONFIG_NAME, PRESETS, ModelArgs  # noqa: E402
 from qlinear import GROUP_SIZES, quantize_model  # noqa: E402
 from sampling import SamplingConfig  # noqa: E402
 from speculative import DraftModel, PromptLookup, acceptance_stats, speculative_generate  # noqa: E402
+from step_kernels import step_kernel  # noqa: E402
 from tokenizer import load_tokenizer  # noqa: E402
 
 
@@ -47,15 +48,15 @@ def random_model(name: str, device, dtype, seed: int = 0) -> Transformer:
     return model.eval().requires_grad_(False)
 
 
-def quantized(model: Transformer, mode: str, groupsize: int, device, dtype, cpu_kernels: str) -> Transformer:
+def quantized(model: Transformer, mode: str, groupsize: int, device, dtype) -> Transformer:
     """Round-to-nearest quantize in memory, then load through a real quantized checkpoint file (what
-    generate.py would run)."""
+    generate.py would run), its float weights as stored (use_kernels gives it its CPU kernels)."""
     state, meta = quantize_model(model, mode, groupsize, progress=False)
     with tempfile.TemporaryDirectory() as tmp:
         model.config.save(Path(tmp) / CONFIG_NAME)
         torch.save({"quantization": meta, "state_dict": {k: v.cpu() for k, v in state.items()}}, Path(tmp) / "q.pth")
         del state, model
-        return load_model(Path(tmp) / "q.pth", device, dtype, cpu_kernels=cpu_kernels)
+        return load_model(Path(tmp) / "q.pth", device, dtype, cpu_kernels="addmv")
 
 
 def measure_bandwidth(device, nbytes: int, repeats: int = 10) -> float:
@@ -115,9 +116,16 @@ def load_target(args, dtype) -> tuple[Transformer, str]:
     else:
         model, label = random_model(args.model, args.device, dtype), f"{args.model} (random weights)"
     if args.quantize:
-        model = quantized(model, args.quantize, args.groupsize, args.device, dtype, args.cpu_kernels)
+        model = quantized(model, args.quantize, args.groupsize, args.device, dtype)
         label += f" {args.quantize}" + (f" g{args.groupsize}" if args.quantize != "int8" else "")
     return model, label
+
+
+def use_kernels(args, model: Transformer) -> Transformer:
+    """The model with its CPU kernels: --cpu_kernels, where auto with --compile also times inductor's loops
+    (step_kernels.py), as generate.py does."""
+    model.use_cpu_kernels(step_kernel(model, args.cpu_kernels, args.compile))
+    return model
 
 
 def check_args(args):
@@ -141,7 +149,7 @@ def run(args) -> int:
     if args.prompt_length + args.max_new_tokens > model.config.max_seq_len:
         raise ValueError(f"--prompt_length {args.prompt_length} + --max_new_tokens {args.max_new_tokens} exceeds "
                          f"the model's context of {model.config.max_seq_len}")
-    bench_plain(args, model, label, model.use_cpu_kernels(args.cpu_kernels))
+    bench_plain(args, model, label, use_kernels(args, model).cpu_kernel)
     return 0
 
 
@@ -226,16 +234,16 @@ def make_proposer(args, model: Transformer, dtype):
         cfg = lookahead_config(args.device, args.lookahead or None, args.lookahead_ngram, args.lookahead_guesses)
         return cfg, f"lookahead W={cfg.window} N={cfg.ngram} G={cfg.guesses}"
     if args.draft:
-        draft = quantized(model, args.draft, args.groupsize, args.device, dtype, args.cpu_kernels)
+        draft = use_kernels(args, quantized(model, args.draft, args.groupsize, args.device, dtype))
         source = f"draft: {args.draft}{f' g{args.groupsize}' if args.draft == 'int4' else ''} copy of the target"
     elif args.draft_model:
         if ModelArgs.from_name(args.draft_model).vocab_size != model.config.vocab_size:  # before building it
             raise ValueError(f"--draft_model {args.draft_model}'s vocabulary differs from the target's")
-        draft = random_model(args.draft_model, args.device, dtype, seed=1)
-        draft.use_cpu_kernels(args.cpu_kernels)
+        draft = use_kernels(args, random_model(args.draft_model, args.device, dtype, seed=1))
         source = f"draft: {args.draft_model} (random)"
     else:
-        draft = load_model(args.draft_checkpoint_path, args.device, dtype, cpu_kernels=args.cpu_kernels)
+        draft = load_model(args.draft_checkpoint_path, args.device, dtype, cpu_kernels=args.cpu_kernels,
+                           compiled=args.compile)
         source = f"draft: {args.draft_checkpoint_path}"
     proposer = DraftModel(draft)
     proposer.check(model)
@@ -247,7 +255,7 @@ def bench_speculative(args, model, label: str, dtype):
     (compile) of each: median tokens/s of each, the speed-up, acceptance, what a step costs against a plain decode
     step, and whether the outputs agree."""
     proposer, source = make_proposer(args, model, dtype)
-    model.use_cpu_kernels(args.cpu_kernels)  # after a draft was quantized from its weights
+    use_kernels(args, model)  # after a draft was quantized from its weights
     lookahead = proposer if isinstance(proposer, LookaheadConfig) else None
     K = lookahead.ngram - 1 if lookahead else args.speculate_k  # proposed tokens a step can accept
     prompt, prompt_kind = bench_prompt(args, model.config.vocab_size)

@@ -83,7 +83,7 @@ def test_model_with_each_kernel_gives_the_same_logits(hf_checkpoint, prompt_ids)
 def test_choice_is_cached_per_machine(tmp_path):
     cache = tmp_path / "cpu_kernels.json"
     other = "Some Other CPU | 2 threads | torch 0.0 | bfloat16 | [(64, 32)]"
-    cache.write_text(json.dumps({other: {"kernel": "no-such-kernel", "g_weights_per_s": {}}}))
+    cache.write_text(json.dumps({other: {"kernel": "no-such-kernel", "rates": {}}}))
     chosen = cpu_kernels.choose([(64, 32)], torch.bfloat16, cache=cache)
     table = json.loads(cache.read_text())
     if len(cpu_kernels.candidates(torch.bfloat16)) == 1:  # e.g. AVX2 without AVX-512: nothing to choose between
@@ -91,7 +91,7 @@ def test_choice_is_cached_per_machine(tmp_path):
         return
     ours = [k for k in table if k != other]
     assert len(ours) == 1 and ours[0].startswith(cpu_kernels.machine_key())  # measured here, not taken from `other`
-    rates = table[ours[0]]["g_weights_per_s"]
+    rates = table[ours[0]]["rates"]
     # inductor, opt-in, is not measured: eager it would be F.linear, and alone its loop does not predict its speed
     assert set(rates) == set(cpu_kernels.candidates(torch.bfloat16)) and all(r > 0 for r in rates.values())
     assert "inductor" not in rates and chosen == table[ours[0]]["kernel"] == max(rates, key=rates.get)
@@ -99,6 +99,18 @@ def test_choice_is_cached_per_machine(tmp_path):
     cache.write_text(json.dumps(table))
     assert cpu_kernels.choose([(64, 32)], torch.bfloat16, cache=cache) == "addmv"
     assert json.loads(cache.read_text()) == table
+
+
+def test_machine_key_tells_cpus_with_one_model_name_apart():
+    """Our VMs' "AMD EPYC" is an AVX2 Zen 3 or an AVX-512 Zen 5: the same name, kernels that differ 4x."""
+    def cpuinfo(family, flags):
+        one = f"processor\t: {{}}\nvendor_id\t: AuthenticAMD\ncpu family\t: {family}\nmodel\t\t: 1\n" \
+              f"model name\t: AMD EPYC\nflags\t\t: fpu sse2 {flags}\n"
+        return "\n".join(one.format(i) for i in range(2))  # a processor per block; the first one counts
+    zen3, zen5 = cpuinfo(25, "avx2 fma"), cpuinfo(26, "avx2 avx512f avx512_vnni avx512_bf16")
+    assert cpu_kernels.machine_key(zen3) != cpu_kernels.machine_key(zen5)
+    assert cpu_kernels.machine_key(zen3) == cpu_kernels.machine_key(cpuinfo(25, "fma avx2 sse4_2"))
+    assert "family 26" in cpu_kernels.machine_key(zen5) and "avx512_bf16" in cpu_kernels.machine_key(zen5)
 
 
 @pytest.mark.parametrize("kernel", ["auto", *cpu_kernels.forcible(torch.bfloat16)])

@@ -192,7 +192,7 @@ def test_kv_cache_after_each_step_equals_a_forward_over_the_accepted_tokens(trai
     reference = Transformer(model.config).to(device)
     reference.load_state_dict(model.state_dict())
     moved = 0
-    for _ in range(20):
+    for _ in range(30):  # 20 steps moved only 5 tokens on an AVX2 CPU: its float32 sums differ, so do the guesses
         new, n, _ = state.step(model, seq[-1], len(seq) - 1, GREEDY, decoding.Steps())
         seq += new
         moved += n

@@ -1,0 +1,93 @@
+"""auto's kernel choice for compiled decode steps on CPU, by timing the compiled step itself.
+
+With `--compile`, `--cpu_kernels inductor` writes each one-token matmul as a loop that inductor generates inside the
+step (cpu_kernels.inductor, inductor_int8): no library call per layer. Whether that beats auto's eager choice
+(oneDNN or addmv for bf16, ATen's int8 kernel) depends on the model and the machine: on a 2-core AMD EPYC with
+AVX-512 it decoded stories110M 1.28x faster in bf16 and 1.37x in int8, but tinyllama 0.92x in bf16; on one with
+AVX2 only, stories110M bf16 1.15x, but int8 4-10x slower. Timing the kernels alone does not tell these apart.
+So auto times the step: a stand-in with the model's layer shapes, weight
+formats and dtype but random weights (enough layers that they stream from memory, as the model's do) decodes a
+few tokens compiled each way, and the faster way is used. The choice is cached per machine like cpu_kernels'.
+
+    model.use_cpu_kernels(step_kernel(model, "auto", compiled=True))   # "auto" or "inductor"
+"""
+import dataclasses
+import statistics
+
+import torch
+
+from cpu_kernels import ONEDNN_DTYPES, cached, machine_key
+from decoding import generate, make_steps
+from model import Linear, Transformer
+from qlinear import Int4Experts, Int4Linear, Int8Experts, Int8Linear, pack_for_device, swap_in_quantized
+from sampling import SamplingConfig
+
+STAND_IN_BYTES = 512e6  # weights of the stand-in, at least (or the whole model): more than a CPU's caches hold
+STEP_TOKENS, ROUNDS = 16, 5  # tokens decoded per timing, timings per way (alternating; the median counts)
+
+
+def step_kernel(model: Transformer, force: str = "auto", compiled: bool = False) -> str:
+    """What to pass to model.use_cpu_kernels: `force`, unless it is auto for a CPU model whose one-token steps
+    will be compiled and inductor's loops could apply (16-bit float or int8 linears): then "auto" or "inductor",
+    whichever decoded the stand-in faster. Call it on the model as loaded, before use_cpu_kernels."""
+    if force != "auto" or not compiled or model.output.weight.device.type != "cpu" or not inductor_applies(model):
+        return force
+    formats = sorted({(type(m).__name__, str(m.weight.dtype).removeprefix("torch."), getattr(m, "groupsize", 0))
+                      for m in model.modules() if isinstance(m, (Linear, Int8Linear, Int4Linear))})
+    key = f"{machine_key()} | compiled one-token step | {formats} | {dataclasses.asdict(model.config)}"
+    return cached(key, lambda: step_rates(model))
+
+
+def inductor_applies(model: Transformer) -> bool:
+    return any(isinstance(m, Int8Linear) or isinstance(m, Linear) and m.weight.dtype in ONEDNN_DTYPES
+               for m in model.modules())
+
+
+@torch.no_grad()
+def step_rates(model: Transformer) -> dict:
+    """Decode tokens/s of a compiled stand-in of `model` with each of auto's and inductor's kernels: the median of
+    ROUNDS alternating timings, or of fewer once one way is more than twice as fast (no need to know how much)."""
+    stand_ins = {kernel: stand_in(model) for kernel in ("auto", "inductor")}
+    steps = {kernel: make_steps("cpu", compile=True) for kernel in stand_ins}
+    for kernel, m in stand_ins.items():
+        m.use_cpu_kernels(kernel)
+        decode(m, steps[kernel], 2)  # compiles
+    times = {kernel: [] for kernel in stand_ins}
+    for _ in range(ROUNDS):
+        for kernel, m in stand_ins.items():
+            times[kernel].append(decode(m, steps[kernel], STEP_TOKENS))
+        if max(map(min, times.values())) > 2 * min(map(min, times.values())):
+            break
+    return {kernel: 1 / statistics.median(t) for kernel, t in times.items()}
+
+
+def decode(model: Transformer, steps, tokens: int) -> float:
+    """Seconds per decoded token, greedy, batch 1 (one cache length, so that every call runs the same graph)."""
+    result = generate(model, [[1] * 4], tokens + 1, SamplingConfig(temperature=0),
+                      cache_len=min(64, model.config.max_seq_len), steps=steps)
+    return result.decode_seconds / result.decode_tokens
+
+
+def stand_in(model: Transformer) -> Transformer:
+    """A model with `model`'s shapes, weight formats and dtypes, random weights, and as many of its layers as
+    make STAND_IN_BYTES (all of them for a small model), packed for the CPU as loading packs them."""
+    layer_bytes = sum(t.nbytes for t in model.layers[0].state_dict().values())
+    n_layer = min(model.config.n_layers, max(1, -(-int(STAND_IN_BYTES) // max(1, layer_bytes))))
+    kept = {name for name, _ in model.named_modules()
+            if not name.startswith("layers.") or int(name.split(".")[1]) < n_layer}
+    quantized = {name: "int8" if isinstance(m, (Int8Linear, Int8Experts)) else "int4" for name, m in
+                 model.named_modules() if name in kept and isinstance(m, (Int8Linear, Int8Experts, Int4Linear,
+                                                                          Int4Experts))}
+    groupsize = next((m.groupsize for m in model.modules() if isinstance(m, (Int4Linear, Int4Experts))), 0)
+    with torch.device("meta"):
+        m = Transformer(dataclasses.replace(model.config, n_layers=n_layer))
+    swap_in_quantized(m, quantized, groupsize)
+    m = m.to_empty(device="cpu").to(model.tok_embeddings.weight.dtype)
+    for name, t in m.state_dict().items():
+        if name.endswith("norm.weight"):
+            t.fill_(1.0)
+        elif t.is_floating_point():
+            t.normal_(0.0, 0.02)
+        else:
+            t.random_(torch.iinfo(t.dtype).min, torch.iinfo(t.dtype).max)
+    return pack_for_device(m).eval()
