@@ -12,7 +12,7 @@ matrix (0.9 GB of int8) that no cache holds them, which is what happens in a mod
 cache. Reported: G weights/s and
 GB/s of weight bytes (median of --repeats passes), and this process's plain read bandwidth for comparison.
 Each quantized format is shown with its kernel and with the alternative of dequantizing its weights to bf16 and
-running the dense matmul (what qlinear does from qlinear.GEMM_TOKENS tokens on); int8 also with the opt-in
+running the dense matmul (what qlinear does from qlinear.GEMM_TOKENS tokens on); int8 also with the other
 kernels: inductor's generated loop (`--cpu_kernels inductor`, compiled as above) and w8a8 (`--cpu_kernels w8a8`:
 activations quantized per token, oneDNN's integer kernel).
 """
@@ -93,7 +93,7 @@ def main():
     int8.to(torch.bfloat16).pack_for_device()  # scales in the activation dtype, as checkpoint.load_model leaves them
     report("int8 (int8pack_mm)", int8)
     report("int8 (dequantize to bf16 + F.linear)", int8, dequantize=True)
-    report("int8 (inductor, compiled, opt-in)", copy.deepcopy(int8), "inductor")
+    report("int8 (inductor, compiled)", copy.deepcopy(int8), "inductor")
     if w8a8_available():  # last: it prepacks the layer
         report("int8 (w8a8: activations to int8, opt-in)", int8, "w8a8")
     for g in args.groupsizes:

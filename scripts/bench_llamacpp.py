@@ -33,7 +33,7 @@ from model_config import PRESETS, ModelArgs  # noqa: E402
 
 WIDTHS = [  # (label, llama.cpp type, our bench.py flags)
     ("bf16", "BF16", []),
-    ("bf16 inductor", "BF16", ["--cpu_kernels", "inductor"]),  # the opt-in generated loop (small models)
+    ("bf16 inductor", "BF16", ["--cpu_kernels", "inductor"]),  # the generated loop, forced
     ("8-bit", "Q8_0", ["--quantize", "int8"]),
     ("8-bit inductor", "Q8_0", ["--quantize", "int8", "--cpu_kernels", "inductor"]),  # the generated loop
     ("8-bit w8a8", "Q8_0", ["--quantize", "int8", "--cpu_kernels", "w8a8"]),  # activations to int8 too, as Q8_0
