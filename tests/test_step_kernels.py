@@ -62,6 +62,19 @@ def test_auto_times_the_compiled_step_and_caches_its_choice(hf_checkpoint, tmp_p
     assert load_model(path, "cpu", torch.float32, compiled=True).cpu_kernel == "addmv"
 
 
+def test_stand_ins_leave_the_recompile_limit_alone(hf_checkpoint, prompt_ids):
+    """dynamo stops compiling a function after 8 graphs (and fullgraph then fails): 5 timings (10 stand-in graphs)
+    in one process, then the model's own compiled decode still compiles and gives its eager tokens."""
+    from decoding import generate, make_steps
+    from sampling import SamplingConfig
+    model = load_model(hf_checkpoint("gqa")[1] / "model.pth", "cpu", torch.bfloat16, cpu_kernels="addmv")
+    for _ in range(5):
+        assert set(step_kernels.step_rates(model)) == {"auto", "inductor"}
+    prompt, greedy = prompt_ids(7, seed=2), SamplingConfig(temperature=0)
+    expected = generate(model, [prompt], 8, greedy).tokens
+    assert generate(model, [prompt], 8, greedy, steps=make_steps("cpu", compile=True)).tokens == expected
+
+
 def test_generate_compile_takes_the_measured_choice(quantized_copy, tmp_path):
     """generate.py --compile with the default auto, on an int8 checkpoint: the kernel it reports is the choice
     timed and cached for this model (in a cache of its own here)."""
