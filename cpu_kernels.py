@@ -2,8 +2,8 @@
 
 Which one-token kernel streams a bf16 weight fastest depends on the CPU: on an Intel Xeon with AMX, ATen's addmv
 won; on an AMD EPYC (AVX-512, no AMX) oneDNN's linear on a prepacked weight streams 2.5-3x faster than addmv.
-So the candidates are timed once, briefly, on the model's own layer shapes; the winner is cached per machine (CPU
-model, threads, torch version) in $XDG_CACHE_HOME/llama-fast/cpu_kernels.json, and later runs read it.
+So the candidates are timed once, briefly, on the model's own layer shapes; the winner is cached per machine (CPU,
+threads, torch version: machine_key) in $XDG_CACHE_HOME/llama-fast/cpu_kernels.json, and later runs read it.
 
     kernel = choose(shapes, torch.bfloat16)      # "addmv" or "onednn" (measured, or from the cache)
     model.use_cpu_kernels()                      # a Transformer's float linears: choose, then prepare their weights
@@ -138,7 +138,8 @@ def inductor_int8(x: Tensor, weight: Tensor, scales: Tensor) -> Tensor:
     return (row_dots(materialize(x.float()), weight) * scales.float()).to(x.dtype)
 
 
-# qlinear.Int8Linear's: ATen's weight-only kernel (default), w8a8_linear and inductor_int8 (both opt-in)
+# qlinear.Int8Linear's: ATen's weight-only kernel (default), w8a8_linear (opt-in) and inductor_int8 (forced, or
+# auto's choice for compiled steps where step_kernels timed it faster)
 INT8_KERNELS = ("int8pack", "w8a8", "inductor")
 
 # name -> (prepare a plain (N, K) weight, multiply x by a prepared weight): the float linears' candidates

@@ -91,12 +91,19 @@ def stand_in(model: Transformer) -> Transformer:
     with torch.device("meta"):
         m = Transformer(dataclasses.replace(model.config, n_layers=n_layer))
     swap_in_quantized(m, quantized, groupsize)
-    m = m.to_empty(device="cpu").to(model.tok_embeddings.weight.dtype)
-    for name, t in m.state_dict().items():
+    m = randomize(m.to_empty(device="cpu").to(model.tok_embeddings.weight.dtype))
+    return pack_for_device(m).eval()
+
+
+@torch.no_grad()
+def randomize(model: Transformer) -> Transformer:
+    """Random weights in place, for speed measurements: norms 1, other floats N(0, 0.02), integer (quantized)
+    tensors uniform over their type's range."""
+    for name, t in model.state_dict().items():
         if name.endswith("norm.weight"):
             t.fill_(1.0)
         elif t.is_floating_point():
             t.normal_(0.0, 0.02)
         else:
             t.random_(torch.iinfo(t.dtype).min, torch.iinfo(t.dtype).max)
-    return pack_for_device(m).eval()
+    return model

@@ -31,7 +31,7 @@ from model_config import CONFIG_NAME, PRESETS, ModelArgs  # noqa: E402
 from qlinear import GROUP_SIZES, quantize_model  # noqa: E402
 from sampling import SamplingConfig  # noqa: E402
 from speculative import DraftModel, PromptLookup, acceptance_stats, speculative_generate  # noqa: E402
-from step_kernels import step_kernel  # noqa: E402
+from step_kernels import randomize, step_kernel  # noqa: E402
 from tokenizer import load_tokenizer  # noqa: E402
 
 
@@ -39,13 +39,7 @@ def random_model(name: str, device, dtype, seed: int = 0) -> Transformer:
     torch.manual_seed(seed)
     with torch.device("meta"):
         model = Transformer(ModelArgs.from_name(name))
-    model = model.to_empty(device=device).to(dtype)
-    for name_, p in model.named_parameters():
-        if name_.endswith("norm.weight"):
-            p.data.fill_(1.0)
-        else:
-            p.data.normal_(0.0, 0.02)
-    return model.eval().requires_grad_(False)
+    return randomize(model.to_empty(device=device).to(dtype)).eval().requires_grad_(False)
 
 
 def quantized(model: Transformer, mode: str, groupsize: int, device, dtype) -> Transformer:
