@@ -89,7 +89,7 @@ def read_config(checkpoint_path: Path) -> ModelArgs:
 
 
 def load_model(checkpoint_path, device="cpu", precision=torch.bfloat16, tensor_parallel=False,
-               cpu_kernels: str = "auto", compiled: bool = False) -> Transformer:
+               cpu_kernels: str = "auto", compiled: bool = False, cpu_gemm: str = "auto") -> Transformer:
     """Build the model described by model_config.json beside the checkpoint and load its weights. Quantized
     checkpoints from quantize.py get their quantized modules, packed for the device, and keep their metadata in
     model.quantization. precision=None keeps stored dtypes. tensor_parallel=True keeps only this rank's shard
@@ -97,7 +97,8 @@ def load_model(checkpoint_path, device="cpu", precision=torch.bfloat16, tensor_p
     kernel that is fastest on this machine (cpu_kernels="auto", see cpu_kernels.py) or the one named; "addmv"
     keeps the weights as stored (e.g. to quantize them). compiled=True: the one-token steps will be compiled
     (generate.py --compile), so auto also considers inductor's generated loops (step_kernels.py; not under tensor
-    parallelism, where every rank takes rank 0's eager choice)."""
+    parallelism, where every rank takes rank 0's eager choice). cpu_gemm: how a 16-bit model's several-token
+    matmuls run on CPU, "auto" (measured), "native" or "float32" (cpu_kernels.float32_from)."""
     path = Path(checkpoint_path)
     check_is_file(path, "checkpoint")
     config = read_config(path)
@@ -122,8 +123,9 @@ def load_model(checkpoint_path, device="cpu", precision=torch.bfloat16, tensor_p
     if quantization:
         pack_for_device(model)
     if tensor_parallel:  # the replicated layers must compute alike on every rank: rank 0 measures, all use its choice
-        cpu_kernels = tp.from_rank0(model.use_cpu_kernels(cpu_kernels) if tp.rank() == 0 else None)
-    model.use_cpu_kernels(step_kernel(model, cpu_kernels, compiled and not tensor_parallel))
+        rank0 = (model.use_cpu_kernels(cpu_kernels, cpu_gemm), model.cpu_gemm_from) if tp.rank() == 0 else None
+        cpu_kernels, cpu_gemm = tp.from_rank0(rank0)
+    model.use_cpu_kernels(step_kernel(model, cpu_kernels, compiled and not tensor_parallel), cpu_gemm)
     release_file(model, from_file)
     return model
 

@@ -59,14 +59,21 @@ CPU_KERNEL_HELP = ("CPU matmul: auto = for float weights the fastest on this mac
                    "generated into the compiled step, for 16-bit and int8 weights; w8a8 = int8 checkpoints also "
                    "quantize activations per token to 8 bits (faster, opt-in: different numerics)")
 
+CPU_GEMM_CHOICES = ["auto", "native", "float32"]
+CPU_GEMM_HELP = ("CPU matmuls of several tokens (prefill, batches) in a 16-bit model: auto = in float32 where this "
+                 "machine's 16-bit GEMM is the slower (measured once and cached), native = in the model's dtype, "
+                 "float32 = always in float32")
+
 
 def add_model_args(p: argparse.ArgumentParser):
-    """--checkpoint_path, --tokenizer_path, --device, --precision and --cpu_kernels, with the same meaning in every command."""
+    """--checkpoint_path, --tokenizer_path, --device, --precision, --cpu_kernels and --cpu_gemm, the same in every
+    command."""
     p.add_argument("--checkpoint_path", type=Path, default=DEFAULT_CHECKPOINT)
     p.add_argument("--tokenizer_path", type=Path, help="default: tokenizer.model beside the checkpoint")
     p.add_argument("--device", default=default_device())
     p.add_argument("--precision", choices=PRECISIONS, default="bfloat16")
     p.add_argument("--cpu_kernels", choices=CPU_KERNEL_CHOICES, default="auto", help=CPU_KERNEL_HELP)
+    p.add_argument("--cpu_gemm", choices=CPU_GEMM_CHOICES, default="auto", help=CPU_GEMM_HELP)
 
 
 def check_device(device: str):

@@ -19,6 +19,11 @@ kind of generated loop (inductor_int8: stories110M 1.4x ATen's kernel, tinyllama
 w8a8` (opt-in, never chosen by auto: it changes the numerics) they quantize their activations per token too and
 run oneDNN's integer kernel (w8a8_linear).
 
+Several tokens at once (prefill, verifying a draft, a batch) run a GEMM, F.linear in the weights' dtype, except
+where this CPU's 16-bit GEMM is the slow one: without AVX-512 BF16 (an AVX2 Zen 3) ATen's bf16 GEMM ran at ~20
+GFLOP/s and float32's at ~150, so 16-bit layers there convert their weights to float32 a slice at a time and
+multiply in float32 (float32_gemm), from the number of tokens float32_from() measured (cached like the kernels).
+
 A new candidate is an entry of KERNELS (how to prepare a weight, how to multiply), correct for any number of
 tokens, and callable from a compiled graph without Python per layer where possible.
 """
@@ -249,3 +254,52 @@ def cached(key: str, rates, cache: Path | None = None) -> str:
         except OSError:
             pass
     return table[key]["kernel"]
+
+
+# ------------------------------------------------------------------------------------ several tokens: the GEMM
+GEMM_TOKENS = (8, 16, 64)  # float32_gemm is timed against the 16-bit GEMM at these token counts
+CHUNK_BYTES = 4 << 20  # float32 weight rows converted at a time
+
+
+def float32_gemm(x: Tensor, rows, n: int, multiple: int = 16) -> Tensor:
+    """x @ W.T computed in float32, in x's dtype, W (n, K) given as rows(i, j): its rows i:j in float32, converted
+    CHUNK_BYTES at a time (i and j multiples of `multiple`, or j = n), so that each slice is still in cache when
+    the GEMM reads it (one whole float32 copy per call took 2x as long at 5632 x 2048: fresh pages to fault in)."""
+    xf, out = x.float(), x.new_empty(*x.shape[:-1], n)
+    step = max(multiple, CHUNK_BYTES // (4 * x.shape[-1]) // multiple * multiple)
+    for i in range(0, n, step):
+        out[..., i:i + step] = F.linear(xf, rows(i, min(i + step, n)))  # rounded to x's dtype as it is stored
+    return out
+
+
+@torch.no_grad()
+def measure_gemm(dtype, tokens: int, shape=(4096, 2048), repeats: int = 3) -> dict:
+    """Seconds⁻¹ of a (tokens, K) x (N, K) matmul in `dtype` ("native") and through float32_gemm ("float32")."""
+    w, x = torch.randn(shape, dtype=dtype) * 0.02, torch.randn(tokens, shape[1], dtype=dtype)
+    ways = {"native": lambda: F.linear(x, w), "float32": lambda: float32_gemm(x, lambda i, j: w[i:j].float(), len(w))}
+    rates = {}
+    for name, way in ways.items():
+        way()
+        times = []
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            way()
+            times.append(time.perf_counter() - t0)
+        rates[name] = 1 / statistics.median(times)
+    return rates
+
+
+def float32_from(dtype, force: str | int | None = "auto", cache: Path | None = None) -> int | None:
+    """From how many tokens 16-bit layers compute their matmuls in float32 here (float32_gemm), or None: never
+    (other weights, or a CPU whose 16-bit GEMM is faster, e.g. one with AVX-512 BF16 or AMX). force: "native"
+    (None), "float32" (from 2 tokens), "auto" (timed at each of GEMM_TOKENS, cached per machine), or the answer
+    itself (rank 0's, under tensor parallelism)."""
+    if dtype not in ONEDNN_DTYPES or force in ("native", None):
+        return None
+    if force != "auto":
+        return 2 if force == "float32" else int(force)
+    for tokens in GEMM_TOKENS:
+        key = f"{machine_key()} | {str(dtype).removeprefix('torch.')} | GEMM of {tokens} tokens"
+        if cached(key, lambda: measure_gemm(dtype, tokens), cache) == "float32":
+            return tokens
+    return None

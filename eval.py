@@ -33,9 +33,9 @@ DEFAULT_MAX_LENGTH = 2048  # scoring windows default to this or the model's cont
 
 
 def load(checkpoint_path: Path, tokenizer_path: Path | None = None, device="cpu", precision=torch.bfloat16,
-         tensor_parallel: bool = False, cpu_kernels: str = "auto"):
+         tensor_parallel: bool = False, cpu_kernels: str = "auto", cpu_gemm: str = "auto"):
     """(model, tokenizer) for evaluation; tensor_parallel: this rank's shard (see tp.py)."""
-    model = load_model(checkpoint_path, device, precision, tensor_parallel, cpu_kernels)
+    model = load_model(checkpoint_path, device, precision, tensor_parallel, cpu_kernels, cpu_gemm=cpu_gemm)
     tokenizer = load_tokenizer(tokenizer_file(checkpoint_path, tokenizer_path))
     check_vocab(tokenizer, model)
     return model, tokenizer
@@ -272,7 +272,7 @@ def run(args) -> int:
     if tp.world_size() > 1:  # tasks that sample draw the same numbers on every rank
         torch.manual_seed(tp.shared_seed())
     model, tokenizer = load(args.checkpoint_path, args.tokenizer_path, args.device, PRECISIONS[args.precision],
-                            tensor_parallel=tp.world_size() > 1, cpu_kernels=args.cpu_kernels)
+                            tensor_parallel=tp.world_size() > 1, cpu_kernels=args.cpu_kernels, cpu_gemm=args.cpu_gemm)
     lm = LlamaFastLM(model, tokenizer, args.batch_size, args.max_seq_length, args.compile, rank=rank)
     out = {}
     if args.tasks:

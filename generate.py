@@ -136,11 +136,12 @@ def load(args, texts: list, k: int):
     """(model, tokenizer, token-id prompts, proposer or None), every file checked."""
     t0, tensor_parallel = time.perf_counter(), tp.world_size() > 1
     precision = PRECISIONS[args.precision]
-    model = load_model(args.checkpoint_path, args.device, precision, tensor_parallel, args.cpu_kernels, args.compile)
+    model = load_model(args.checkpoint_path, args.device, precision, tensor_parallel, args.cpu_kernels, args.compile,
+                       args.cpu_gemm)
     proposer = PromptLookup(args.prompt_lookup) if k and args.prompt_lookup else None
     if args.draft_checkpoint_path:  # under torchrun the draft is sharded like the target: each rank streams half
         proposer = DraftModel(load_model(args.draft_checkpoint_path, args.device, precision, tensor_parallel,
-                                         args.cpu_kernels, args.compile))
+                                         args.cpu_kernels, args.compile, args.cpu_gemm))
         proposer.check(model)
     tokenizer = load_tokenizer(tokenizer_file(args.checkpoint_path, args.tokenizer_path))
     check_vocab(tokenizer, model)
@@ -185,7 +186,8 @@ def run(args) -> int:
     wbytes = weight_bytes(model)
     samples = [sample(i, gen, args, tokenizer, texts, prompts, eos_ids, wbytes, k, la)
                for i in range(args.num_samples)]
-    report(args, samples, sampling, wbytes, compiled, k, la, model.cpu_kernel)
+    report(args, samples, sampling, wbytes, compiled, k, la,
+           {"cpu_kernel": model.cpu_kernel, "cpu_gemm_from": model.cpu_gemm_from})
     return 0
 
 
@@ -238,13 +240,13 @@ def sample_metrics(i: int, result, batch_size: int, wbytes: int, k: int, la) -> 
     return m
 
 
-def report(args, samples: list, sampling: SamplingConfig, wbytes: int, compiled: dict, k: int, la, kernel: str):
+def report(args, samples: list, sampling: SamplingConfig, wbytes: int, compiled: dict, k: int, la, kernels: dict):
     """The means over the samples on stderr, and everything in --metrics_json (rank 0 only)."""
     mean = {key: sum(s[key] for s in samples) / len(samples) for key in
             ("time_to_first_token_s", "decode_tokens_per_sec", "total_tokens_per_sec", "bandwidth_gbps")}
     summary = {**mean, "peak_memory_bytes": peak_memory_bytes(args.device), **compiled,
                "weight_bytes": wbytes, "batch_size": len(samples[0]["new_tokens"]), "device": args.device,
-               "precision": args.precision, "cpu_kernel": kernel, "samples": samples, "sampling": asdict(sampling),
+               "precision": args.precision, **kernels, "samples": samples, "sampling": asdict(sampling),
                "world_size": tp.world_size()}  # under tensor parallelism weight_bytes and bandwidth are per rank
     print(f"Average: {mean['decode_tokens_per_sec']:.2f} tokens/s per sequence, "
           f"{mean['bandwidth_gbps']:.2f} GB/s{' per rank' if tp.world_size() > 1 else ''}, "

@@ -12,7 +12,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
-from cpu_kernels import INT8_KERNELS, KERNELS, choose, forcible
+from cpu_kernels import INT8_KERNELS, KERNELS, choose, float32_from, float32_gemm, forcible
 from model_config import ModelArgs
 
 
@@ -21,6 +21,7 @@ class Linear(nn.Linear):
     addmv for one token (F.linear for several) unless use_kernel() switched it, e.g. to oneDNN on a prepacked
     weight. (decoding.cpu_inductor keeps inductor from decomposing addmv into a slower generated reduction.)"""
     kernel = "addmv"
+    float32_from = None  # several tokens: from this many, the GEMM in float32 (cpu_kernels.float32_from)
 
     def __init__(self, in_features: int, out_features: int):
         super().__init__(in_features, out_features, bias=False)
@@ -35,9 +36,11 @@ class Linear(nn.Linear):
             self.kernel = name
 
     def forward(self, x: Tensor) -> Tensor:
-        if x.device.type == "cpu":
-            return KERNELS[self.kernel][1](x, self.weight)
-        return F.linear(x, self.weight)
+        if x.device.type != "cpu":
+            return F.linear(x, self.weight)
+        if self.float32_from and x.shape[:-1].numel() >= self.float32_from:
+            return float32_gemm(x, lambda i, j: self.weight[i:j].float(), len(self.weight))
+        return KERNELS[self.kernel][1](x, self.weight)
 
 
 class KVCache(nn.Module):
@@ -123,6 +126,7 @@ class Transformer(nn.Module):
         # the KV cache's shape; config.max_seq_len is the context the model was trained for, cache_len <= it
         self.max_batch_size = self.cache_len = 0
         self.cpu_kernel = "addmv"  # the float linears' CPU matmul (use_cpu_kernels)
+        self.cpu_gemm_from = None  # several tokens: from this many, GEMMs in float32 (use_cpu_kernels)
 
     def setup_caches(self, max_batch_size: int, cache_len: int):
         """Allocate KV caches and the RoPE table for up to max_batch_size sequences of cache_len tokens."""
@@ -153,10 +157,11 @@ class Transformer(nn.Module):
         self.freqs_cis = precompute_freqs_cis(self.config.max_seq_len, self.config, weight.device)
         self.max_batch_size = self.cache_len = 0  # a later setup_caches() allocates a static cache again
 
-    def use_cpu_kernels(self, force: str = "auto") -> str:
+    def use_cpu_kernels(self, force: str = "auto", gemm: str = "auto") -> str:
         """Give the float linears the CPU matmul kernel that is fastest here for their shapes (cpu_kernels.choose:
         measured once per machine and cached), or the one `force` names. The output projection keeps addmv when
-        it shares its weight with the embedding. Returns the kernel's name.
+        it shares its weight with the embedding. Returns the kernel's name. Several tokens: the linears (float,
+        int8, int4) of a 16-bit model run their GEMM in float32 from cpu_kernels.float32_from(dtype, gemm) tokens.
 
         force="w8a8" (opt-in, never auto's choice: it changes the numerics): the int8 layers (qlinear.Int8Linear)
         quantize their activations per token too (cpu_kernels.w8a8_linear); float linears, if any, get auto's.
@@ -178,7 +183,16 @@ class Transformer(nn.Module):
             for m in layers:
                 m.use_kernel(kernel)
         self.cpu_kernel = int8_kernel or kernel
+        self.use_float32_gemm(gemm)
         return self.cpu_kernel
+
+    def use_float32_gemm(self, gemm: str = "auto"):
+        """use_cpu_kernels' several-token half: cpu_kernels.float32_from, for layers with a plain weight."""
+        on_cpu = self.tok_embeddings.weight.device.type == "cpu"
+        self.cpu_gemm_from = float32_from(self.tok_embeddings.weight.dtype, gemm) if on_cpu else None
+        for m in self.modules():
+            if hasattr(m, "float32_from"):
+                m.float32_from = None if getattr(m, "kernel", None) in ("onednn", "w8a8") else self.cpu_gemm_from
 
     def forward(self, idx: Tensor, input_pos: Tensor | None = None, left_pad: Tensor | None = None,
                 last_only: bool = False, mask: Tensor | None = None, slots: tuple | None = None,

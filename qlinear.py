@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from tqdm import tqdm
 
-from cpu_kernels import inductor_int8, w8a8_available, w8a8_linear
+from cpu_kernels import float32_gemm, inductor_int8, w8a8_available, w8a8_linear
 from model import Experts
 
 GROUP_SIZES = (32, 64, 128, 256)
@@ -30,6 +30,14 @@ def use_gemm(x: Tensor, gemm_tokens: tuple) -> bool:
     dequantizes its weights once per call and runs the dense GEMM of the activation dtype: ATen's int8/int4 kernels
     are made for a few tokens, and slow with float32 ones (crossovers measured on a 2-core EPYC, see the classes)."""
     return x.device.type == "cpu" and x.shape[:-1].numel() >= gemm_tokens[x.dtype != torch.float32]
+
+
+def dense_gemm(layer: nn.Module, x: Tensor, n: int, multiple: int = 16) -> Tensor:
+    """use_gemm's matmul: in float32 for float32 x, or where the CPU's 16-bit GEMM is the slower (layer.float32_from
+    set: cpu_kernels.float32_from), the weights dequantized a slice at a time (float32_gemm); else in x's dtype."""
+    if x.dtype == torch.float32 or layer.float32_from:
+        return float32_gemm(x, lambda i, j: layer.dequantized(torch.float32, i, j), n, multiple)
+    return F.linear(x, layer.dequantized(x.dtype))
 
 
 # ------------------------------------------------------------------------------------------------ the formats
@@ -84,7 +92,7 @@ def unpack_int4_cpu(packed: Tensor, block_n: int) -> Tensor:
     if full < N:
         tail = packed[full:].reshape(K, (N - full) // 2).t()
         rows.append(torch.stack([tail & 15, tail >> 4], dim=1).reshape(N - full, K))
-    return torch.cat(rows)
+    return torch.cat(rows) if len(rows) > 1 else rows[0]
 
 
 def cpu_int4_block() -> int | None:
@@ -114,8 +122,10 @@ class Int8Linear(nn.Module):
     input_dims = {"weight": 1}
     # use_gemm: 5632 x 2048, 2-core EPYC: float32 4.4 ms/token in the kernel, crossover between 4 and 8 tokens;
     # bf16 512 tokens 37 ms in the kernel, 1.5 ms to dequantize + 14 ms GEMM (scripts/bench_gemv.py --tokens)
+    # AVX2 Zen 3 (bf16 GEMMs in float32, dense_gemm): 64 tokens 20 ms in the kernel, 15 ms; 256: 69 ms, 40 ms
     GEMM_TOKENS = (8, 64)
     kernel = "int8pack"  # or "w8a8", "inductor" (use_kernel): cpu_kernels.INT8_KERNELS
+    float32_from = None  # set by Transformer.use_float32_gemm where 16-bit GEMMs are slow: see dense_gemm
 
     def __init__(self, in_features: int, out_features: int):
         super().__init__()
@@ -149,9 +159,9 @@ class Int8Linear(nn.Module):
         self.register_buffer("zero_points", torch.zeros(self.out_features, dtype=torch.int64), persistent=False)
         self.kernel = name
 
-    def dequantized(self, dtype) -> Tensor:
-        """(N, K) weights in dtype (K padded as the kernel's rows are)."""
-        return self.weight.to(dtype) * self.scales.to(dtype)[:, None]
+    def dequantized(self, dtype, start: int = 0, stop: int | None = None) -> Tensor:
+        """Rows start:stop of the (N, K) weights in dtype (K padded as the kernel's rows are)."""
+        return self.weight[start:stop].to(dtype) * self.scales[start:stop].to(dtype)[:, None]
 
     def forward(self, x: Tensor) -> Tensor:
         if self.kernel == "w8a8":
@@ -164,7 +174,7 @@ class Int8Linear(nn.Module):
         if self.kernel == "inductor" and torch.compiler.is_compiling() and x.shape[:-1].numel() == 1:
             return inductor_int8(x, self.weight, self.scales)
         if use_gemm(x, self.GEMM_TOKENS):
-            return F.linear(x, self.dequantized(x.dtype))
+            return dense_gemm(self, x, self.out_features)
         if x.device.type == "cpu" and K % 32 == 0:
             y = torch.ops.aten._weight_int8pack_mm(x.reshape(-1, K), self.weight, self.scales.to(x.dtype))
             return y.view(*x.shape[:-1], -1)
@@ -189,7 +199,9 @@ class Int4Linear(nn.Module):
     input_dims = {"weight": 1, "scales_and_zeros": 0}
     # use_gemm: 5632 x 2048 g32, 2-core EPYC: float32 256 tokens 2.4 s in the kernel, 0.13 s dequantized + GEMM;
     # bf16 512 tokens 39 ms in the kernel, 13 ms to unpack and dequantize + 14 ms GEMM, 64 tokens 5 ms vs 15 ms
+    # AVX2 Zen 3 (bf16 GEMMs in float32, dense_gemm): 64 tokens 19 ms in the kernel, 21 ms; 256: 76 ms, 49 ms
     GEMM_TOKENS = (8, 256)
+    float32_from = None  # as Int8Linear's
 
     def __init__(self, in_features: int, out_features: int, groupsize: int):
         super().__init__()
@@ -227,10 +239,12 @@ class Int4Linear(nn.Module):
             raise ValueError(f"int4 weights need a CPU or CUDA device, not {device.type}")
         self.kernel = device.type
 
-    def dequantized(self, dtype) -> Tensor:
-        """(N, padded_in) weights in dtype, from the CPU kernel's layout (where CPU_INT4_BLOCK is known)."""
-        codes = unpack_int4_cpu(self.weight, CPU_INT4_BLOCK)
-        return dequantize_int4(codes, self.scales_and_zeros.transpose(0, 1), self.groupsize, dtype)
+    def dequantized(self, dtype, start: int = 0, stop: int | None = None) -> Tensor:
+        """Rows start:stop of the (N, padded_in) weights in dtype, from the CPU kernel's layout (where
+        CPU_INT4_BLOCK is known; start a multiple of it: the layout packs blocks of rows)."""
+        codes = unpack_int4_cpu(self.weight[start:stop], CPU_INT4_BLOCK)
+        qparams = self.scales_and_zeros[:, start:stop].transpose(0, 1)
+        return dequantize_int4(codes, qparams, self.groupsize, dtype)
 
     def forward(self, x: Tensor) -> Tensor:
         shape = x.shape
@@ -238,7 +252,7 @@ class Int4Linear(nn.Module):
         if self.padded_in != self.in_features:
             x = F.pad(x, (0, self.padded_in - self.in_features))
         if self.kernel == "cpu" and CPU_INT4_BLOCK and use_gemm(x, self.GEMM_TOKENS):
-            y = F.linear(x, self.dequantized(x.dtype))
+            y = dense_gemm(self, x, self.out_features, CPU_INT4_BLOCK)
         elif self.kernel == "cpu":
             y = torch.ops.aten._weight_int4pack_mm_for_cpu(x, self.weight, self.groupsize,
                                                           self.scales_and_zeros.to(x.dtype))

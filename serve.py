@@ -269,7 +269,7 @@ def start(args):
     """(model, tokenizer, engine): the checkpoint loaded and the engine built, compiled and warmed up if asked."""
     t0 = time.perf_counter()
     model = load_model(args.checkpoint_path, args.device, PRECISIONS[args.precision], tp.world_size() > 1,
-                       args.cpu_kernels)
+                       args.cpu_kernels, cpu_gemm=args.cpu_gemm)
     tokenizer = load_tokenizer(tokenizer_file(args.checkpoint_path, args.tokenizer_path))
     check_vocab(tokenizer, model)
     config = EngineConfig(args.max_batch_size, args.block_size, args.kv_cache_tokens, args.kv_cache_gb,

@@ -19,8 +19,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 # first, before torch: cli's Ctrl-C handler must be in place while the libraries load (see cli.py)
-from cli import (CPU_KERNEL_CHOICES, CPU_KERNEL_HELP, PRECISIONS, check_at_least, check_device, check_output_path,  # noqa: E402
-                 cli_main, default_device)
+from cli import (CPU_GEMM_CHOICES, CPU_GEMM_HELP, CPU_KERNEL_CHOICES, CPU_KERNEL_HELP, PRECISIONS, check_at_least,  # noqa: E402
+                 check_device, check_output_path, cli_main, default_device)
 import torch  # noqa: E402
 
 from checkpoint import load_model, tokenizer_file, write_json  # noqa: E402
@@ -84,6 +84,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--groupsize", type=int, default=32, help="int4 group size")
     p.add_argument("--metrics_json", type=Path)
     p.add_argument("--cpu_kernels", choices=CPU_KERNEL_CHOICES, default="auto", help=CPU_KERNEL_HELP)
+    p.add_argument("--cpu_gemm", choices=CPU_GEMM_CHOICES, default="auto", help=CPU_GEMM_HELP)
     s = p.add_argument_group("speculative decoding (batch 1, greedy): tokens/s against plain decoding of the same "
                              "target, runs alternating in this process")
     s.add_argument("--draft", choices=("int8", "int4"), help="draft: a copy of the target quantized in memory")
@@ -118,7 +119,7 @@ def load_target(args, dtype) -> tuple[Transformer, str]:
 def use_kernels(args, model: Transformer) -> Transformer:
     """The model with its CPU kernels: --cpu_kernels, where auto with --compile also times inductor's loops
     (step_kernels.py), as generate.py does."""
-    model.use_cpu_kernels(step_kernel(model, args.cpu_kernels, args.compile))
+    model.use_cpu_kernels(step_kernel(model, args.cpu_kernels, args.compile), args.cpu_gemm)
     return model
 
 
@@ -175,7 +176,7 @@ def bench_plain(args, model: Transformer, label: str, kernel: str):
         "time_to_first_token_s": ttft, "weight_bytes": wbytes, "achieved_bandwidth_gbps": tps * wbytes / 1e9,
         "measured_bandwidth_gbps": bandwidth / 1e9, "roofline_fraction": tps * wbytes / bandwidth,
         "compile_seconds": compile_seconds, **compile_cache_counts(), "peak_memory_bytes": peak_memory_bytes(args.device),
-        "torch": torch.__version__, "cpu_kernel": kernel,
+        "torch": torch.__version__, "cpu_kernel": kernel, "cpu_gemm_from": model.cpu_gemm_from,
     }
     print(f"{label} {args.precision} {'compiled' if args.compile else 'eager'} batch {args.batch_size} on "
           f"{args.device} ({kernel}): {tps:.1f} tokens/s, {metrics['achieved_bandwidth_gbps']:.1f} of "
@@ -237,7 +238,7 @@ def make_proposer(args, model: Transformer, dtype):
         source = f"draft: {args.draft_model} (random)"
     else:
         draft = load_model(args.draft_checkpoint_path, args.device, dtype, cpu_kernels=args.cpu_kernels,
-                           compiled=args.compile)
+                           compiled=args.compile, cpu_gemm=args.cpu_gemm)
         source = f"draft: {args.draft_checkpoint_path}"
     proposer = DraftModel(draft)
     proposer.check(model)

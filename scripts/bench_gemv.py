@@ -11,8 +11,9 @@ copies, the way a compiled decode step runs it). By default the benchmark cycles
 matrix (0.9 GB of int8) that no cache holds them, which is what happens in a model bigger than the last-level
 cache. Reported: G weights/s and
 GB/s of weight bytes (median of --repeats passes), and this process's plain read bandwidth for comparison.
-Each quantized format is shown with its kernel and with the alternative of dequantizing its weights to bf16 and
-running the dense matmul (what qlinear does from qlinear.GEMM_TOKENS tokens on); int8 also with the other
+Each quantized format is shown with its kernel and with the alternatives of dequantizing its weights to bf16 and
+running the dense matmul (what qlinear does from qlinear.GEMM_TOKENS tokens on), or to float32 a slice at a time
+(cpu_kernels.float32_gemm: what every layer does on a CPU whose bf16 GEMM is slow, --cpu_gemm); int8 also with the other
 kernels: inductor's generated loop (`--cpu_kernels inductor`, compiled as above) and w8a8 (`--cpu_kernels w8a8`:
 activations quantized per token, oneDNN's integer kernel).
 """
@@ -27,9 +28,9 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from cpu_kernels import forcible, w8a8_available  # noqa: E402
+from cpu_kernels import float32_gemm, forcible, w8a8_available  # noqa: E402
 from model import Linear  # noqa: E402
-from qlinear import Int4Linear, Int8Linear, quantize_linear  # noqa: E402
+from qlinear import CPU_INT4_BLOCK, Int4Linear, Int8Linear, quantize_linear  # noqa: E402
 from scripts.bench import measure_bandwidth  # noqa: E402
 
 
@@ -43,6 +44,15 @@ def median_seconds(layers, x, repeats):
             layer(x)
         times.append(time.perf_counter() - t)
     return statistics.median(times)
+
+
+def dense_matmul(layer, dtype):
+    """The layer as a dense matmul: its weights dequantized to bf16 whole, or to float32 in float32_gemm's slices
+    (whole blocks of the int4 CPU layout)."""
+    if dtype == torch.bfloat16:
+        return lambda x: F.linear(x, layer.dequantized(x.dtype))
+    rows = getattr(layer, "dequantized", lambda dtype, i, j: layer.weight[i:j].to(dtype))
+    return lambda x: float32_gemm(x, lambda i, j: rows(torch.float32, i, j), len(layer.weight), CPU_INT4_BLOCK or 16)
 
 
 @torch.no_grad()
@@ -73,12 +83,12 @@ def main():
     x = torch.randn(args.tokens, K, dtype=torch.bfloat16)
     dense = Linear(K, N).to(torch.bfloat16)
 
-    def report(name, layer, kernel=None, dequantize=False):
+    def report(name, layer, kernel=None, dequantize=None):
         layers = [layer] * calls if args.cached else [layer] + [copy.deepcopy(layer) for _ in range(calls - 1)]
         for distinct in {id(m): m for m in layers}.values() if kernel else ():
             distinct.use_kernel(kernel)  # after the copies: a prepacked weight cannot be copied
         if dequantize:
-            layers = [lambda x, m=m: F.linear(x, m.dequantized(x.dtype)) for m in layers]
+            layers = [dense_matmul(m, dequantize) for m in layers]
         if kernel == "inductor":  # its generated loop exists inside a compiled graph only: one of all the layers
             layers = [torch.compile(lambda x, ms=tuple(layers): [m(x) for m in ms], fullgraph=True)]
         t = median_seconds(layers, x, args.repeats)
@@ -88,11 +98,13 @@ def main():
     for kernel in forcible(torch.bfloat16):  # what --cpu_kernels can name
         report(f"bf16 (model.Linear: {kernel}{', compiled' if kernel == 'inductor' else ''})", copy.deepcopy(dense),
                kernel)
+    report("bf16 (float32 GEMM, --cpu_gemm float32)", dense, dequantize=torch.float32)
     int8 = Int8Linear(K, N)
     int8.load_state_dict(quantize_linear(dense, "int8", 0))
     int8.to(torch.bfloat16).pack_for_device()  # scales in the activation dtype, as checkpoint.load_model leaves them
     report("int8 (int8pack_mm)", int8)
-    report("int8 (dequantize to bf16 + F.linear)", int8, dequantize=True)
+    report("int8 (dequantize to bf16 + F.linear)", int8, dequantize=torch.bfloat16)
+    report("int8 (dequantize to float32 + GEMM)", int8, dequantize=torch.float32)
     report("int8 (inductor, compiled)", copy.deepcopy(int8), "inductor")
     if w8a8_available():  # last: it prepacks the layer
         report("int8 (w8a8: activations to int8, opt-in)", int8, "w8a8")
@@ -101,7 +113,8 @@ def main():
         int4.load_state_dict(quantize_linear(dense, "int4", g))
         int4.to(torch.bfloat16).pack_for_device()
         report(f"int4 g{g} (int4pack_mm)", int4)
-        report(f"int4 g{g} (dequantize to bf16 + F.linear)", int4, dequantize=True)
+        report(f"int4 g{g} (dequantize to bf16 + F.linear)", int4, dequantize=torch.bfloat16)
+        report(f"int4 g{g} (dequantize to float32 + GEMM)", int4, dequantize=torch.float32)
     print(f"read bandwidth (float32 sum over 1 GiB): {measure_bandwidth('cpu', 1 << 30) / 1e9:.2f} GB/s")
 
 

@@ -26,12 +26,12 @@ def test_reports_every_kernel_streamed_and_cached():
                    "--groupsizes", "32", "128", "--threads", "1", *extra)
         assert proc.returncode == 0, proc.stderr
         rates = re.findall(r"^(bf16|int8|int4 g\d+) .*?([\d.]+) G weights/s +([\d.]+) GB/s$", proc.stdout, re.M)
-        bf16 = ["bf16"] * len(forcible(torch.bfloat16))  # one line per CPU kernel --cpu_kernels can name
-        # each quantized format: its kernel, then dequantize + F.linear
-        # int8pack, dequantize + F.linear, inductor, w8a8
-        int8 = ["int8"] * (4 if cpu_kernels.w8a8_available() else 3)
-        assert [r[0] for r in rates] == [*bf16, *int8, "int4 g32", "int4 g32", "int4 g128", "int4 g128"], \
-            proc.stdout
+        # one line per CPU kernel --cpu_kernels can name, then the float32 GEMM (--cpu_gemm float32)
+        bf16 = ["bf16"] * (len(forcible(torch.bfloat16)) + 1)
+        # each quantized format: its kernel, then dequantize to bf16 + F.linear and to float32 + GEMM;
+        # int8 then inductor and w8a8
+        int8 = ["int8"] * (5 if cpu_kernels.w8a8_available() else 4)
+        assert [r[0] for r in rates] == [*bf16, *int8, *["int4 g32"] * 3, *["int4 g128"] * 3], proc.stdout
         assert all(float(r[1]) > 0 and float(r[2]) > 0 for r in rates)
         assert "read bandwidth" in proc.stdout
 
