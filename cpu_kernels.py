@@ -197,6 +197,17 @@ def cache_path() -> Path:
     return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "llama-fast" / "cpu_kernels.json"
 
 
+def median_seconds(run, repeats: int) -> float:
+    """The median time of `repeats` calls of run(), after one untimed call (oneDNN picks its kernel on the first)."""
+    run()
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        run()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
 @torch.no_grad()
 def measure(shapes: list, dtype, stream_bytes: float = 256e6, repeats: int = 3) -> dict:
     """G weights/s of each candidate's one-token matmul over copies of the (N, K) shapes cycled through
@@ -209,14 +220,8 @@ def measure(shapes: list, dtype, stream_bytes: float = 256e6, repeats: int = 3) 
     for name in candidates(dtype):
         prepare, mm = KERNELS[name]
         prepared = [(prepare(w), xs[w.shape[1]]) for w in weights]
-        mm(prepared[0][1], prepared[0][0])  # warm-up (oneDNN picks its kernel on the first call)
-        times = []
-        for _ in range(repeats):
-            t0 = time.perf_counter()
-            for w, x in prepared:
-                mm(x, w)
-            times.append(time.perf_counter() - t0)
-        rates[name] = sum(w.numel() for w in weights) / statistics.median(times) / 1e9
+        seconds = median_seconds(lambda: [mm(x, w) for w, x in prepared], repeats)
+        rates[name] = sum(w.numel() for w in weights) / seconds / 1e9
     return rates
 
 
@@ -277,16 +282,7 @@ def measure_gemm(dtype, tokens: int, shape=(4096, 2048), repeats: int = 3) -> di
     """Seconds⁻¹ of a (tokens, K) x (N, K) matmul in `dtype` ("native") and through float32_gemm ("float32")."""
     w, x = torch.randn(shape, dtype=dtype) * 0.02, torch.randn(tokens, shape[1], dtype=dtype)
     ways = {"native": lambda: F.linear(x, w), "float32": lambda: float32_gemm(x, lambda i, j: w[i:j].float(), len(w))}
-    rates = {}
-    for name, way in ways.items():
-        way()
-        times = []
-        for _ in range(repeats):
-            t0 = time.perf_counter()
-            way()
-            times.append(time.perf_counter() - t0)
-        rates[name] = 1 / statistics.median(times)
-    return rates
+    return {name: 1 / median_seconds(way, repeats) for name, way in ways.items()}
 
 
 def float32_from(dtype, force: str | int | None = "auto", cache: Path | None = None) -> int | None:

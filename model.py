@@ -192,7 +192,7 @@ class Transformer(nn.Module):
         self.cpu_gemm_from = float32_from(self.tok_embeddings.weight.dtype, gemm) if on_cpu else None
         for m in self.modules():
             if hasattr(m, "float32_from"):
-                m.float32_from = None if getattr(m, "kernel", None) in ("onednn", "w8a8") else self.cpu_gemm_from
+                m.float32_from = None if getattr(m, "kernel", None) == "onednn" else self.cpu_gemm_from
 
     def forward(self, idx: Tensor, input_pos: Tensor | None = None, left_pad: Tensor | None = None,
                 last_only: bool = False, mask: Tensor | None = None, slots: tuple | None = None,

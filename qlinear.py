@@ -32,11 +32,11 @@ def use_gemm(x: Tensor, gemm_tokens: tuple) -> bool:
     return x.device.type == "cpu" and x.shape[:-1].numel() >= gemm_tokens[x.dtype != torch.float32]
 
 
-def dense_gemm(layer: nn.Module, x: Tensor, n: int, multiple: int = 16) -> Tensor:
+def dense_gemm(layer: nn.Module, x: Tensor, multiple: int = 16) -> Tensor:
     """use_gemm's matmul: in float32 for float32 x, or where the CPU's 16-bit GEMM is the slower (layer.float32_from
     set: cpu_kernels.float32_from), the weights dequantized a slice at a time (float32_gemm); else in x's dtype."""
     if x.dtype == torch.float32 or layer.float32_from:
-        return float32_gemm(x, lambda i, j: layer.dequantized(torch.float32, i, j), n, multiple)
+        return float32_gemm(x, lambda i, j: layer.dequantized(torch.float32, i, j), len(layer.weight), multiple)
     return F.linear(x, layer.dequantized(x.dtype))
 
 
@@ -174,7 +174,7 @@ class Int8Linear(nn.Module):
         if self.kernel == "inductor" and torch.compiler.is_compiling() and x.shape[:-1].numel() == 1:
             return inductor_int8(x, self.weight, self.scales)
         if use_gemm(x, self.GEMM_TOKENS):
-            return dense_gemm(self, x, self.out_features)
+            return dense_gemm(self, x)
         if x.device.type == "cpu" and K % 32 == 0:
             y = torch.ops.aten._weight_int8pack_mm(x.reshape(-1, K), self.weight, self.scales.to(x.dtype))
             return y.view(*x.shape[:-1], -1)
@@ -252,7 +252,7 @@ class Int4Linear(nn.Module):
         if self.padded_in != self.in_features:
             x = F.pad(x, (0, self.padded_in - self.in_features))
         if self.kernel == "cpu" and CPU_INT4_BLOCK and use_gemm(x, self.GEMM_TOKENS):
-            y = dense_gemm(self, x, self.out_features, CPU_INT4_BLOCK)
+            y = dense_gemm(self, x, CPU_INT4_BLOCK)
         elif self.kernel == "cpu":
             y = torch.ops.aten._weight_int4pack_mm_for_cpu(x, self.weight, self.groupsize,
                                                           self.scales_and_zeros.to(x.dtype))
