@@ -56,6 +56,12 @@ def test_auto_times_the_compiled_step_and_caches_its_choice(hf_checkpoint, tmp_p
     cpu_kernels.cache_path().write_text(json.dumps(table))
     monkeypatch.setattr(step_kernels, "step_rates", lambda m: pytest.fail("measured although cached"))
     assert (load_model(path, "cpu", torch.bfloat16, compiled=True).cpu_kernel == "inductor") == (other == "inductor")
+    # a choice timed with older loops is timed again
+    old_key = key.replace(f"loops v{step_kernels.LOOP_VERSION}", "loops v1")
+    cpu_kernels.cache_path().write_text(json.dumps({old_key: table.pop(key)}))
+    monkeypatch.setattr(step_kernels, "step_rates", lambda m: {"auto": 1.0, "inductor": 2.0})
+    assert load_model(path, "cpu", torch.bfloat16, compiled=True).cpu_kernel == "inductor"
+    assert {old_key, key} <= set(json.loads(cpu_kernels.cache_path().read_text()))
     # eager steps, a forced kernel, float32 weights (no generated loop for them): no step is timed
     assert load_model(path, "cpu", torch.bfloat16).cpu_kernel != "inductor"
     assert load_model(path, "cpu", torch.bfloat16, cpu_kernels="addmv", compiled=True).cpu_kernel == "addmv"
