@@ -120,29 +120,29 @@ SUM_CHUNK = 4096  # inductor sums more than this many float32 values per row in 
 
 def row_dots(x: Tensor, weight: Tensor) -> Tensor:
     """(..., N) float32: each row of weight (N, K) times x (..., K), as products and sums for inductor to generate.
-    A row longer than SUM_CHUNK is summed in c equal parts, then the parts (tinyllama's w2: 2 x 2816)."""
+    x is stored once, in float32 (materialize), so that the loop converts only the weights: with bf16 x an AVX2
+    Zen 3 decoded stories110M 1.23x and tinyllama 1.17x slower, and with int8 weights inductor stepped through 32
+    at a time with a masked load (3x slower) instead of 16. A row longer than SUM_CHUNK is summed in c equal
+    parts, then the parts (tinyllama's w2: 2 x 2816)."""
     K = weight.shape[-1]
     c = next(c for c in range(-(-K // SUM_CHUNK), K + 1) if K % c == 0)
-    products = x[..., None, :].float() * weight.float()
+    products = materialize(x.float())[..., None, :] * weight.float()
     return products.sum(-1) if c == 1 else products.view(*products.shape[:-1], c, K // c).sum(-1).sum(-1)
 
 
 def inductor(x: Tensor, weight: Tensor) -> Tensor:
     """Inside torch.compile, one token: x @ W.T written as a product and a sum over the input features, float32
     accumulation, which inductor generates as a vectorized loop and fuses into the step (no library call per
-    layer). x is stored in float32 first: the loop then converts only the weights (an AVX2 Zen 3 decoded
-    stories110M 1.23x faster, tinyllama 1.17x). Eager, or several tokens (the generated loop would read the
-    weights once per token): F.linear."""
+    layer). Eager, or several tokens (the generated loop would read the weights once per token): F.linear."""
     if torch.compiler.is_compiling() and x.shape[:-1].numel() == 1:
-        return row_dots(materialize(x.float()), weight).to(x.dtype)
+        return row_dots(x, weight).to(x.dtype)
     return F.linear(x, weight)
 
 
 def inductor_int8(x: Tensor, weight: Tensor, scales: Tensor) -> Tensor:
     """The int8 layers' inductor kernel (qlinear.Int8Linear, compiled, one token): x @ (W * scales).T as a product
-    and a sum. x is stored in float32 first, so that the loop holds no 16-bit value and inductor steps through it
-    16 weights at a time: with bf16 x it takes 32, and loads 32 int8 weights with a masked load (3x slower)."""
-    return (row_dots(materialize(x.float()), weight) * scales.float()).to(x.dtype)
+    and a sum (row_dots)."""
+    return (row_dots(x, weight) * scales.float()).to(x.dtype)
 
 
 # qlinear.Int8Linear's: ATen's weight-only kernel (default), w8a8_linear (opt-in) and inductor_int8 (forced, or
