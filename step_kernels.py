@@ -4,16 +4,24 @@ With `--compile`, `--cpu_kernels inductor` writes each one-token matmul as a loo
 step (cpu_kernels.inductor, inductor_int8): no library call per layer. Whether that beats auto's eager choice
 (oneDNN or addmv for bf16, ATen's int8 kernel) depends on the model and the machine: on a 2-core AMD EPYC with
 AVX-512 it decoded stories110M 1.28x faster in bf16 and 1.37x in int8, but tinyllama 0.92x in bf16; on one with
-AVX2 only, stories110M bf16 1.15x, but int8 4-10x slower. Timing the kernels alone does not tell these apart.
-So auto times the step: a stand-in with the model's layer shapes, weight
+AVX2 only, stories110M bf16 1.15x, but int8 4-10x slower (built by GCC; by clang, 1.36x faster). Timing the
+kernels alone does not tell these apart. So auto times the step: a stand-in with the model's layer shapes, weight
 formats and dtype but random weights (enough layers that they stream from memory, as the model's do) decodes a
-few tokens compiled each way, and the faster way is used. The choice is cached per machine like cpu_kernels'.
+few tokens compiled each way, and the faster way is used. The choice is cached per machine like cpu_kernels', and
+per build of the loops (inductor_build): the C++ compiler inductor runs and the OpenMP runtime the loops run on
+change their speed as much as the CPU does.
 
     model.use_cpu_kernels(step_kernel(model, "auto", compiled=True))   # "auto" or "inductor"
 """
 import dataclasses
+import functools
+import glob
+import os
+import re
 import statistics
+import sys
 import types
+from pathlib import Path
 
 import torch
 
@@ -34,13 +42,50 @@ def step_kernel(model: Transformer, force: str = "auto", compiled: bool = False)
     """What to pass to model.use_cpu_kernels: `force`, unless it is auto for a CPU model whose one-token steps
     will be compiled and inductor's loops could apply (16-bit float or int8 linears): then "auto" or "inductor",
     whichever decoded the stand-in faster. Call it on the model as loaded, before use_cpu_kernels."""
+    if compiled and model.output.weight.device.type == "cpu" and (warning := openmp_warning()):
+        say_once(warning)
     if force != "auto" or not compiled or model.output.weight.device.type != "cpu" or not inductor_applies(model):
         return force
     formats = sorted({(type(m).__name__, str(m.weight.dtype).removeprefix("torch."), getattr(m, "groupsize", 0))
                       for m in model.modules() if isinstance(m, (Linear, Int8Linear, Int4Linear))})
     step = f"compiled one-token step, loops v{LOOP_VERSION}"
-    key = f"{machine_key()} | {step} | {formats} | {dataclasses.asdict(model.config)}"
+    key = f"{machine_key()} | {step} built by {inductor_build()} | {formats} | {dataclasses.asdict(model.config)}"
     return cached(key, lambda: step_rates(model))
+
+
+def inductor_build() -> str:
+    """Who builds and runs the generated loops: inductor's C++ compiler (the CXX environment variable or
+    torch._inductor.config.cpp.cxx; g++ unless set) and whether LLVM's OpenMP runtime is preloaded. On an AVX2-only
+    Zen 3, GCC 12 compiles ATen's integer vector loads through a stack buffer (the int8 loop: 1.2 G weights/s)
+    where clang loads them directly (16.2, ATen's int8 kernel 10.6); but clang's loops run on LLVM's OpenMP
+    runtime, which then spins beside torch's GNU one for the same cores unless it is the only one (preloaded)."""
+    return f"{inductor_cxx()}, {'LLVM OpenMP preloaded' if llvm_openmp_preloaded() else 'GNU OpenMP'}"
+
+
+def inductor_cxx() -> str:
+    from torch._inductor import config
+    return Path(str(config.cpp.cxx[-1])).name
+
+
+def llvm_openmp_preloaded() -> bool:
+    """LLVM's (or Intel's) OpenMP runtime in LD_PRELOAD: it then serves torch's GNU OpenMP calls as well."""
+    preloaded = re.split(r"[: ]", os.environ.get("LD_PRELOAD", ""))
+    return any(Path(p).name.startswith(("libomp", "libiomp5")) for p in preloaded)
+
+
+def openmp_warning() -> str | None:
+    """A one-line warning where clang builds the compiled steps (CXX=clang++) without LLVM's OpenMP runtime
+    preloaded: two runtimes then take turns on the cores (tinyllama int8 decoded 4.5 tokens/s instead of 12.5)."""
+    if "clang" not in inductor_cxx() or llvm_openmp_preloaded():
+        return None
+    libomp = next(iter(sorted(glob.glob("/usr/lib/llvm-*/lib/libomp.so.5"))), "<path of libomp.so.5>")
+    return ("warning: inductor builds with clang but LLVM's OpenMP runtime is not preloaded, so two OpenMP runtimes "
+            f"compete for the cores: run with LD_PRELOAD={libomp} (README: How it is fast)")
+
+
+@functools.cache
+def say_once(message: str):  # a draft and its target are loaded alike: one warning
+    print(message, file=sys.stderr)
 
 
 def inductor_applies(model: Transformer) -> bool:

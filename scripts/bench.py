@@ -31,7 +31,7 @@ from model_config import CONFIG_NAME, PRESETS, ModelArgs  # noqa: E402
 from qlinear import GROUP_SIZES, quantize_model  # noqa: E402
 from sampling import SamplingConfig  # noqa: E402
 from speculative import DraftModel, PromptLookup, acceptance_stats, speculative_generate  # noqa: E402
-from step_kernels import randomize, step_kernel  # noqa: E402
+from step_kernels import inductor_build, randomize, step_kernel  # noqa: E402
 from tokenizer import load_tokenizer  # noqa: E402
 
 
@@ -177,6 +177,7 @@ def bench_plain(args, model: Transformer, label: str, kernel: str):
         "measured_bandwidth_gbps": bandwidth / 1e9, "roofline_fraction": tps * wbytes / bandwidth,
         "compile_seconds": compile_seconds, **compile_cache_counts(), "peak_memory_bytes": peak_memory_bytes(args.device),
         "torch": torch.__version__, "cpu_kernel": kernel, "cpu_gemm_from": model.cpu_gemm_from,
+        "inductor_build": inductor_build() if args.compile and args.device == "cpu" else None,
     }
     print(f"{label} {args.precision} {'compiled' if args.compile else 'eager'} batch {args.batch_size} on "
           f"{args.device} ({kernel}): {tps:.1f} tokens/s, {metrics['achieved_bandwidth_gbps']:.1f} of "

@@ -32,6 +32,7 @@ from cpu_kernels import float32_gemm, forcible, w8a8_available  # noqa: E402
 from model import Linear  # noqa: E402
 from qlinear import CPU_INT4_BLOCK, Int4Linear, Int8Linear, quantize_linear  # noqa: E402
 from scripts.bench import measure_bandwidth  # noqa: E402
+from step_kernels import inductor_build  # noqa: E402
 
 
 def median_seconds(layers, x, repeats):
@@ -79,7 +80,7 @@ def main():
     calls = max(2, round(args.stream_bytes / (N * K)))  # layers per pass: distinct copies, or one repeated
     where = "one matrix, cached" if args.cached else f"{calls} copies cycled, streamed from memory"
     print(f"{N} x {K} weights, {where}, {args.tokens} token(s), {torch.get_num_threads()} threads, "
-          f"torch {torch.__version__}")
+          f"torch {torch.__version__}, loops built by {inductor_build()}")
     x = torch.randn(args.tokens, K, dtype=torch.bfloat16)
     dense = Linear(K, N).to(torch.bfloat16)
 

@@ -68,6 +68,26 @@ def test_auto_times_the_compiled_step_and_caches_its_choice(hf_checkpoint, tmp_p
     assert load_model(path, "cpu", torch.float32, compiled=True).cpu_kernel == "addmv"
 
 
+def test_another_build_of_the_loops_is_timed_again(hf_checkpoint, tmp_path, monkeypatch, capsys):
+    """The generated loops' speed depends on who builds and runs them (on an AVX2 Zen 3, clang's int8 loop streamed
+    13x GCC's): a choice timed with g++ is not reused with clang, nor without LLVM's OpenMP runtime preloaded with
+    it; clang without it gets a one-line warning (two OpenMP runtimes competing for the cores)."""
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    monkeypatch.delenv("LD_PRELOAD", raising=False)
+    path = hf_checkpoint("gqa")[1] / "model.pth"
+    timed = []
+    monkeypatch.setattr(step_kernels, "step_rates",
+                        lambda m: timed.append(step_kernels.inductor_build()) or {"auto": 2.0, "inductor": 1.0})
+    monkeypatch.setattr(torch._inductor.config.cpp, "cxx", (None, "g++"))
+    step_kernels.say_once.cache_clear()
+    for cxx, preload in [("g++", None), ("g++", None), ("clang++", None), ("clang++", "/x/libomp.so.5")]:
+        monkeypatch.setattr(torch._inductor.config.cpp, "cxx", (None, cxx))
+        if preload:
+            monkeypatch.setenv("LD_PRELOAD", preload)
+        assert load_model(path, "cpu", torch.bfloat16, compiled=True).cpu_kernel != "inductor"
+        assert ("LD_PRELOAD=" in capsys.readouterr().err) == (cxx == "clang++" and not preload)
+    assert timed == ["g++, GNU OpenMP", "clang++, GNU OpenMP", "clang++, LLVM OpenMP preloaded"]
+
 def test_stand_ins_leave_the_recompile_limit_alone(hf_checkpoint, prompt_ids):
     """dynamo stops compiling a function after 8 graphs (and fullgraph then fails): 5 timings (10 stand-in graphs)
     in one process, then the model's own compiled decode still compiles and gives its eager tokens."""
