@@ -189,7 +189,7 @@ def run(args) -> int:
     samples = [sample(i, gen, args, tokenizer, texts, prompts, eos_ids, wbytes, k, la)
                for i in range(args.num_samples)]
     report(args, samples, sampling, wbytes, compiled, k, la,
-           {"cpu_kernel": model.cpu_kernel, "cpu_gemm_from": model.cpu_gemm_from})
+           {"cpu_kernel": model.cpu_kernel if args.device == "cpu" else None, "cpu_gemm_from": model.cpu_gemm_from})
     return 0
 
 

@@ -318,7 +318,8 @@ class Attention(nn.Module):
             if self.kv_cache is not None and input_pos is not None:
                 k, v = self.kv_cache.update(input_pos, k, v)
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask.repeat(1, 1, n_rep, 1) if n_rep > 1 else mask)
-        y = y.view(B, H, T, D).transpose(1, 2).reshape(B, T, H * D)
+        # reshape: CUDA's SDPA returns y stored T-major, which no view splits into H heads (on CPU this is a view)
+        y = y.reshape(B, H, T, D).transpose(1, 2).reshape(B, T, H * D)
         return self.wo(y)
 
 

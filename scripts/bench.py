@@ -144,7 +144,8 @@ def run(args) -> int:
     if args.prompt_length + args.max_new_tokens > model.config.max_seq_len:
         raise ValueError(f"--prompt_length {args.prompt_length} + --max_new_tokens {args.max_new_tokens} exceeds "
                          f"the model's context of {model.config.max_seq_len}")
-    bench_plain(args, model, label, use_kernels(args, model).cpu_kernel)
+    kernel = use_kernels(args, model).cpu_kernel
+    bench_plain(args, model, label, kernel if args.device == "cpu" else None)  # CPU kernels are CPU's alone
     return 0
 
 
@@ -152,7 +153,7 @@ def main(argv=None):
     cli_main(run, build_parser().parse_args(argv))
 
 
-def bench_plain(args, model: Transformer, label: str, kernel: str):
+def bench_plain(args, model: Transformer, label: str, kernel: str | None):
     """Greedy decoding of random prompts: median tokens/s after a warm-up (compile) run, and the roofline."""
     wbytes = weight_bytes(model)
     gen = torch.Generator().manual_seed(0)
@@ -179,8 +180,9 @@ def bench_plain(args, model: Transformer, label: str, kernel: str):
         "torch": torch.__version__, "cpu_kernel": kernel, "cpu_gemm_from": model.cpu_gemm_from,
         "inductor_build": inductor_build() if args.compile and args.device == "cpu" else None,
     }
+    where = f"{args.device} ({kernel})" if kernel else args.device
     print(f"{label} {args.precision} {'compiled' if args.compile else 'eager'} batch {args.batch_size} on "
-          f"{args.device} ({kernel}): {tps:.1f} tokens/s, {metrics['achieved_bandwidth_gbps']:.1f} of "
+          f"{where}: {tps:.1f} tokens/s, {metrics['achieved_bandwidth_gbps']:.1f} of "
           f"{metrics['measured_bandwidth_gbps']:.1f} GB/s = {metrics['roofline_fraction']:.0%} of roofline "
           f"(weights {wbytes / 1e6:.0f} MB, compile {compile_seconds:.0f}s)")
     if args.metrics_json:

@@ -1,13 +1,15 @@
 #!/usr/bin/env bash
 # One-command check on a machine with a CUDA GPU, about 10 minutes at most: the device-aware tests (pytest marker
-# `device`) with --device cuda, then Llama-2-7B-shaped decode benchmarks (random weights, --compile): bfloat16,
+# `device`) with --device cuda, the one-token linear rates (scripts/bench_cuda_linear.py), then Llama-2-7B-shaped
+# decode benchmarks (random weights, --compile): bfloat16,
 # int8, int4 g128, speculative decoding with an int4 g128 draft, lookahead decoding and its step-cost table.
 # Commands, their output, the GPU, the torch version and the date are appended to one results file.
 #
 #     bash scripts/gpu_check.sh [RESULTS_FILE]          # default: gpu_check_results.txt
 #
 # Time limits in seconds, from the environment: TEST_TIMEOUT (default 300), BENCH_TIMEOUT (180 per benchmark) and
-# TOTAL_TIMEOUT (570 for the whole script: each step gets at most what is left; one with under 30 s is skipped).
+# TOTAL_TIMEOUT (570 for the whole script: each step gets at most what is left; one with under 30 s is skipped);
+# TEST_WORKERS (6) pytest-xdist workers where it is installed.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${1:-gpu_check_results.txt}
@@ -52,7 +54,7 @@ bench() {  # bench NAME ARGS...: scripts/bench.py on the llama-2-7b preset, its 
 } 2>&1 | tee -a "$OUT"
 
 IGNORE=()
-if ! "$PY" -c "import lm_eval" 2>/dev/null; then
+if ! "$PY" -c "import lm_eval, lm_eval.evaluator" 2>/dev/null; then
   # A machine that reaches PyPI can install it (bash scripts/setup.sh keeps the CUDA torch); a lent GPU machine
   # without network needs its wheels carried in. Without it the other device tests still run.
   echo "note: lm_eval is not installed here: tests/test_eval.py is left out" | tee -a "$OUT"
@@ -63,7 +65,13 @@ if ! "$PY" -c "import fastapi, uvicorn, openai, httpx, prometheus_client" 2>/dev
   echo "note: the serving packages are not installed here: tests/test_serve.py is left out" | tee -a "$OUT"
   IGNORE+=(--ignore tests/test_serve.py)
 fi
-step "${TEST_TIMEOUT:-300}" "$PY" -m pytest -q tests --device cuda -x -m device "${IGNORE[@]}"
+# Every failure is listed (no -x): a device run is rare and short. pytest-xdist and pytest-timeout, where installed
+# (the lent machine has both), spread the tests over worker processes and stop a hung test rather than the step.
+PARALLEL=()
+"$PY" -c "import xdist" 2>/dev/null && PARALLEL=(-n "${TEST_WORKERS:-6}")
+"$PY" -c "import pytest_timeout" 2>/dev/null && PARALLEL+=(--timeout 150)
+step "${TEST_TIMEOUT:-300}" "$PY" -m pytest -q tests --device cuda -m device -rfE "${PARALLEL[@]}" "${IGNORE[@]}"
+step 90 "$PY" scripts/bench_cuda_linear.py   # the one-token int8/bf16 linear rates behind decoding.compile_static
 bench bf16
 bench int8 --quantize int8
 bench int4 --quantize int4 --groupsize 128

@@ -1,6 +1,8 @@
 """scripts/bench_gemv.py and scripts/bench_attention.py run on the model's own kernels and report one line per
 kernel (speed lives in BENCHMARKS.md; here only that they run and refuse what they cannot take); and
-scripts/bench_llamacpp.py reuses a work folder only for the preset it holds."""
+scripts/bench_llamacpp.py reuses a work folder only for the preset it holds; scripts/bench_cuda_linear.py (GPU only,
+scripts/gpu_check.sh runs it) refuses what it cannot do with one line."""
+import os
 import re
 import subprocess
 import sys
@@ -55,6 +57,18 @@ def test_bench_attention_reports_both_kernels_and_refuses_bad_sizes():
     bad = subprocess.run([sys.executable, "scripts/bench_attention.py", "--keys", "0"], cwd=ROOT, capture_output=True,
                          text=True, timeout=300)
     assert bad.returncode != 0 and bad.stderr.strip() == "error: --keys must be >= 1, got 0", bad.stderr
+
+
+def test_bench_cuda_linear_refuses_bad_sizes_and_a_machine_without_cuda():
+    def run_it(*args):
+        env = {**os.environ, "CUDA_VISIBLE_DEVICES": ""}  # no GPU seen, on any machine
+        return subprocess.run([sys.executable, "scripts/bench_cuda_linear.py", *args], cwd=ROOT, capture_output=True,
+                              text=True, timeout=300, env=env)
+    bad = run_it("--layers", "0")
+    assert bad.returncode == 1, bad.stderr
+    assert bad.stderr.strip() == "error: --layers, --out_features and --in_features must be >= 1"
+    none = run_it()
+    assert none.returncode == 1 and none.stderr.strip() == "error: no CUDA device is present", none.stderr
 
 
 def test_llamacpp_work_dir_is_reused_only_by_the_same_preset(tmp_path):

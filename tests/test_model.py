@@ -75,6 +75,18 @@ def test_logits_match_hf(pair, prompt_ids, device):
     torch.testing.assert_close(ours(x, last_only=True).cpu(), got[:, -1:], rtol=0, atol=cache_atol(device))
 
 
+def test_attention_takes_sdpa_output_in_cuda_layout(pair, prompt_ids, device, monkeypatch):
+    """CUDA's SDPA kernels return (B, heads, T, D) values stored T-major: GQA layers (several query heads per KV
+    head, folded into the rows) must not assume a contiguous output. Same values, that layout, same logits."""
+    name, _, ours, _ = pair
+    x = torch.tensor([prompt_ids(32, seed=4)], device=device)
+    want = ours(x)
+    sdpa = torch.nn.functional.scaled_dot_product_attention
+    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention",
+                        lambda *a, **k: sdpa(*a, **k).transpose(1, 2).contiguous().transpose(1, 2))
+    torch.testing.assert_close(ours(x), want, rtol=0, atol=0, msg=name)
+
+
 def test_greedy_continuation_matches_hf(pair, prompt_ids):
     name, hf, ours, _ = pair
     prompt = prompt_ids(64, seed=2)
