@@ -2,7 +2,7 @@
 # One-command check on a machine with a CUDA GPU, about 10 minutes at most: the device-aware tests (pytest marker
 # `device`) with --device cuda, the one-token linear rates (scripts/bench_cuda_linear.py), then Llama-2-7B-shaped
 # decode benchmarks (random weights, --compile): bfloat16,
-# int8, int4 g128, speculative decoding with an int4 g128 draft, lookahead decoding and its step-cost table.
+# int8, lookahead decoding and its step-cost table, int4 g128, speculative decoding with an int4 g128 draft.
 # Commands, their output, the GPU, the torch version and the date are appended to one results file.
 #
 #     bash scripts/gpu_check.sh [RESULTS_FILE]          # default: gpu_check_results.txt
@@ -72,13 +72,14 @@ PARALLEL=()
 "$PY" -c "import pytest_timeout" 2>/dev/null && PARALLEL+=(--timeout 150)
 step "${TEST_TIMEOUT:-300}" "$PY" -m pytest -q tests --device cuda -m device -rfE "${PARALLEL[@]}" "${IGNORE[@]}"
 step 90 "$PY" scripts/bench_cuda_linear.py   # the one-token int8/bf16 linear rates behind decoding.compile_static
+# What was never measured on a GPU first (BENCHMARKS.md, GPU: the 2026-12-04 run ran out of time at lookahead)
 bench bf16
 bench int8 --quantize int8
-bench int4 --quantize int4 --groupsize 128
-bench speculative_int4_draft --draft int4 --groupsize 128
 bench lookahead --lookahead   # the CUDA defaults (W=15, N=5, G=15)
 step "${BENCH_TIMEOUT:-180}" "$PY" scripts/bench_lookahead_cost.py --model llama-2-7b --device cuda \
   --configs 4,3,2 7,4,5 10,5,10 15,5,15 20,6,20
+bench int4 --quantize int4 --groupsize 128
+bench speculative_int4_draft --draft int4 --groupsize 128
 
 echo "=== gpu_check done, $(date -u '+%H:%M:%S UTC'): $FAILED step(s) failed or skipped" | tee -a "$OUT"
 rm -rf "$METRICS"
