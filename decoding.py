@@ -112,15 +112,17 @@ def specialize_floats(compiled):
     return run
 
 
+# CUDA graphs (what mode="reduce-overhead" sets) and, as gpt-fast, coordinate descent tuning: with it inductor writes
+# a one-token matmul as a product and a sum, fusing the int8 -> bf16 conversion of Int8Linear's weights into their
+# one read (H200: 1118 GB/s against 538 for a bf16 copy + cuBLAS; scripts/bench_cuda_linear.py, BENCHMARKS.md GPU)
+CUDA_COMPILE_OPTIONS = {"triton.cudagraphs": True, "coordinate_descent_tuning": True}
+
+
 def compile_static(step, device: str):
     """torch.compile a step whose shapes never change, so that it is one graph: with CUDA graphs on CUDA; on CPU
     with cpu_inductor()."""
     if device.startswith("cuda"):
-        # CUDA graphs (what mode="reduce-overhead" sets) and, as gpt-fast, coordinate descent tuning: with it inductor
-        # writes a one-token matmul as a product and a sum, fusing the int8 -> bf16 conversion of Int8Linear's
-        # weights into their one read (H200: 1118 GB/s against 538 for a bf16 copy + cuBLAS; BENCHMARKS.md, GPU)
-        options = {"triton.cudagraphs": True, "coordinate_descent_tuning": True}
-        return torch.compile(step, fullgraph=True, options=options)
+        return torch.compile(step, fullgraph=True, options=CUDA_COMPILE_OPTIONS)
     if device == "cpu":
         return torch.compile(step, fullgraph=True, backend=cpu_inductor())
     return torch.compile(step, fullgraph=True)

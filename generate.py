@@ -20,7 +20,7 @@ from decoding import compile_cache_counts, generate, make_steps, peak_memory_byt
 from lookahead import LookaheadConfig, lookahead_config, lookahead_generate, lookahead_stats
 from sampling import SamplingConfig
 from speculative import DraftModel, PromptLookup, acceptance_stats, check_speculation, speculative_generate
-from step_kernels import inductor_build
+from step_kernels import cpu_kernel_metrics
 from tokenizer import StreamDecoder, load_tokenizer
 
 
@@ -181,15 +181,14 @@ def run(args) -> int:
     if args.compile:  # compile (and warm up) outside the measured samples
         t0 = time.perf_counter()
         gen()
-        compiled = {"compile_seconds": time.perf_counter() - t0, **compile_cache_counts(),
-                    "inductor_build": inductor_build() if args.device == "cpu" else None}
+        compiled = {"compile_seconds": time.perf_counter() - t0, **compile_cache_counts()}
         print(f"Compilation time: {compiled['compile_seconds']:.2f} seconds ({compiled['graphs_from_cache']} graphs "
               f"from inductor's cache, {compiled['graphs_compiled']} compiled)", file=sys.stderr)
     wbytes = weight_bytes(model)
     samples = [sample(i, gen, args, tokenizer, texts, prompts, eos_ids, wbytes, k, la)
                for i in range(args.num_samples)]
     report(args, samples, sampling, wbytes, compiled, k, la,
-           {"cpu_kernel": model.cpu_kernel if args.device == "cpu" else None, "cpu_gemm_from": model.cpu_gemm_from})
+           cpu_kernel_metrics(model, args.compile))
     return 0
 
 

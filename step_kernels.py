@@ -42,15 +42,24 @@ def step_kernel(model: Transformer, force: str = "auto", compiled: bool = False)
     """What to pass to model.use_cpu_kernels: `force`, unless it is auto for a CPU model whose one-token steps
     will be compiled and inductor's loops could apply (16-bit float or int8 linears): then "auto" or "inductor",
     whichever decoded the stand-in faster. Call it on the model as loaded, before use_cpu_kernels."""
-    if compiled and model.output.weight.device.type == "cpu" and (warning := openmp_warning()):
+    on_cpu = model.output.weight.device.type == "cpu"
+    if compiled and on_cpu and (warning := openmp_warning()):
         say_once(warning)
-    if force != "auto" or not compiled or model.output.weight.device.type != "cpu" or not inductor_applies(model):
+    if force != "auto" or not compiled or not on_cpu or not inductor_applies(model):
         return force
     formats = sorted({(type(m).__name__, str(m.weight.dtype).removeprefix("torch."), getattr(m, "groupsize", 0))
                       for m in model.modules() if isinstance(m, (Linear, Int8Linear, Int4Linear))})
     step = f"compiled one-token step, loops v{LOOP_VERSION}"
     key = f"{machine_key()} | {step} built by {inductor_build()} | {formats} | {dataclasses.asdict(model.config)}"
     return cached(key, lambda: step_rates(model))
+
+
+def cpu_kernel_metrics(model: Transformer, compiled: bool) -> dict:
+    """What --metrics_json reports of the CPU kernels a model runs (None for each off CPU): the float linears'
+    matmul, the float32-GEMM threshold and, with compiled steps, who builds their loops."""
+    on_cpu = model.output.weight.device.type == "cpu"
+    return {"cpu_kernel": model.cpu_kernel if on_cpu else None, "cpu_gemm_from": model.cpu_gemm_from,
+            "inductor_build": inductor_build() if on_cpu and compiled else None}
 
 
 def inductor_build() -> str:

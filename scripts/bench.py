@@ -31,7 +31,7 @@ from model_config import CONFIG_NAME, PRESETS, ModelArgs  # noqa: E402
 from qlinear import GROUP_SIZES, quantize_model  # noqa: E402
 from sampling import SamplingConfig  # noqa: E402
 from speculative import DraftModel, PromptLookup, acceptance_stats, speculative_generate  # noqa: E402
-from step_kernels import inductor_build, randomize, step_kernel  # noqa: E402
+from step_kernels import cpu_kernel_metrics, randomize, step_kernel  # noqa: E402
 from tokenizer import load_tokenizer  # noqa: E402
 
 
@@ -144,8 +144,7 @@ def run(args) -> int:
     if args.prompt_length + args.max_new_tokens > model.config.max_seq_len:
         raise ValueError(f"--prompt_length {args.prompt_length} + --max_new_tokens {args.max_new_tokens} exceeds "
                          f"the model's context of {model.config.max_seq_len}")
-    kernel = use_kernels(args, model).cpu_kernel
-    bench_plain(args, model, label, kernel if args.device == "cpu" else None)  # CPU kernels are CPU's alone
+    bench_plain(args, use_kernels(args, model), label)
     return 0
 
 
@@ -153,7 +152,7 @@ def main(argv=None):
     cli_main(run, build_parser().parse_args(argv))
 
 
-def bench_plain(args, model: Transformer, label: str, kernel: str | None):
+def bench_plain(args, model: Transformer, label: str):
     """Greedy decoding of random prompts: median tokens/s after a warm-up (compile) run, and the roofline."""
     wbytes = weight_bytes(model)
     gen = torch.Generator().manual_seed(0)
@@ -177,9 +176,9 @@ def bench_plain(args, model: Transformer, label: str, kernel: str | None):
         "time_to_first_token_s": ttft, "weight_bytes": wbytes, "achieved_bandwidth_gbps": tps * wbytes / 1e9,
         "measured_bandwidth_gbps": bandwidth / 1e9, "roofline_fraction": tps * wbytes / bandwidth,
         "compile_seconds": compile_seconds, **compile_cache_counts(), "peak_memory_bytes": peak_memory_bytes(args.device),
-        "torch": torch.__version__, "cpu_kernel": kernel, "cpu_gemm_from": model.cpu_gemm_from,
-        "inductor_build": inductor_build() if args.compile and args.device == "cpu" else None,
+        "torch": torch.__version__, **cpu_kernel_metrics(model, args.compile),
     }
+    kernel = metrics["cpu_kernel"]
     where = f"{args.device} ({kernel})" if kernel else args.device
     print(f"{label} {args.precision} {'compiled' if args.compile else 'eager'} batch {args.batch_size} on "
           f"{where}: {tps:.1f} tokens/s, {metrics['achieved_bandwidth_gbps']:.1f} of "

@@ -11,12 +11,17 @@ import argparse
 import statistics
 import sys
 import time
+from pathlib import Path
 
-import torch
-import torch.nn.functional as F
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-OPTIONS = {"compiled": {"triton.cudagraphs": True},
-           "compiled + coordinate descent": {"triton.cudagraphs": True, "coordinate_descent_tuning": True}}
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+
+from decoding import CUDA_COMPILE_OPTIONS  # noqa: E402
+
+OPTIONS = {"compiled": {**CUDA_COMPILE_OPTIONS, "coordinate_descent_tuning": False},
+           "compiled + coordinate descent (compile_static's)": CUDA_COMPILE_OPTIONS}
 
 
 def rate(fn, x, nbytes: int, calls: int = 20, repeats: int = 5) -> float:

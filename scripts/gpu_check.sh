@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # One-command check on a machine with a CUDA GPU, about 10 minutes at most: the device-aware tests (pytest marker
 # `device`) with --device cuda, the one-token linear rates (scripts/bench_cuda_linear.py), then Llama-2-7B-shaped
-# decode benchmarks (random weights, --compile): bfloat16,
-# int8, lookahead decoding and its step-cost table, int4 g128, speculative decoding with an int4 g128 draft.
+# decode benchmarks (random weights, --compile): bfloat16, int8, lookahead decoding and its step-cost table, int4
+# g128, speculative decoding with an int4 g128 draft.
 # Commands, their output, the GPU, the torch version and the date are appended to one results file.
 #
 #     bash scripts/gpu_check.sh [RESULTS_FILE]          # default: gpu_check_results.txt
