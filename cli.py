@@ -57,7 +57,7 @@ CPU_KERNEL_CHOICES = ["auto", *KERNELS, "w8a8"]
 CPU_KERNEL_HELP = ("CPU matmul: auto = for float weights the fastest on this machine, and with --compile inductor "
                    "where the compiled step ran faster with it, measured once and cached; inductor = a loop "
                    "generated into the compiled step, for 16-bit and int8 weights; w8a8 = int8 checkpoints also "
-                   "quantize activations per token to 8 bits (faster, opt-in: different numerics)")
+                   "quantize activations per token to 8 bits, 7 on AVX2 (faster, opt-in: different numerics)")
 
 CPU_GEMM_CHOICES = ["auto", "native", "float32"]
 CPU_GEMM_HELP = ("CPU matmuls of several tokens (prefill, batches) in a 16-bit model: auto = in float32 where this "

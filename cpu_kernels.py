@@ -17,7 +17,7 @@ compiled steps, auto times the step itself each way (step_kernels.py) and choose
 int8 layers (quantize.py --mode int8) run ATen's weight-only int8 kernel; with `--cpu_kernels inductor` the same
 kind of generated loop (inductor_int8: stories110M 1.4x ATen's kernel, tinyllama 1.1x); or with `--cpu_kernels
 w8a8` (opt-in, never chosen by auto: it changes the numerics) they quantize their activations per token too and
-run oneDNN's integer kernel (w8a8_linear).
+run an integer kernel (w8a8_linear: oneDNN's where it is exact, with AVX-512 VNNI; FBGEMM's on AVX2).
 
 Several tokens at once (prefill, verifying a draft, a batch) run a GEMM, F.linear in the weights' dtype, except
 where this CPU's 16-bit GEMM is the slow one: without AVX-512 BF16 (an AVX2 Zen 3) ATen's bf16 GEMM ran at ~20
@@ -33,6 +33,7 @@ import os
 import platform
 import statistics
 import time
+import warnings
 from pathlib import Path
 
 import torch
@@ -68,36 +69,93 @@ def _(qx, packed_weight, scales, zero_points):
     return qx.new_empty(qx.shape[0], scales.shape[0], dtype=torch.float32)
 
 
-def w8a8_linear(x: Tensor, packed_weight: Tensor, scales: Tensor, zero_points: Tensor) -> Tensor:
+@torch.library.custom_op("llama_fast::fbgemm_int8_linear", mutates_args=())
+def fbgemm_int8_linear(q: Tensor, weight: Tensor) -> Tensor:
+    """q @ W.T in float32, for q (M, K) float32 whose entries are integers in [-64, 63], each row holding both ends
+    (w8a8_linear makes them so): FBGEMM's dynamic linear quantizes q per tensor to 7 bits (reduce_range, so that
+    AVX2's 16-bit pair sums of 127 x 127 cannot saturate), which for that range is scale 1 and zero point 64:
+    exactly q. W (N, K) int8 rides on `weight` as weight.fbgemm_packed (fbgemm_pack): FBGEMM's packing is a
+    TorchScript object, which a compiled graph cannot pass to an op, while the tensor carrying it can."""
+    return torch.ops.quantized.linear_dynamic(q, weight.fbgemm_packed, True)
+
+
+@fbgemm_int8_linear.register_fake
+def _(q, weight):
+    return q.new_empty(q.shape[0], weight.shape[0])
+
+
+def fbgemm_pack(weight: Tensor) -> Tensor:
+    """A stand-in for weight (N, K) int8 that carries FBGEMM's packing of it (one byte of storage: the packing holds
+    the only copy of the weights, so a w8a8 layer costs no more memory than a weight-only one)."""
+    n = weight.shape[0]
+    with warnings.catch_warnings():  # "quantized tensors will be removed in a future PyTorch release"
+        warnings.simplefilter("ignore")
+        q = torch._make_per_channel_quantized_tensor(weight, torch.ones(n, dtype=torch.float64),
+                                                     torch.zeros(n, dtype=torch.int64), 0)
+        engine, torch.backends.quantized.engine = torch.backends.quantized.engine, "fbgemm"
+        try:  # the engine decides whose packing linear_prepack makes: FBGEMM's, whose reduce_range we rely on
+            packed = torch.ops.quantized.linear_prepack(q, None)
+        finally:
+            torch.backends.quantized.engine = engine
+    carrier = weight.new_zeros(()).expand(weight.shape)
+    carrier.fbgemm_packed = packed
+    return carrier
+
+
+W8A8_LEVELS = {"onednn": 127, "fbgemm": 63}  # each row rounded to multiples of max |row| / levels
+
+
+def w8a8_pack(weight: Tensor, library: str) -> Tensor:
+    """weight (N, K) int8 prepared for w8a8_linear with `library`: oneDNN's prepacked (K, N) tensor, or FBGEMM's
+    packing of the weight with two more columns of zeros (for the pins that w8a8_linear appends)."""
+    if library == "onednn":
+        return torch.ops.onednn.qlinear_prepack(weight, None)
+    return fbgemm_pack(F.pad(weight, (0, 2)))
+
+
+def w8a8_linear(x: Tensor, weight: Tensor, scales: Tensor, library: str) -> Tensor:
     """An int8 layer with its activations quantized too (`--cpu_kernels w8a8`, opt-in): each token's row of x is
-    scaled by its own max |x| / 127 and rounded to int8 (shifted by 128 to the uint8 oneDNN's VNNI kernel takes), so
-    a row's result never depends on the other rows of a batch; the integer products are summed exactly in int32,
-    then scaled back by the row's and the channel's scales. llama.cpp's Q8_0 works the same way (per block of 32).
-    The weights are read as int8 and multiplied as int8 (no conversion to float per weight): 1.5-1.8x the weights/s
-    of ATen's weight-only int8 kernel on an AVX-512 VNNI CPU (scripts/bench_gemv.py)."""
+    scaled by its own max |x| / levels and rounded, so a row's result never depends on the other rows of a batch;
+    the integer products are summed exactly in int32, then scaled back by the row's and the channel's scales.
+    llama.cpp's Q8_0 works the same way (per block of 32). The weights are read as int8 and multiplied as int8 (no
+    conversion to float per weight). Two libraries (w8a8_library: whichever is exact on this CPU):
+
+    onednn: 127 levels (8 bits), oneDNN's u8s8 kernel (x shifted by 128 to uint8), exact with AVX-512 VNNI: 1.5-1.8x
+            the weights/s of ATen's weight-only int8 kernel there (scripts/bench_gemv.py).
+    fbgemm: 63 levels (7 bits), FBGEMM's dynamic linear, exact on AVX2 (fbgemm_int8_linear). FBGEMM quantizes x per
+            tensor, not per row: two pins per row, 63 and -64 against zero weights, fix its range at [-64, 63],
+            where its rounding is the identity on our already rounded rows."""
     rows = x.reshape(-1, x.shape[-1]).float()
-    scale = rows.abs().amax(-1, keepdim=True).clamp(min=torch.finfo(torch.float32).tiny) / 127
-    qx = (rows / scale).round().add(128).to(torch.uint8)  # |rows / scale| <= 127: 1..255
-    y = onednn_int8_linear(qx, packed_weight, scales, zero_points) * scale
-    return y.to(x.dtype).view(*x.shape[:-1], -1)
+    scale = rows.abs().amax(-1, keepdim=True).clamp(min=torch.finfo(torch.float32).tiny) / W8A8_LEVELS[library]
+    q = (rows / scale).round()  # |q| <= levels
+    if library == "onednn":
+        zero_points = torch.zeros_like(scales, dtype=torch.int64)
+        y = onednn_int8_linear(q.add(128).to(torch.uint8), weight, scales.float(), zero_points)
+    else:
+        pins = q.new_tensor([63.0, -64.0]).expand(q.shape[0], 2)
+        y = fbgemm_int8_linear(torch.cat([q, pins], -1), weight) * scales.float()
+    return (y * scale).to(x.dtype).view(*x.shape[:-1], -1)
 
 
 @functools.cache
-def w8a8_available() -> bool:
-    """oneDNN's u8s8 linear, tried on a probe whose exact answer is known: it needs a CPU build with oneDNN, and a
-    CPU on which oneDNN computes it exactly. Without VNNI (an AVX2-only AMD EPYC) the answers were wrong: 8160 for
-    64 products of 127 x 127 (multiply-adds into 16 bits saturate)."""
-    gen = torch.Generator().manual_seed(0)
-    w = torch.randint(-127, 128, (16, 64), dtype=torch.int8, generator=gen)
-    w[0] = 127  # the largest sums: saturate 16-bit pair sums if the kernel has them
-    qx = torch.randint(0, 256, (2, 64), dtype=torch.uint8, generator=gen)
-    qx[0] = 255
-    try:
-        packed = torch.ops.onednn.qlinear_prepack(w, None)
-        got = onednn_int8_linear(qx, packed, torch.ones(16), torch.zeros(16, dtype=torch.int64))
-    except (RuntimeError, AttributeError):
-        return False
-    return torch.equal(got.double(), (qx.double() - 128) @ w.double().T)  # below 2^24: exact in float32
+def w8a8_library() -> str | None:
+    """The library that computes w8a8_linear exactly on this CPU, tried on a probe whose answer is known: oneDNN's
+    (8 bits) first, then FBGEMM's (7 bits); None if neither. Without VNNI (an AVX2-only AMD EPYC) oneDNN's answers
+    were wrong: 8160 for 64 products of 127 x 127 (multiply-adds into 16 bits saturate); FBGEMM's 7-bit activations
+    are its way round that."""
+    for library, levels in W8A8_LEVELS.items():
+        gen = torch.Generator().manual_seed(0)
+        w = torch.randint(-127, 128, (16, 64), dtype=torch.int8, generator=gen)
+        w[0] = 127  # the largest sums: saturate 16-bit pair sums if the kernel has them
+        x = torch.randint(-levels, levels + 1, (2, 64), generator=gen).float()
+        x[:, 0], x[0] = levels, levels  # max |row| = levels: scale 1, so the answer is the integer products
+        try:
+            got = w8a8_linear(x, w8a8_pack(w, library), torch.ones(16), library)
+        except (RuntimeError, AttributeError):
+            continue
+        if torch.equal(got.double(), x.double() @ w.double().T):  # below 2^24: exact in float32
+            return library
+    return None
 
 
 def addmv(x: Tensor, weight: Tensor) -> Tensor:

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from tqdm import tqdm
 
-from cpu_kernels import float32_gemm, inductor_int8, w8a8_available, w8a8_linear
+from cpu_kernels import float32_gemm, inductor_int8, w8a8_library, w8a8_linear, w8a8_pack
 from model import Experts
 
 GROUP_SIZES = (32, 64, 128, 256)
@@ -125,6 +125,7 @@ class Int8Linear(nn.Module):
     # AVX2 Zen 3 (bf16 GEMMs in float32, dense_gemm): 64 tokens 20 ms in the kernel, 15 ms; 256: 69 ms, 40 ms
     GEMM_TOKENS = (8, 64)
     kernel = "int8pack"  # or "w8a8", "inductor" (use_kernel): cpu_kernels.INT8_KERNELS
+    library = None  # w8a8's: "onednn" or "fbgemm" (cpu_kernels.w8a8_library)
     float32_from = None  # set by Transformer.use_float32_gemm where 16-bit GEMMs are slow: see dense_gemm
 
     def __init__(self, in_features: int, out_features: int):
@@ -143,20 +144,18 @@ class Int8Linear(nn.Module):
     @torch.no_grad()
     def use_kernel(self, name: str):
         """"w8a8": quantize activations too (cpu_kernels.w8a8_linear, opt-in), for every number of tokens; the
-        weight is prepacked for oneDNN (an opaque (K, N) tensor: no plain weight is kept). "inductor": a loop
-        generated into compiled one-token steps (cpu_kernels.inductor_int8), the weight as it is. After
-        pack_for_device, from int8pack."""
+        weight is prepacked for the library w8a8_library() found exact here (opaque: no plain weight is kept).
+        "inductor": a loop generated into compiled one-token steps (cpu_kernels.inductor_int8), the weight as it
+        is. After pack_for_device, from int8pack."""
         if name == self.kernel:
             return
         if (name not in ("w8a8", "inductor") or self.kernel != "int8pack" or self.weight.device.type != "cpu"
-                or name == "w8a8" and not w8a8_available()):
+                or name == "w8a8" and not w8a8_library()):
             raise ValueError(f"--cpu_kernels {name}: not available for int8 layers on {self.weight.device.type} here")
-        if name == "inductor":
-            self.kernel = name
-            return
-        self.weight = torch.ops.onednn.qlinear_prepack(self.weight, None)
-        self.scales = self.scales.float()
-        self.register_buffer("zero_points", torch.zeros(self.out_features, dtype=torch.int64), persistent=False)
+        if name == "w8a8":
+            self.library = w8a8_library()
+            self.weight = w8a8_pack(self.weight[:, :self.in_features].contiguous(), self.library)
+            self.scales = self.scales.float()
         self.kernel = name
 
     def dequantized(self, dtype, start: int = 0, stop: int | None = None) -> Tensor:
@@ -165,9 +164,7 @@ class Int8Linear(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         if self.kernel == "w8a8":
-            K = self.weight.shape[0]  # prepacked: (K, N)
-            x = F.pad(x, (0, K - self.in_features)) if K != self.in_features else x
-            return w8a8_linear(x, self.weight, self.scales, self.zero_points)
+            return w8a8_linear(x, self.weight, self.scales, self.library)
         K = self.weight.shape[1]
         if K != self.in_features:  # rows padded for the CPU kernel (pack_for_device)
             x = F.pad(x, (0, K - self.in_features))

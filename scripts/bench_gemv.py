@@ -15,7 +15,7 @@ Each quantized format is shown with its kernel and with the alternatives of dequ
 running the dense matmul (what qlinear does from qlinear.GEMM_TOKENS tokens on), or to float32 a slice at a time
 (cpu_kernels.float32_gemm: what every layer does on a CPU whose bf16 GEMM is slow, --cpu_gemm); int8 also with the other
 kernels: inductor's generated loop (`--cpu_kernels inductor`, compiled as above) and w8a8 (`--cpu_kernels w8a8`:
-activations quantized per token, oneDNN's integer kernel).
+activations quantized per token, oneDNN's or FBGEMM's integer kernel).
 """
 import argparse
 import copy
@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from cpu_kernels import float32_gemm, forcible, w8a8_available  # noqa: E402
+from cpu_kernels import float32_gemm, forcible, w8a8_library  # noqa: E402
 from model import Linear  # noqa: E402
 from qlinear import CPU_INT4_BLOCK, Int4Linear, Int8Linear, quantize_linear  # noqa: E402
 from scripts.bench import measure_bandwidth  # noqa: E402
@@ -107,8 +107,8 @@ def main():
     report("int8 (dequantize to bf16 + F.linear)", int8, dequantize=torch.bfloat16)
     report("int8 (dequantize to float32 + GEMM)", int8, dequantize=torch.float32)
     report("int8 (inductor, compiled)", copy.deepcopy(int8), "inductor")
-    if w8a8_available():  # last: it prepacks the layer
-        report("int8 (w8a8: activations to int8, opt-in)", int8, "w8a8")
+    if w8a8_library():  # last: it prepacks the layer
+        report(f"int8 (w8a8 {w8a8_library()}, opt-in)", int8, "w8a8")
     for g in args.groupsizes:
         int4 = Int4Linear(K, N, g)
         int4.load_state_dict(quantize_linear(dense, "int4", g))

@@ -24,15 +24,17 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 from checkpoint import TOKENIZER_NAME, atomic_save, check_is_file, check_shapes, read_config, read_state_dict  # noqa: E402
+from cpu_kernels import float32_from  # noqa: E402
 from model import Transformer  # noqa: E402
 from model_config import CONFIG_NAME, ModelArgs  # noqa: E402
 from tokenizer import load_tokenizer  # noqa: E402
 
 
 def train(model: Transformer, data: torch.Tensor, steps: int, seq_len: int, batch_size: int, lr: float,
-          minutes: float = 0.0, seed: int = 0, log=print, repeat: tuple = (0.0, [])) -> list:
-    """AdamW on random windows of `data` with linear warm-up and cosine decay, in bfloat16 autocast (AMX on
-    recent Intel CPUs). Stops after `steps`, or earlier after `minutes` > 0. Returns the loss per step.
+          minutes: float = 0.0, seed: int = 0, log=print, repeat: tuple = (0.0, []), bf16: bool = True) -> list:
+    """AdamW on random windows of `data` with linear warm-up and cosine decay, in bfloat16 autocast if bf16 (AMX on
+    recent Intel CPUs; without AVX-512 BF16 a bf16 GEMM is ~8x slower than float32's, and a step 40x: main() asks
+    cpu_kernels.float32_from). Stops after `steps`, or earlier after `minutes` > 0. Returns the loss per step.
     repeat = (fraction, request token ids): that fraction of each batch are repeat windows (repeat_window)."""
     gen = torch.Generator().manual_seed(seed)
     opt = torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.95), weight_decay=0.1)
@@ -45,7 +47,7 @@ def train(model: Transformer, data: torch.Tensor, steps: int, seq_len: int, batc
         batch = torch.stack([data[s : s + seq_len + 1] for s in starts.tolist()])
         for row in range(round(repeat[0] * batch_size)):
             batch[row] = repeat_window(batch[row], torch.tensor(repeat[1], dtype=torch.long), gen)
-        with torch.autocast("cpu", dtype=torch.bfloat16):
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
             logits = model(batch[:, :-1])
         loss = F.cross_entropy(logits.flatten(0, 1), batch[:, 1:].flatten())
         opt.zero_grad(set_to_none=True)
@@ -170,8 +172,11 @@ def run(args) -> int:
     print(f"{sum(p.numel() for p in model.parameters()) / 1e6:.1f}M parameters, {len(data)} training tokens",
           file=sys.stderr)
     repeat = (args.repeat_fraction, tokenizer.encode(args.repeat_request, bos=False))
+    bf16 = float32_from(torch.bfloat16) is None  # None: this CPU's bf16 GEMM is not the slow one
+    print(f"training in {'bfloat16 autocast' if bf16 else 'float32 (the bf16 GEMM is slow on this CPU)'}",
+          file=sys.stderr)
     train(model, data, args.steps, args.seq_len, args.batch_size, args.lr, args.minutes, args.seed,
-          log=lambda s: print(s, file=sys.stderr, flush=True), repeat=repeat)
+          log=lambda s: print(s, file=sys.stderr, flush=True), repeat=repeat, bf16=bf16)
     args.out.mkdir(parents=True, exist_ok=True)
     atomic_save({k: v.detach().to(torch.bfloat16) for k, v in model.state_dict().items()}, args.out / "model.pth")
     atomic_save(config, args.out / CONFIG_NAME, save=lambda c, path: c.save(path))

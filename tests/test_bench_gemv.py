@@ -32,7 +32,7 @@ def test_reports_every_kernel_streamed_and_cached():
         bf16 = ["bf16"] * (len(forcible(torch.bfloat16)) + 1)
         # each quantized format: its kernel, then dequantize to bf16 + F.linear and to float32 + GEMM;
         # int8 then inductor and w8a8
-        int8 = ["int8"] * (5 if cpu_kernels.w8a8_available() else 4)
+        int8 = ["int8"] * (5 if cpu_kernels.w8a8_library() else 4)
         assert [r[0] for r in rates] == [*bf16, *int8, *["int4 g32"] * 3, *["int4 g128"] * 3], proc.stdout
         assert all(float(r[1]) > 0 and float(r[2]) > 0 for r in rates)
         assert "read bandwidth" in proc.stdout

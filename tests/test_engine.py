@@ -222,8 +222,8 @@ def test_w8a8_int8_checkpoint_compiled(hf_checkpoint, load_cpu, prompt_ids, devi
     import cpu_kernels
     if device != "cpu":
         pytest.skip("w8a8 is a CPU kernel")
-    if not cpu_kernels.w8a8_available():
-        pytest.skip("oneDNN's u8s8 linear is not exact on this CPU (no VNNI)")
+    if not cpu_kernels.w8a8_library():
+        pytest.skip("neither oneDNN's u8s8 linear nor FBGEMM's is exact on this CPU")
     path = quantized_checkpoint("int8", hf_checkpoint, load_cpu, tmp_path)
     model, reference = (checkpoint.load_model(path, "cpu", torch.float32, cpu_kernels="w8a8") for _ in range(2))
     check_compiled_engine(model, reference, workload(prompt_ids, 6, seed=4), max_batch_size=4, every=2)
