@@ -10,9 +10,10 @@ threads, torch version: machine_key) in $XDG_CACHE_HOME/llama-fast/cpu_kernels.j
 
 `--cpu_kernels inductor` (16-bit weights) writes a one-token matmul in a compiled step as a multiply and a sum,
 which inductor generates as a loop inside the layer's fused C++ kernel: no call into a library, whose fixed cost
-(~20-35 us per oneDNN call) is a sixth of a small model's step. It wins on small models (stories110M bf16: 1.3x
-oneDNN's decode) and loses on larger ones (tinyllama: 0.9x), which timing the kernels alone does not predict: for
-compiled steps, auto times the step itself each way (step_kernels.py) and chooses it where it is faster.
+(~20-35 us per oneDNN call, measured through custom_op's wrapper: see extern_op) is a sixth of a small model's
+step. It wins on small models (stories110M bf16: 1.3x oneDNN's decode) and loses on larger ones (tinyllama: 0.9x),
+which timing the kernels alone does not predict: for compiled steps, auto times the step itself each way
+(step_kernels.py) and chooses it where it is faster.
 
 int8 layers (quantize.py --mode int8) run ATen's weight-only int8 kernel; with `--cpu_kernels inductor` the same
 kind of generated loop (inductor_int8: stories110M 1.4x ATen's kernel, tinyllama 1.1x); or with `--cpu_kernels
@@ -43,33 +44,43 @@ from torch import Tensor
 ONEDNN_DTYPES = (torch.bfloat16, torch.float16)  # oneDNN's prepacked path is for 16-bit weights here
 
 
-@torch.library.custom_op("llama_fast::onednn_linear", mutates_args=())
+OPS = torch.library.Library("llama_fast", "DEF")  # the ops below (kept alive: they are registered through it)
+
+
+def extern_op(schema: str, fake):
+    """Make fn the op llama_fast::<schema>, which a compiled graph calls as one extern kernel (inductor's own
+    lowerings of these library calls take only weights its freezing pass packed, or none at all); fake gives its
+    output's shape. Registered with torch.library.Library, not torch.library.custom_op, whose Python wrapper costs
+    20-25 us a call: FBGEMM's one-row linear took 29 us called directly, 31-35 through this, 50-60 through
+    custom_op, and a stories110M step makes 49 such calls."""
+    def register(fn):
+        name = schema.split("(")[0]
+        OPS.define(schema)
+        OPS.impl(name, fn, "CompositeExplicitAutograd")  # every backend: oneDNN's packed weights are MkldnnCPU
+        torch.library.register_fake(f"llama_fast::{name}", fake, lib=OPS)
+        return getattr(torch.ops.llama_fast, name)
+    return register
+
+
+@extern_op("onednn_linear(Tensor x, Tensor packed_weight) -> Tensor",
+           lambda x, packed_weight: x.new_empty(*x.shape[:-1], packed_weight.shape[0]))
 def onednn_linear(x: Tensor, packed_weight: Tensor) -> Tensor:
-    """x @ W.T with W prepacked by oneDNN (a custom op: inductor's own lowering of mkldnn._linear_pointwise only
-    takes the weights its freezing pass packed, so a compiled graph calls this as one extern kernel)."""
+    """x @ W.T with W prepacked by oneDNN."""
     return torch.ops.mkldnn._linear_pointwise(x, packed_weight, None, "none", [], "")
 
 
-@onednn_linear.register_fake
-def _(x, packed_weight):
-    return x.new_empty(*x.shape[:-1], packed_weight.shape[0])
-
-
-@torch.library.custom_op("llama_fast::onednn_int8_linear", mutates_args=())
+@extern_op("onednn_int8_linear(Tensor qx, Tensor packed_weight, Tensor scales, Tensor zero_points) -> Tensor",
+           lambda qx, packed_weight, scales, zero_points: qx.new_empty(qx.shape[0], scales.shape[0],
+                                                                       dtype=torch.float32))
 def onednn_int8_linear(qx: Tensor, packed_weight: Tensor, scales: Tensor, zero_points: Tensor) -> Tensor:
     """(qx - 128) @ W.T * scales in float32: qx (M, K) uint8, W int8 prepacked by oneDNN (qlinear_prepack), scales
-    (N,) float32 per output channel, zero_points (N,) int64 zeros. A custom op for the same reason as
-    onednn_linear (inductor's lowering wants weights its freezing pass packed)."""
+    (N,) float32 per output channel, zero_points (N,) int64 zeros."""
     return torch.ops.onednn.qlinear_pointwise(qx, 1.0, 128, packed_weight, scales, zero_points, None, 1.0, 0,
                                               torch.float32, "none", [], "")
 
 
-@onednn_int8_linear.register_fake
-def _(qx, packed_weight, scales, zero_points):
-    return qx.new_empty(qx.shape[0], scales.shape[0], dtype=torch.float32)
-
-
-@torch.library.custom_op("llama_fast::fbgemm_int8_linear", mutates_args=())
+@extern_op("fbgemm_int8_linear(Tensor q, Tensor weight) -> Tensor",
+           lambda q, weight: q.new_empty(q.shape[0], weight.shape[0]))
 def fbgemm_int8_linear(q: Tensor, weight: Tensor) -> Tensor:
     """q @ W.T in float32, for q (M, K) float32 whose entries are integers in [-64, 63], each row holding both ends
     (w8a8_linear makes them so): FBGEMM's dynamic linear quantizes q per tensor to 7 bits (reduce_range, so that
@@ -77,11 +88,6 @@ def fbgemm_int8_linear(q: Tensor, weight: Tensor) -> Tensor:
     exactly q. W (N, K) int8 rides on `weight` as weight.fbgemm_packed (fbgemm_pack): FBGEMM's packing is a
     TorchScript object, which a compiled graph cannot pass to an op, while the tensor carrying it can."""
     return torch.ops.quantized.linear_dynamic(q, weight.fbgemm_packed, True)
-
-
-@fbgemm_int8_linear.register_fake
-def _(q, weight):
-    return q.new_empty(q.shape[0], weight.shape[0])
 
 
 def fbgemm_pack(weight: Tensor) -> Tensor:
