@@ -120,9 +120,10 @@ def w8a8_pack(weight: Tensor, library: str) -> Tensor:
 
 
 def w8a8_linear(x: Tensor, weight: Tensor, scales: Tensor, library: str) -> Tensor:
-    """An int8 layer with its activations quantized too (`--cpu_kernels w8a8`, opt-in): each token's row of x is
-    scaled by its own max |x| / levels and rounded, so a row's result never depends on the other rows of a batch;
-    the integer products are summed exactly in int32, then scaled back by the row's and the channel's scales.
+    """An int8 layer (weight from w8a8_pack, scales (N,) float32) with its activations quantized too
+    (`--cpu_kernels w8a8`, opt-in): each token's row of x is scaled by its own max |x| / levels and rounded, so a
+    row's result never depends on the other rows of a batch; the integer products are summed exactly in int32,
+    then scaled back by the row's and the channel's scales.
     llama.cpp's Q8_0 works the same way (per block of 32). The weights are read as int8 and multiplied as int8 (no
     conversion to float per weight). Two libraries (w8a8_library: whichever is exact on this CPU):
 
@@ -136,10 +137,11 @@ def w8a8_linear(x: Tensor, weight: Tensor, scales: Tensor, library: str) -> Tens
     q = (rows / scale).round()  # |q| <= levels
     if library == "onednn":
         zero_points = torch.zeros_like(scales, dtype=torch.int64)
-        y = onednn_int8_linear(q.add(128).to(torch.uint8), weight, scales.float(), zero_points)
+        y = onednn_int8_linear(q.add(128).to(torch.uint8), weight, scales, zero_points)
     else:
+        # built here, not a module constant: dynamo failed on a global tensor in the engine's shared layer graph
         pins = q.new_tensor([63.0, -64.0]).expand(q.shape[0], 2)
-        y = fbgemm_int8_linear(torch.cat([q, pins], -1), weight) * scales.float()
+        y = fbgemm_int8_linear(torch.cat([q, pins], -1), weight) * scales
     return (y * scale).to(x.dtype).view(*x.shape[:-1], -1)
 
 
