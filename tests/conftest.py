@@ -1,5 +1,6 @@
 """Shared fixtures: a SentencePiece tokenizer trained on the fly and tiny random-init Hugging Face Llama
 checkpoints converted with scripts/convert_hf_checkpoint.py. Nothing is downloaded."""
+import atexit
 import json
 import os
 import random
@@ -21,8 +22,9 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 # cpu_kernels caches its measured choice per machine under $XDG_CACHE_HOME: the tests (and the commands they run)
-# measure into a cache of their own instead of the user's
+# measure into a cache of their own instead of the user's, removed when the session ends (~50 MB a run)
 os.environ["XDG_CACHE_HOME"] = tempfile.mkdtemp(prefix="llama-fast-test-cache-")
+atexit.register(shutil.rmtree, os.environ["XDG_CACHE_HOME"], ignore_errors=True)
 # and inductor compiles into a cache of its own: graphs compiled by another version of this code are never reused
 os.environ["TORCHINDUCTOR_CACHE_DIR"] = os.path.join(os.environ["XDG_CACHE_HOME"], "inductor")
 
