@@ -24,7 +24,7 @@ from sampling import SamplingConfig, apply_penalties, draw, sample, token_probs
 
 
 def prefill(model, tokens, input_pos, left_pad, cfg, seen, counts):
-    """The prompt's forward pass (B, T) -> the first new token (B, 1); also one decode step (T = 1)."""
+    """The prompt's forward pass (B, T) -> the first new token (B, 1)."""
     logits = model(tokens, input_pos, left_pad, last_only=True)[:, -1]
     if cfg.penalized:
         logits = apply_penalties(logits, cfg, seen, counts)
@@ -32,6 +32,8 @@ def prefill(model, tokens, input_pos, left_pad, cfg, seen, counts):
 
 
 def decode_one_token(model, token, input_pos, left_pad, cfg, seen, counts):
+    """One decode step (B, 1) -> the next token (B, 1): prefill's computation, in a function of its own because
+    dynamo caches compiled graphs per function: the decode step's static graph and prefill's dynamic one stay apart."""
     return prefill(model, token, input_pos, left_pad, cfg, seen, counts)
 
 
@@ -47,16 +49,6 @@ def verify(model, tokens, input_pos, cfg):
     return token_probs(model(tokens, input_pos)[0], cfg)
 
 
-def lookahead_step(model, tokens, start, offsets, tree, n_verify, cfg):
-    """Lookahead decoding's one forward (lookahead.py): tokens (1, L) written at cache slots start..start+L-1
-    (start: (1,)) at positions start + offsets (L,), each attending to the cache before start and to the new tokens
-    tree (L, L) allows. Returns (L,) the token after each: drawn as sample() draws for the first n_verify (the
-    last accepted token and the verification branch), the argmax for the rest (the lookahead branch's guesses)."""
-    slots = start + torch.arange(tokens.shape[1], device=tokens.device)
-    logits = model(tokens, slots, mask=model.tree_mask(tree, offsets, start), positions=start + offsets)[0]
-    return torch.cat([sample(logits[:n_verify], cfg)[:, 0], logits[n_verify:].argmax(-1)])
-
-
 @dataclass(frozen=True)
 class Steps:
     """The step functions a decoding loop calls: eager by default, compiled by make_steps(compile=True)."""
@@ -64,7 +56,17 @@ class Steps:
     decode: Callable = decode_one_token
     draft: Callable = draft_step  # speculative decoding: a draft model's decode step
     verify: Callable = verify  # speculative decoding: the target's (K + 1)-token forward
-    lookahead: Callable = lookahead_step  # lookahead decoding: both branches in one forward
+    device: str | None = None  # the device these were compiled for; None: eager
+    features: dict = field(default_factory=dict, compare=False, repr=False)  # compiled(): {step: compiled step}
+
+    def compiled(self, step: Callable) -> Callable:
+        """A feature's own fixed-shape step function (lookahead decoding's), compiled as these were (once per
+        function), or as it is when these are eager."""
+        if self.device is None:
+            return step
+        if step not in self.features:
+            self.features[step] = compile_static(step, self.device)
+        return self.features[step]
 
 
 def make_steps(device: str, compile: bool = False, compile_prefill: bool = False) -> Steps:
@@ -74,7 +76,7 @@ def make_steps(device: str, compile: bool = False, compile_prefill: bool = False
         return Steps()
     return Steps(prefill=compile_dynamic(prefill) if compile_prefill else prefill,
                  decode=compile_static(decode_one_token, device), draft=compile_static(draft_step, device),
-                 verify=compile_static(verify, device), lookahead=compile_static(lookahead_step, device))
+                 verify=compile_static(verify, device), device=device)
 
 
 def cpu_inductor(options=None):

@@ -10,7 +10,7 @@ TaskManager knows runs, plus local task YAMLs (--include_path). Datasets come fr
 HF_DATASETS_OFFLINE=1 uses it without the network.
 """
 # first, before torch: cli's Ctrl-C handler must be in place while the libraries load (see cli.py)
-from cli import PRECISIONS, add_model_args, check_at_least, check_device, check_output_path, cli_main
+from llama_fast.cli import PRECISIONS, add_model_args, check_at_least, check_device, check_output_path, cli_main
 import argparse
 import difflib
 import json
@@ -24,7 +24,7 @@ from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
 from tqdm import tqdm
 
 import tp
-from checkpoint import check_is_file, check_vocab, load_model, tokenizer_file, write_json
+from llama_fast.checkpoint import check_is_file, check_vocab, load_model, tokenizer_file, write_json
 from decoding import compile_dynamic, generate, make_steps
 from sampling import SamplingConfig
 from tokenizer import StreamDecoder, load_tokenizer

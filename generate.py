@@ -3,8 +3,8 @@ decoding, or an interactive chat; under torchrun, tensor-parallel.
 
     python generate.py --compile --checkpoint_path checkpoints/<repo>/model.pth --prompt "Hello, my name is"
 """
-from cli import (PRECISIONS, add_model_args, check_at_least, check_device, check_output_path, check_text, cli_main,
-                 read_text_file)  # first, before torch: its Ctrl-C handler (see cli.py)
+from llama_fast.cli import (PRECISIONS, add_model_args,  # first, before torch: its Ctrl-C handler (see cli.py)
+                            check_at_least, check_device, check_output_path, check_text, cli_main, read_text_file)
 import argparse
 import contextlib
 import sys
@@ -15,12 +15,13 @@ from pathlib import Path
 import torch
 
 import tp
-from checkpoint import atomic_save, check_vocab, load_model, tokenizer_file, write_json
+from llama_fast.checkpoint import atomic_save, check_vocab, load_model, tokenizer_file, write_json
 from decoding import compile_cache_counts, generate, make_steps, peak_memory_bytes, weight_bytes
-from lookahead import LookaheadConfig, lookahead_config, lookahead_generate, lookahead_stats
+from llama_fast.speculate.lookahead import LookaheadConfig, lookahead_config, lookahead_generate, lookahead_stats
 from sampling import SamplingConfig
-from speculative import DraftModel, PromptLookup, acceptance_stats, check_speculation, speculative_generate
-from step_kernels import cpu_kernel_metrics
+from llama_fast.speculate.speculative import (DraftModel, PromptLookup, acceptance_stats, check_speculation,
+                                              speculative_generate)
+from llama_fast.cpu.choice import metrics as cpu_kernel_metrics
 from tokenizer import StreamDecoder, load_tokenizer
 
 
@@ -185,15 +186,15 @@ def run(args) -> int:
         print(f"Compilation time: {compiled['compile_seconds']:.2f} seconds ({compiled['graphs_from_cache']} graphs "
               f"from inductor's cache, {compiled['graphs_compiled']} compiled)", file=sys.stderr)
     wbytes = weight_bytes(model)
-    samples = [sample(i, gen, args, tokenizer, texts, prompts, eos_ids, wbytes, k, la)
+    samples = [timed_run(i, gen, args, tokenizer, texts, prompts, eos_ids, wbytes, k, la)
                for i in range(args.num_samples)]
     report(args, samples, sampling, wbytes, compiled, k, la,
            cpu_kernel_metrics(model, args.compile))
     return 0
 
 
-def sample(i: int, gen, args, tokenizer, texts, prompts, eos_ids, wbytes: int, k: int, la) -> dict:
-    """Sample i: generate (streamed when there is one prompt), print the text and this sample's metrics."""
+def timed_run(i: int, gen, args, tokenizer, texts, prompts, eos_ids, wbytes: int, k: int, la) -> dict:
+    """Run i of --num_samples: generate (streamed when there is one prompt), print the text and the run's metrics."""
     profiling = args.profile and i == args.num_samples - 1 and tp.rank() == 0
     # trace CUDA kernels only when generating on CUDA (a CUDA build would set up CUPTI for a CPU run too)
     activities = [torch.profiler.ProfilerActivity.CPU] + (
@@ -219,10 +220,10 @@ def sample(i: int, gen, args, tokenizer, texts, prompts, eos_ids, wbytes: int, k
         for text, prompt, row in zip(texts, prompts, result.tokens):
             new = [t for t in row if t not in eos_ids]
             print(f"--- {text}{tokenizer.decode(prompt + new)[len(tokenizer.decode(prompt)):]}")
-    return sample_metrics(i, result, len(prompts), wbytes, k, la)
+    return run_metrics(i, result, len(prompts), wbytes, k, la)
 
 
-def sample_metrics(i: int, result, batch_size: int, wbytes: int, k: int, la) -> dict:
+def run_metrics(i: int, result, batch_size: int, wbytes: int, k: int, la) -> dict:
     m = {"time_to_first_token_s": result.time_to_first_token, "decode_tokens_per_sec": result.decode_tokens_per_sec,
          "total_tokens_per_sec": result.decode_tokens_per_sec * batch_size,
          "bandwidth_gbps": wbytes * result.decode_tokens_per_sec / 1e9,

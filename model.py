@@ -4,6 +4,10 @@ Covers Llama-2/3/3.1/3.2, CodeLlama, Mistral, TinyLlama, the TinyStories models,
 GQA, RMSNorm, SwiGLU, RoPE with `rope_theta` and llama3-style frequency scaling, Mistral's sliding window,
 Qwen2's Q/K/V biases and Qwen3's per-head Q/K norms (switches in ModelArgs, read from the checkpoint's config).
 Weights use Meta's interleaved RoPE layout (as gpt-fast does); the HF converter permutes Q/K.
+
+This file is the architecture and nothing else: it imports torch and the config. What makes it fast on a given
+machine is swapped in from outside after loading, as quantization swaps nn.Linear for Int8Linear: CPU matmul kernels
+and a compiled-CPU attention (llama_fast/cpu), the serving engine's paged KV cache (llama_fast/serving).
 """
 import math
 
@@ -12,35 +16,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
-from cpu_kernels import INT8_KERNELS, KERNELS, choose, float32_from, float32_gemm, forcible
 from model_config import ModelArgs
-
-
-class Linear(nn.Linear):
-    """nn.Linear without bias whose CPU matmul is the kernel cpu_kernels chose for this machine (`kernel`): ATen's
-    addmv for one token (F.linear for several) unless use_kernel() switched it, e.g. to oneDNN on a prepacked
-    weight. (decoding.cpu_inductor keeps inductor from decomposing addmv into a slower generated reduction.)"""
-    kernel = "addmv"
-    float32_from = None  # several tokens: from this many, the GEMM in float32 (cpu_kernels.float32_from)
-
-    def __init__(self, in_features: int, out_features: int):
-        super().__init__(in_features, out_features, bias=False)
-
-    @torch.no_grad()
-    def use_kernel(self, name: str):
-        """Switch to a cpu_kernels kernel, preparing (e.g. prepacking) the weight for it; after loading, on CPU."""
-        prepare, _ = KERNELS[name]
-        if name != self.kernel:
-            assert self.kernel == "addmv", "a prepared weight cannot be prepared again"
-            self.weight = nn.Parameter(prepare(self.weight.detach()), requires_grad=False)
-            self.kernel = name
-
-    def forward(self, x: Tensor) -> Tensor:
-        if x.device.type != "cpu":
-            return F.linear(x, self.weight)
-        if self.float32_from and x.shape[:-1].numel() >= self.float32_from:
-            return float32_gemm(x, lambda i, j: self.weight[i:j].float(), len(self.weight))
-        return KERNELS[self.kernel][1](x, self.weight)
 
 
 class KVCache(nn.Module):
@@ -59,57 +35,18 @@ class KVCache(nn.Module):
         self.v_cache[: v.shape[0], :, input_pos] = v
         return self.k_cache[: k.shape[0]], self.v_cache[: v.shape[0]]
 
-    def copy(self, src: Tensor, dst: Tensor):
-        """The keys and values at slots src copied to slots dst (lookahead decoding keeps an accepted guess's)."""
-        self.k_cache[:, :, dst] = self.k_cache[:, :, src]
-        self.v_cache[:, :, dst] = self.v_cache[:, :, src]
+    def attend(self, q: Tensor, k: Tensor, v: Tensor, input_pos: Tensor, mask: Tensor) -> Tensor:
+        """The new keys and values k, v written at input_pos, then q's attention over the whole cache. A cache
+        with a faster way to read itself overrides this (llama_fast/cpu, llama_fast/serving)."""
+        k, v = self.update(input_pos, k, v)
+        return attention(q, k, v, mask)
 
 
-class PagedKVCache(nn.Module):
-    """Keys and values of many sequences in one pool of fixed-size blocks (serving: engine.py), as vLLM's
-    PagedAttention keeps them: (n_slots, n_kv_heads, head_dim), slot = block * block_size + offset. Which blocks hold
-    a sequence's tokens, in order, is its block table (paged_cache.py); update() is given it expanded to slots."""
-
-    def __init__(self, n_slots, n_kv_heads, head_dim, dtype, device=None):
-        super().__init__()
-        shape = (n_slots, n_kv_heads, head_dim)
-        self.register_buffer("k_pool", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
-        self.register_buffer("v_pool", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
-
-    def update(self, slots: tuple[Tensor, Tensor], k: Tensor, v: Tensor):
-        # k, v: (B, n_kv_heads, T, head_dim) written to slots[0] (B, T); returns each row's keys and values
-        # (B, n_kv_heads, S, head_dim) read from slots[1] (B, S), the row's slots in position order. index_select
-        # copies whole slots, 4x faster than indexing (a dense copy for SDPA costs more than it saves).
-        self.write(slots[0], k, v)
-        B, S = slots[1].shape
-        read = slots[1].flatten()
-        return tuple(pool.index_select(0, read).view(B, S, *pool.shape[1:]).transpose(1, 2)
-                     for pool in (self.k_pool, self.v_pool))
-
-    def write(self, slots: Tensor, k: Tensor, v: Tensor):
-        B, H, T, D = k.shape
-        self.k_pool[slots.flatten()] = k.transpose(1, 2).reshape(B * T, H, D)
-        self.v_pool[slots.flatten()] = v.transpose(1, 2).reshape(B * T, H, D)
-
-    def attend_one(self, q: Tensor, k: Tensor, v: Tensor, slots: tuple[Tensor, Tensor], mask: Tensor) -> Tensor:
-        """Decode attention (see attend_one) straight from the pool: the indexing is not copied, inductor fuses it
-        into the reductions, so each key is read once where it lies (2-core CPU, B=16 x 512 keys: 2.3 ms a layer
-        against 18 for gather + SDPA)."""
-        self.write(slots[0], k, v)
-        return attend_one(q, self.k_pool[slots[1]], self.v_pool[slots[1]], mask)
-
-
-def attend_one(q: Tensor, keys: Tensor, values: Tensor, mask: Tensor) -> Tensor:
-    """Attention of one new token per row, for compiled CPU graphs: q (B, n_kv_heads, n_rep, head_dim), keys and
-    values (B, S, n_kv_heads, head_dim) (views: a static cache transposed, or a paged pool indexed), mask (B, S).
-    Written as products and sums, which inductor fuses into a few reductions with float32 accumulation. ATen's
-    flash-attention kernel pays a fixed cost per (row, head), so with one query row per KV head (n_rep = 1: Llama-2,
-    stories) this is 2-7x faster on a 2-core CPU (llama-2-7b's 32 heads x 1024 keys: 1.1 ms a layer against 4.2);
-    with n_rep >= 2 they are even and with 8 SDPA wins (scripts/bench_attention.py). Eager, it would materialise
-    every product: the eager path is SDPA."""
-    scores = (q[:, None] * keys[:, :, :, None]).sum(-1, dtype=torch.float32) * q.shape[-1] ** -0.5
-    probs = scores.masked_fill(~mask[:, :, None, None], float("-inf")).softmax(1)  # (B, S, n_kv_heads, n_rep)
-    return (probs[..., None] * values[:, :, :, None].float()).sum(1).to(q.dtype)
+def attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor) -> Tensor:
+    """SDPA for grouped queries: q (B, n_kv_heads, n_rep * T, head_dim) holds the n_rep query heads that share a KV
+    head as rows, so k and v (B, n_kv_heads, S, head_dim) are never copied per query head; mask (B, 1, T, S)."""
+    n_rep = q.shape[2] // mask.shape[2]
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask.repeat(1, 1, n_rep, 1) if n_rep > 1 else mask)
 
 
 class Transformer(nn.Module):
@@ -119,14 +56,13 @@ class Transformer(nn.Module):
         self.tok_embeddings = nn.Embedding(config.vocab_size, config.dim)
         self.layers = nn.ModuleList(TransformerBlock(config) for _ in range(config.n_layers))
         self.norm = RMSNorm(config.dim, config.norm_eps)
-        self.output = Linear(config.dim, config.vocab_size)
+        self.output = nn.Linear(config.dim, config.vocab_size, bias=False)
         if config.tie_embeddings:
             self.output.weight = self.tok_embeddings.weight
         self.register_buffer("freqs_cis", None, persistent=False)
         # the KV cache's shape; config.max_seq_len is the context the model was trained for, cache_len <= it
         self.max_batch_size = self.cache_len = 0
-        self.cpu_kernel = "addmv"  # the float linears' CPU matmul (use_cpu_kernels)
-        self.cpu_gemm_from = None  # several tokens: from this many, GEMMs in float32 (use_cpu_kernels)
+        self.kv_cache_class = KVCache  # llama_fast.cpu swaps in a subclass that reads the cache its own way
 
     def setup_caches(self, max_batch_size: int, cache_len: int):
         """Allocate KV caches and the RoPE table for up to max_batch_size sequences of cache_len tokens."""
@@ -134,132 +70,72 @@ class Transformer(nn.Module):
             raise ValueError(f"{cache_len} tokens exceed the model's context of {self.config.max_seq_len}")
         if (max_batch_size, cache_len) == (self.max_batch_size, self.cache_len):
             return
-        weight = self.output.weight
-        dtype = weight.dtype if weight.is_floating_point() else self.tok_embeddings.weight.dtype
+        dtype, device = self.cache_dtype(), self.tok_embeddings.weight.device
         for layer in self.layers:  # the layer's own head count: under tensor parallelism, its local heads
-            layer.attention.kv_cache = KVCache(max_batch_size, cache_len, layer.attention.n_kv_heads,
-                                               self.config.head_dim, dtype, weight.device)
-        self.freqs_cis = precompute_freqs_cis(cache_len, self.config, weight.device)
+            layer.attention.kv_cache = self.kv_cache_class(max_batch_size, cache_len, layer.attention.n_kv_heads,
+                                                           self.config.head_dim, dtype, device)
+        self.freqs_cis = precompute_freqs_cis(cache_len, self.config, device)
         self.max_batch_size, self.cache_len = max_batch_size, cache_len
 
-    def copy_cache_slots(self, src: Tensor, dst: Tensor):
-        """Every layer's keys and values at cache slots src copied to slots dst (the static cache)."""
-        for layer in self.layers:
-            layer.attention.kv_cache.copy(src, dst)
-
-    def setup_paged_cache(self, n_blocks: int, block_size: int):
-        """A pool of n_blocks KV blocks of block_size tokens (forward with slots) instead of the static cache."""
+    def cache_dtype(self) -> torch.dtype:
+        """The activations' dtype, which the KV cache stores: the float weights' (quantized ones are integers)."""
         weight = self.output.weight
-        dtype = weight.dtype if weight.is_floating_point() else self.tok_embeddings.weight.dtype
-        for layer in self.layers:
-            layer.attention.kv_cache = PagedKVCache(n_blocks * block_size, layer.attention.n_kv_heads,
-                                                    self.config.head_dim, dtype, weight.device)
-        self.freqs_cis = precompute_freqs_cis(self.config.max_seq_len, self.config, weight.device)
-        self.max_batch_size = self.cache_len = 0  # a later setup_caches() allocates a static cache again
-
-    def use_cpu_kernels(self, force: str = "auto", gemm: str = "auto") -> str:
-        """Give the float linears the CPU matmul kernel that is fastest here for their shapes (cpu_kernels.choose:
-        measured once per machine and cached), or the one `force` names. The output projection keeps addmv when
-        it shares its weight with the embedding. Returns the kernel's name. Several tokens: the linears (float,
-        int8, int4) of a 16-bit model run their GEMM in float32 from cpu_kernels.float32_from(dtype, gemm) tokens.
-
-        force="w8a8" (opt-in, never auto's choice: it changes the numerics): the int8 layers (qlinear.Int8Linear)
-        quantize their activations per token too (cpu_kernels.w8a8_linear); float linears, if any, get auto's.
-        force="inductor": the int8 layers take it too; float linears that cannot (float32) get auto's."""
-        int8 = [m for m in self.modules() if getattr(m, "kernel", None) in INT8_KERNELS]
-        if force == "w8a8" and not int8:
-            raise ValueError("--cpu_kernels w8a8 is for int8 checkpoints (quantize.py --mode int8): this one has "
-                             "no int8 layers")
-        int8_kernel = force if force in ("w8a8", "inductor") and int8 else None
-        for m in int8 if int8_kernel else []:
-            m.use_kernel(force)
-        layers = [m for m in self.modules() if isinstance(m, Linear) and m.weight.device.type == "cpu"
-                  and m.weight is not self.tok_embeddings.weight]
-        kernel = self.cpu_kernel
-        if layers:
-            dtype = layers[0].weight.dtype
-            kernel = choose([tuple(m.weight.shape) for m in layers], dtype,
-                            "auto" if int8_kernel and force not in forcible(dtype) else force)
-            for m in layers:
-                m.use_kernel(kernel)
-        self.cpu_kernel = int8_kernel or kernel
-        self.use_float32_gemm(gemm)
-        return self.cpu_kernel
-
-    def use_float32_gemm(self, gemm: str = "auto"):
-        """use_cpu_kernels' several-token half: cpu_kernels.float32_from, for layers with a plain weight."""
-        on_cpu = self.tok_embeddings.weight.device.type == "cpu"
-        self.cpu_gemm_from = float32_from(self.tok_embeddings.weight.dtype, gemm) if on_cpu else None
-        for m in self.modules():
-            if hasattr(m, "float32_from"):
-                m.float32_from = None if getattr(m, "kernel", None) == "onednn" else self.cpu_gemm_from
+        return weight.dtype if weight.is_floating_point() else self.tok_embeddings.weight.dtype
 
     def forward(self, idx: Tensor, input_pos: Tensor | None = None, left_pad: Tensor | None = None,
-                last_only: bool = False, mask: Tensor | None = None, slots: tuple | None = None,
-                positions: Tensor | None = None) -> Tensor:
-        """idx: (B, T) token ids; input_pos: (T,) cache positions they are written to (None: no cache, a plain
-        causal forward from position 0); left_pad: (B,) number of padding slots at the start of each row, which
-        are masked out and do not count as positions for RoPE. mask: (B or 1, T, cache_len) bool, the cache slots
-        each new token attends to, for attention shapes that positions do not describe (e.g. a tree of candidate
-        continuations), used as given (any sliding window included); default: every slot up to the token's own
-        position (within the last sliding_window ones if the model has one). Returns float logits (B, T or 1, V).
+                last_only: bool = False, mask: Tensor | None = None, positions: Tensor | None = None,
+                cache_index=None) -> Tensor:
+        """Float logits (B, T, V), or (B, 1, V) for the last token only, of token ids idx (B, T).
 
-        slots: the paged cache instead (setup_paged_cache; continuous batching, engine.py): (write (B, T), read
-        (B, S)), the pool slots the new tokens' keys and values go to and each row's slots in position order (its
-        block table expanded), so that key j is at position j; input_pos is then (B, T), each row's own positions.
-
-        positions: (T,) the tokens' positions for RoPE where they are not their cache slots input_pos: a tree of
-        guesses (lookahead decoding) puts several tokens at one position, each in a slot of its own (see tree_mask)."""
-        n_keys = None if slots is None else slots[1].shape[1]
-        freqs, causal = self.block_inputs(idx.shape[0], idx.shape[1], idx.device, input_pos, left_pad, n_keys)
-        if positions is not None:
-            freqs = self.freqs_cis[positions.expand(idx.shape[0], -1)]
-        mask = causal if mask is None else mask[:, None]
-        cache_index = input_pos if slots is None else slots  # where each layer's KV cache writes: see its update()
+        input_pos: the tokens' positions, (T,) or (B, T) for each row its own; they are also where the KV cache
+        stores their keys and values. None: no cache, a plain causal forward from position 0.
+        left_pad: (B,) padding slots at the start of each row: masked out, and not counted as positions by RoPE.
+        mask: (B or 1, T, keys) bool, the keys each new token attends to, used as given, for attention shapes that
+        positions do not describe (a tree of guesses, a paged cache); default: causal over the cache (within the
+        sliding window if the model has one).
+        positions: RoPE's positions where they are not input_pos (a tree puts several tokens at one position).
+        cache_index: what each layer's KV cache is told about where the new keys go and which keys to read
+        (default input_pos; the paged cache takes its slot tables: llama_fast.serving)."""
+        B, T = idx.shape
+        if input_pos is None:
+            pos, n_keys = torch.arange(T, device=idx.device), T
+            freqs_cis = precompute_freqs_cis(T, self.config, idx.device)
+        else:
+            assert self.freqs_cis is not None, "call setup_caches() before decoding with a KV cache"
+            pos, freqs_cis, n_keys = input_pos, self.freqs_cis, self.cache_len
+        freqs = freqs_cis[rope_positions(pos if positions is None else positions, B, T, left_pad)]
+        if mask is None:
+            mask = causal_mask(n_keys, pos, self.config, left_pad)
+        mask = mask.expand(B, T, mask.shape[-1])[:, None]
+        cache_index = input_pos if cache_index is None else cache_index
         x = self.tok_embeddings(idx)
         for layer in self.layers:
             # On CPU torch.compile makes one graph of a block and calls it for every layer (shared_forward), so
             # inductor compiles one block instead of n_layers: tinyllama 14 s instead of 40 s on 2 cores, same speed
-            x = (layer.shared_forward(x, freqs, mask, cache_index) if x.device.type == "cpu" else
-                 layer(x, freqs, mask, cache_index))
+            block = layer.shared_forward if x.device.type == "cpu" else layer
+            x = block(x, freqs, mask, cache_index)
         if last_only:
             x = x[:, -1:]
         return self.output(self.norm(x)).float()
 
-    def block_inputs(self, B: int, T: int, device, input_pos: Tensor | None = None, left_pad: Tensor | None = None,
-                     n_keys: int | None = None):
-        """RoPE frequencies (B, T, head_dim // 2, 2) and attention mask (B, 1, T, keys) for the layers: T tokens at
-        cache positions input_pos ((T,), or (B, T) per row), or (input_pos None) a plain causal sequence from
-        position 0 without the cache. Keys: the cache's slots, or n_keys (the paged cache's)."""
-        if input_pos is None:
-            pos = torch.arange(T, device=device)
-            freqs_cis, n_keys = precompute_freqs_cis(T, self.config, device), T
-        else:
-            assert self.freqs_cis is not None, "call setup_caches() before decoding with a KV cache"
-            pos, freqs_cis, n_keys = input_pos, self.freqs_cis, n_keys or self.cache_len
-        key_pos = torch.arange(n_keys, device=device)
-        mask = key_pos <= pos[..., None]  # (T or B, T, S) causal
-        if self.config.sliding_window:  # and within the window (slot distance = position distance, padded or not)
-            mask = mask & (key_pos > pos[..., None] - self.config.sliding_window)
-        rope_pos = pos.expand(B, T)
-        if left_pad is not None:
-            # Padding keys are invisible; a padding query sees itself so its softmax stays finite (no NaN in the cache).
-            mask = mask & ((key_pos >= left_pad[:, None, None]) | (key_pos == pos[:, None]))
-            rope_pos = (rope_pos - left_pad[:, None]).clamp(min=0)
-        return freqs_cis[rope_pos], mask.expand(B, T, n_keys)[:, None]
 
-    def tree_mask(self, tree: Tensor, offsets: Tensor, start: Tensor) -> Tensor:
-        """forward's mask (1, T, cache_len) for T tokens written at cache slots start..start+T-1 (start: (1,)) whose
-        positions are start + offsets (T,): each sees every cached slot before start and the new tokens that
-        tree (T, T) allows it, within the sliding window if the model has one (by position, not slot)."""
-        T, key = tree.shape[0], torch.arange(self.cache_len, device=tree.device)
-        rel = (key - start).clamp(0, T - 1)  # a key slot's index among the new tokens
-        new = (key >= start) & (key < start + T)
-        mask = (key < start)[None] | (new[None] & tree[:, rel])
-        if self.config.sliding_window:
-            key_pos = torch.where(new, start + offsets[rel], key)
-            mask = mask & (key_pos[None] > (start + offsets)[:, None] - self.config.sliding_window)
-        return mask[None]
+def rope_positions(pos: Tensor, B: int, T: int, left_pad: Tensor | None) -> Tensor:
+    """(B, T) positions for RoPE: left padding does not count."""
+    pos = pos.expand(B, T)
+    return pos if left_pad is None else (pos - left_pad[:, None]).clamp(min=0)
+
+
+def causal_mask(n_keys: int, pos: Tensor, config: ModelArgs, left_pad: Tensor | None = None) -> Tensor:
+    """(T or B, T, n_keys) bool: each token at pos ((T,) or (B, T)) sees the keys at slots up to
+    its own position (slot = position), within the last sliding_window ones if the model has one; with left_pad,
+    not a row's padding (a padding token sees itself, so its softmax stays finite: no NaN in the cache)."""
+    key = torch.arange(n_keys, device=pos.device)
+    mask = key <= pos[..., None]
+    if config.sliding_window:
+        mask = mask & (key > pos[..., None] - config.sliding_window)
+    if left_pad is not None:
+        mask = mask & ((key >= left_pad[:, None, None]) | (key == pos[:, None]))
+    return mask
 
 
 class TransformerBlock(nn.Module):
@@ -270,8 +146,8 @@ class TransformerBlock(nn.Module):
         self.attention_norm = RMSNorm(config.dim, config.norm_eps)
         self.ffn_norm = RMSNorm(config.dim, config.norm_eps)
 
-    def forward(self, x, freqs, mask, input_pos):
-        h = x + self.attention(self.attention_norm(x), freqs, mask, input_pos)
+    def forward(self, x, freqs, mask, cache_index):
+        h = x + self.attention(self.attention_norm(x), freqs, mask, cache_index)
         return h + self.feed_forward(self.ffn_norm(h))
 
     # forward as one compiled region that every layer reuses (eager: forward itself); see Transformer.forward
@@ -284,8 +160,8 @@ class Attention(nn.Module):
         self.n_heads, self.n_kv_heads, self.head_dim = config.n_heads, config.n_kv_heads, config.head_dim
         # Q, K and V in one matmul: one weight read per step instead of three kernel launches.
         qkv_features = (config.n_heads + 2 * config.n_kv_heads) * config.head_dim
-        self.wqkv = Linear(config.dim, qkv_features)
-        self.wo = Linear(config.n_heads * config.head_dim, config.dim)
+        self.wqkv = nn.Linear(config.dim, qkv_features, bias=False)
+        self.wo = nn.Linear(config.n_heads * config.head_dim, config.dim, bias=False)
         # Qwen2's biases: a float vector added after the matmul, so the (quantized) layer itself stays bias-free
         self.qkv_bias = nn.Parameter(torch.zeros(qkv_features)) if config.qkv_bias else None
         # Qwen3: one RMSNorm weight of head_dim, shared by the heads of Q (and of K)
@@ -293,7 +169,7 @@ class Attention(nn.Module):
         self.k_norm = RMSNorm(config.head_dim, config.norm_eps) if config.qk_norm else None
         self.kv_cache = None
 
-    def forward(self, x, freqs, mask, input_pos):
+    def forward(self, x, freqs, mask, cache_index):
         B, T, _ = x.shape
         H, Hkv, D = self.n_heads, self.n_kv_heads, self.head_dim
         qkv = self.wqkv(x) if self.qkv_bias is None else self.wqkv(x) + self.qkv_bias
@@ -305,19 +181,11 @@ class Attention(nn.Module):
         k = apply_rotary_emb(k, freqs).transpose(1, 2)
         v = v.transpose(1, 2)
         # GQA without copying K/V: the n_rep query heads that share a KV head become n_rep * T query rows.
-        n_rep = H // Hkv
-        q = q.reshape(B, Hkv, n_rep * T, D)
-        paged = isinstance(self.kv_cache, PagedKVCache)
-        if T == 1 and (paged or n_rep == 1) and input_pos is not None and x.is_cpu and torch.compiler.is_compiling():
-            if paged:  # serving's decode step: no gather
-                y = self.kv_cache.attend_one(q, k, v, input_pos, mask[:, 0, 0])
-            else:  # one query row per head, SDPA's worst case (see attend_one)
-                keys, values = self.kv_cache.update(input_pos, k, v)
-                y = attend_one(q, keys.transpose(1, 2), values.transpose(1, 2), mask[:, 0, 0])
+        q = q.reshape(B, Hkv, H // Hkv * T, D)
+        if self.kv_cache is None or cache_index is None:
+            y = attention(q, k, v, mask)
         else:
-            if self.kv_cache is not None and input_pos is not None:
-                k, v = self.kv_cache.update(input_pos, k, v)
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask.repeat(1, 1, n_rep, 1) if n_rep > 1 else mask)
+            y = self.kv_cache.attend(q, k, v, cache_index, mask)
         # reshape: CUDA's SDPA returns y stored T-major, which no view splits into H heads (on CPU this is a view)
         y = y.reshape(B, H, T, D).transpose(1, 2).reshape(B, T, H * D)
         return self.wo(y)
@@ -327,8 +195,8 @@ class FeedForward(nn.Module):
     def __init__(self, config: ModelArgs):
         super().__init__()
         # gate (w1) and up (w3) projections fused: rows [0, I) are w1, rows [I, 2I) are w3.
-        self.w13 = Linear(config.dim, 2 * config.intermediate_size)
-        self.w2 = Linear(config.intermediate_size, config.dim)
+        self.w13 = nn.Linear(config.dim, 2 * config.intermediate_size, bias=False)
+        self.w2 = nn.Linear(config.intermediate_size, config.dim, bias=False)
 
     def forward(self, x):
         gate, up = self.w13(x).chunk(2, dim=-1)
@@ -360,7 +228,7 @@ class MoEFeedForward(nn.Module):
         super().__init__()
         E, D, I = config.n_experts, config.dim, config.intermediate_size
         self.n_experts, self.k, self.norm_topk_prob = E, config.n_active_experts, config.norm_topk_prob
-        self.gate = Linear(D, E)  # the router
+        self.gate = nn.Linear(D, E, bias=False)  # the router
         self.w13 = Experts(E, D, 2 * I)  # gate and up projections fused, as FeedForward's
         self.w2 = Experts(E, I, D)
 

@@ -10,15 +10,15 @@ holds {"quantization": {...}, "state_dict": {...}}, and stores int4 weights in a
 for the device's kernel when loaded, so one file runs on CPU and CUDA.
 """
 # first, before torch: cli's Ctrl-C handler must be in place while the libraries load (see cli.py)
-from cli import check_at_least, check_device, check_output_path, cli_main
+from llama_fast.cli import check_at_least, check_device, check_output_path, cli_main
 import argparse
 import sys
 import time
 from pathlib import Path
 
-from checkpoint import atomic_save, check_is_file, check_vocab, load_model, tokenizer_file
-from gptq import calibration_sequences, gptq_quantize_model, read_calibration_text
-from qlinear import GROUP_SIZES, quantize_model
+from llama_fast.checkpoint import atomic_save, check_is_file, check_vocab, load_model, tokenizer_file
+from llama_fast.quant.gptq import calibration_sequences, gptq_quantize_model, read_calibration_text
+from llama_fast.quant.qlinear import GROUP_SIZES, quantize_model
 from tokenizer import load_tokenizer
 
 MODES = ("int8", "int4", "int4-gptq")
@@ -94,7 +94,7 @@ def quantize(args) -> tuple[Path, int]:
     out = output_path(args.checkpoint_path, args.mode, args.groupsize)
     check_output_path(out, "output", force=args.force)
     calibration_data = calibration(args) if args.mode == "int4-gptq" else None
-    model = load_model(args.checkpoint_path, args.device, precision=None, cpu_kernels="addmv")  # weights as stored
+    model = load_model(args.checkpoint_path, args.device, precision=None, cpu_kernels="none")  # weights as stored
     if model.quantization:
         raise ValueError(f"{args.checkpoint_path} is already quantized")
     if calibration_data:

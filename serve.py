@@ -7,7 +7,8 @@ GET /health, GET /metrics (Prometheus). FastAPI + uvicorn carry the HTTP on a th
 the main thread and hands each request's text to the event loop as it is produced. Binds 127.0.0.1 unless --host
 says otherwise.
 """
-from cli import (PRECISIONS, add_model_args, check_at_least, check_device, cli_main)  # first, before torch (cli.py)
+from llama_fast.cli import (PRECISIONS, add_model_args, check_at_least, check_device,  # first, before torch (cli.py)
+                            cli_main)
 import argparse
 import asyncio
 import json
@@ -29,9 +30,11 @@ from prometheus_client import CollectorRegistry, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
 import tp
-from api import ChatRequest, CompletionRequest, chat_chunk, chat_response, completion_chunk, completion_response
-from checkpoint import check_vocab, load_model, tokenizer_file
-from engine import WORKER_PING_S, Engine, EngineConfig, Request, ping_workers, stop_workers, worker_loop
+from llama_fast.serving.api import (ChatRequest, CompletionRequest, chat_chunk, chat_response, completion_chunk,
+                                    completion_response)
+from llama_fast.checkpoint import check_vocab, load_model, tokenizer_file
+from llama_fast.serving.engine import (WORKER_PING_S, Engine, EngineConfig, Request, ping_workers, stop_workers,
+                                       worker_loop)
 from tokenizer import load_tokenizer
 
 

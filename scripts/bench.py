@@ -19,19 +19,22 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 # first, before torch: cli's Ctrl-C handler must be in place while the libraries load (see cli.py)
-from cli import (CPU_GEMM_CHOICES, CPU_GEMM_HELP, CPU_KERNEL_CHOICES, CPU_KERNEL_HELP, PRECISIONS, check_at_least,  # noqa: E402
-                 check_device, check_output_path, cli_main, default_device)
+from llama_fast.cli import (CPU_GEMM_CHOICES, CPU_GEMM_HELP, CPU_KERNEL_CHOICES, CPU_KERNEL_HELP,  # noqa: E402
+                            PRECISIONS, check_at_least, check_device, check_output_path, cli_main, default_device)
 import torch  # noqa: E402
 
-from checkpoint import load_model, tokenizer_file, write_json  # noqa: E402
+from llama_fast.checkpoint import cpu_kernels_for, load_model, tokenizer_file, write_json  # noqa: E402
 from decoding import compile_cache_counts, generate, make_steps, peak_memory_bytes, weight_bytes  # noqa: E402
-from lookahead import LookaheadConfig, lookahead_config, lookahead_generate, lookahead_stats  # noqa: E402
+from llama_fast.speculate.lookahead import (LookaheadConfig, lookahead_config, lookahead_generate,  # noqa: E402
+                                            lookahead_stats)
 from model import Transformer  # noqa: E402
 from model_config import CONFIG_NAME, PRESETS, ModelArgs  # noqa: E402
-from qlinear import GROUP_SIZES, quantize_model  # noqa: E402
+from llama_fast.quant.qlinear import GROUP_SIZES, quantize_model  # noqa: E402
 from sampling import SamplingConfig  # noqa: E402
-from speculative import DraftModel, PromptLookup, acceptance_stats, speculative_generate  # noqa: E402
-from step_kernels import cpu_kernel_metrics, randomize, step_kernel  # noqa: E402
+from llama_fast.speculate.speculative import (DraftModel, PromptLookup, acceptance_stats,  # noqa: E402
+                                              speculative_generate)
+from llama_fast.cpu.choice import metrics as cpu_kernel_metrics, use_cpu_kernels  # noqa: E402
+from llama_fast.cpu.tune import randomize  # noqa: E402
 from tokenizer import load_tokenizer  # noqa: E402
 
 
@@ -50,7 +53,7 @@ def quantized(model: Transformer, mode: str, groupsize: int, device, dtype) -> T
         model.config.save(Path(tmp) / CONFIG_NAME)
         torch.save({"quantization": meta, "state_dict": {k: v.cpu() for k, v in state.items()}}, Path(tmp) / "q.pth")
         del state, model
-        return load_model(Path(tmp) / "q.pth", device, dtype, cpu_kernels="addmv")
+        return load_model(Path(tmp) / "q.pth", device, dtype, cpu_kernels="none")
 
 
 def measure_bandwidth(device, nbytes: int, repeats: int = 10) -> float:
@@ -106,7 +109,7 @@ def load_target(args, dtype) -> tuple[Transformer, str]:
     """The model to benchmark and its label: a checkpoint or a random preset, quantized in memory if asked; its
     weights as stored (main() gives it its CPU kernels once any draft has been quantized from it)."""
     if args.checkpoint_path:
-        model = load_model(args.checkpoint_path, args.device, dtype, cpu_kernels="addmv")
+        model = load_model(args.checkpoint_path, args.device, dtype, cpu_kernels="none")
         label = str(args.checkpoint_path)
     else:
         model, label = random_model(args.model, args.device, dtype), f"{args.model} (random weights)"
@@ -117,10 +120,8 @@ def load_target(args, dtype) -> tuple[Transformer, str]:
 
 
 def use_kernels(args, model: Transformer) -> Transformer:
-    """The model with its CPU kernels: --cpu_kernels, where auto with --compile also times inductor's loops
-    (step_kernels.py), as generate.py does."""
-    model.use_cpu_kernels(step_kernel(model, args.cpu_kernels, args.compile), args.cpu_gemm)
-    return model
+    """The model with its CPU kernels (--cpu_kernels, --cpu_gemm), as generate.py gives them."""
+    return use_cpu_kernels(model, cpu_kernels_for(model, args.cpu_kernels, args.cpu_gemm, args.compile))
 
 
 def check_args(args):

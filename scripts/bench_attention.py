@@ -16,11 +16,11 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 # first, before torch: cli's Ctrl-C handler must be in place while the libraries load (see cli.py)
-from cli import PRECISIONS, check_at_least, cli_main  # noqa: E402
+from llama_fast.cli import PRECISIONS, check_at_least, cli_main  # noqa: E402
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
-from model import attend_one  # noqa: E402
+from llama_fast.cpu.layers import attend_one  # noqa: E402
 
 
 def build_parser() -> argparse.ArgumentParser:

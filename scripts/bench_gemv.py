@@ -28,11 +28,11 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from cpu_kernels import float32_gemm, forcible, w8a8_library  # noqa: E402
-from model import Linear  # noqa: E402
-from qlinear import CPU_INT4_BLOCK, Int4Linear, Int8Linear, quantize_linear  # noqa: E402
+from llama_fast.cpu.kernels import float32_gemm, forcible, w8a8_library  # noqa: E402
+from llama_fast.cpu.layers import CpuLinear  # noqa: E402
+from llama_fast.quant.qlinear import CPU_INT4_BLOCK, Int4Linear, Int8Linear, quantize_linear  # noqa: E402
 from scripts.bench import measure_bandwidth  # noqa: E402
-from step_kernels import inductor_build  # noqa: E402
+from llama_fast.cpu.toolchain import inductor_build  # noqa: E402
 
 
 def median_seconds(layers, x, repeats):
@@ -56,6 +56,16 @@ def dense_matmul(layer, dtype):
     return lambda x: float32_gemm(x, lambda i, j: rows(torch.float32, i, j), len(layer.weight), CPU_INT4_BLOCK or 16)
 
 
+def check_args(args):
+    if args.tokens < 1 or args.repeats < 1 or args.threads < 1:
+        sys.exit("error: --tokens, --repeats and --threads must be at least 1")
+    if not set(args.groupsizes) <= {32, 64, 128, 256}:
+        sys.exit("error: --groupsizes must be among 32 64 128 256")
+    if args.in_features % max(args.groupsizes) or args.out_features % 16:  # what the int4 CPU packer takes
+        sys.exit(f"error: --in_features must be a multiple of {max(args.groupsizes)} (the largest group size) "
+                 "and --out_features a multiple of 16")
+
+
 @torch.no_grad()
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -68,13 +78,7 @@ def main():
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--tokens", type=int, default=1, help="rows of the activation (1: a decode step)")
     args = p.parse_args()
-    if args.tokens < 1 or args.repeats < 1 or args.threads < 1:
-        sys.exit("error: --tokens, --repeats and --threads must be at least 1")
-    if not set(args.groupsizes) <= {32, 64, 128, 256}:
-        sys.exit("error: --groupsizes must be among 32 64 128 256")
-    if args.in_features % max(args.groupsizes) or args.out_features % 16:  # what the int4 CPU packer takes
-        sys.exit(f"error: --in_features must be a multiple of {max(args.groupsizes)} (the largest group size) "
-                 "and --out_features a multiple of 16")
+    check_args(args)
     torch.set_num_threads(args.threads)
     N, K = args.out_features, args.in_features
     calls = max(2, round(args.stream_bytes / (N * K)))  # layers per pass: distinct copies, or one repeated
@@ -82,12 +86,16 @@ def main():
     print(f"{N} x {K} weights, {where}, {args.tokens} token(s), {torch.get_num_threads()} threads, "
           f"torch {torch.__version__}, loops built by {inductor_build()}")
     x = torch.randn(args.tokens, K, dtype=torch.bfloat16)
-    dense = Linear(K, N).to(torch.bfloat16)
+    dense = torch.nn.Linear(K, N, bias=False).to(torch.bfloat16).requires_grad_(False)
 
     def report(name, layer, kernel=None, dequantize=None):
         layers = [layer] * calls if args.cached else [layer] + [copy.deepcopy(layer) for _ in range(calls - 1)]
-        for distinct in {id(m): m for m in layers}.values() if kernel else ():
-            distinct.use_kernel(kernel)  # after the copies: a prepacked weight cannot be copied
+        if kernel and isinstance(layer, torch.nn.Linear):  # after the copies: a prepacked weight cannot be copied
+            swapped = {id(m): CpuLinear(m, kernel) for m in layers}
+            layers = [swapped[id(m)] for m in layers]
+        elif kernel:
+            for distinct in {id(m): m for m in layers}.values():
+                distinct.use_kernel(kernel)
         if dequantize:
             layers = [dense_matmul(m, dequantize) for m in layers]
         if kernel == "inductor":  # its generated loop exists inside a compiled graph only: one of all the layers
@@ -97,7 +105,7 @@ def main():
         print(f"{name:42s} {N * K * calls / t / 1e9:6.2f} G weights/s {nbytes * calls / t / 1e9:6.2f} GB/s", flush=True)
 
     for kernel in forcible(torch.bfloat16):  # what --cpu_kernels can name
-        report(f"bf16 (model.Linear: {kernel}{', compiled' if kernel == 'inductor' else ''})", copy.deepcopy(dense),
+        report(f"bf16 (CpuLinear: {kernel}{', compiled' if kernel == 'inductor' else ''})", copy.deepcopy(dense),
                kernel)
     report("bf16 (float32 GEMM, --cpu_gemm float32)", dense, dequantize=torch.float32)
     int8 = Int8Linear(K, N)

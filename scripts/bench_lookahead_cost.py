@@ -14,13 +14,15 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 # first, before torch: cli's Ctrl-C handler must be in place while the libraries load (see cli.py)
-from cli import PRECISIONS, check_at_least, check_device, check_output_path, cli_main, default_device  # noqa: E402
+from llama_fast.cli import (PRECISIONS, check_at_least, check_device, check_output_path, cli_main,  # noqa: E402
+                            default_device)
 import torch  # noqa: E402
 
 from bench import random_model  # noqa: E402
-from checkpoint import write_json  # noqa: E402
+from llama_fast.checkpoint import write_json  # noqa: E402
+from llama_fast.cpu.choice import choose_kernels, use_cpu_kernels  # noqa: E402
 from decoding import make_steps, sync  # noqa: E402
-from lookahead import LookaheadConfig, layout  # noqa: E402
+from llama_fast.speculate.lookahead import LookaheadConfig, layout, lookahead_step  # noqa: E402
 from model_config import PRESETS  # noqa: E402
 from sampling import SamplingConfig  # noqa: E402
 
@@ -77,8 +79,8 @@ def cost_table(model, configs: list, device, context: int, repeats: int) -> list
         start = torch.tensor([pos], device=device)
 
         def step():
-            return steps.lookahead(model, tokens, start, offsets, tree, 1 + cfg.guesses * (cfg.ngram - 1),
-                                   greedy).tolist()
+            return steps.compiled(lookahead_step)(model, tokens, start, offsets, tree,
+                                                  1 + cfg.guesses * (cfg.ngram - 1), greedy).tolist()
 
         for _ in range(3):  # compile and warm up both
             decode(), step()
@@ -103,7 +105,7 @@ def run(args) -> int:
     results = {}
     for name in args.model:
         model = random_model(name, args.device, PRECISIONS[args.precision])
-        kernel = model.use_cpu_kernels("auto") if args.device == "cpu" else ""
+        kernel = use_cpu_kernels(model, choose_kernels(model)).cpu_kernels.linear if args.device == "cpu" else ""
         print(f"{name} {args.precision} on {args.device} {kernel}:", flush=True)
         results[name] = cost_table(model, configs, args.device, args.context, args.repeats)
         del model

@@ -15,12 +15,14 @@ from dataclasses import asdict
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from cli import check_output_path, cli_main  # noqa: E402 -- first, before torch: its Ctrl-C handler (see cli.py)
+from llama_fast.cli import (check_output_path,  # noqa: E402 -- first, before torch: its Ctrl-C handler (see cli.py)
+                            cli_main)
 import torch  # noqa: E402
 from safetensors.torch import save_file  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
-from checkpoint import HF_TOKENIZER_NAME, TOKENIZER_NAME, atomic_save, check_shapes, read_state_dict  # noqa: E402
+from llama_fast.checkpoint import (HF_TOKENIZER_NAME, TOKENIZER_NAME, atomic_save, check_shapes,  # noqa: E402
+                                   read_state_dict)
 from model import Transformer  # noqa: E402
 from model_config import CONFIG_NAME, ModelArgs  # noqa: E402
 

@@ -12,7 +12,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from cli import check_output_folder, cli_main  # noqa: E402
+from llama_fast.cli import check_output_folder, cli_main  # noqa: E402
 
 EXTRAS = ["config.json", "generation_config.json", "tokenizer_config.json", "tokenizer.json",
           "tokenizer.model", "original/tokenizer.model"]  # Llama-3 ships its tiktoken file only under original/

@@ -22,10 +22,10 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 # first, before torch: cli's Ctrl-C handler must be in place while the libraries load (see cli.py)
-from cli import check_output_folder, check_output_path, cli_main  # noqa: E402
+from llama_fast.cli import check_output_folder, check_output_path, cli_main  # noqa: E402
 import torch  # noqa: E402
 
-from checkpoint import TOKENIZER_NAME, atomic_save, check_is_file, read_config, read_state_dict  # noqa: E402
+from llama_fast.checkpoint import TOKENIZER_NAME, atomic_save, check_is_file, read_config, read_state_dict  # noqa: E402
 from model_config import CONFIG_NAME, PRESETS, ModelArgs  # noqa: E402
 
 

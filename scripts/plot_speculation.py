@@ -17,7 +17,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 # first, before torch: cli's Ctrl-C handler must be in place while the libraries load (see cli.py)
-from cli import check_output_path, cli_main, read_text_file  # noqa: E402
+from llama_fast.cli import check_output_path, cli_main, read_text_file  # noqa: E402
 
 
 def load_runs(paths: list) -> list:

@@ -19,12 +19,14 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 # first, before torch: cli's Ctrl-C handler must be in place while the libraries load (see cli.py)
-from cli import check_at_least, check_output_folder, check_output_path, cli_main, read_text_file  # noqa: E402
+from llama_fast.cli import (check_at_least, check_output_folder, check_output_path, cli_main,  # noqa: E402
+                            read_text_file)
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
-from checkpoint import TOKENIZER_NAME, atomic_save, check_is_file, check_shapes, read_config, read_state_dict  # noqa: E402
-from cpu_kernels import float32_from  # noqa: E402
+from llama_fast.checkpoint import (TOKENIZER_NAME, atomic_save, check_is_file, check_shapes,  # noqa: E402
+                                   read_config, read_state_dict)
+from llama_fast.cpu.choice import has_16bit_gemm  # noqa: E402
 from model import Transformer  # noqa: E402
 from model_config import CONFIG_NAME, ModelArgs  # noqa: E402
 from tokenizer import load_tokenizer  # noqa: E402
@@ -34,7 +36,7 @@ def train(model: Transformer, data: torch.Tensor, steps: int, seq_len: int, batc
           minutes: float = 0.0, seed: int = 0, log=print, repeat: tuple = (0.0, []), bf16: bool = True) -> list:
     """AdamW on random windows of `data` with linear warm-up and cosine decay, in bfloat16 autocast if bf16 (AMX on
     recent Intel CPUs; without AVX-512 BF16 a bf16 GEMM is ~8x slower than float32's, and a step 40x: main() asks
-    cpu_kernels.float32_from). Stops after `steps`, or earlier after `minutes` > 0. Returns the loss per step.
+    llama_fast.cpu.choice.has_16bit_gemm). Stops after `steps`, or earlier after `minutes` > 0. Returns the loss per step.
     repeat = (fraction, request token ids): that fraction of each batch are repeat windows (repeat_window)."""
     gen = torch.Generator().manual_seed(seed)
     opt = torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.95), weight_decay=0.1)
@@ -172,7 +174,7 @@ def run(args) -> int:
     print(f"{sum(p.numel() for p in model.parameters()) / 1e6:.1f}M parameters, {len(data)} training tokens",
           file=sys.stderr)
     repeat = (args.repeat_fraction, tokenizer.encode(args.repeat_request, bos=False))
-    bf16 = float32_from(torch.bfloat16) is None  # None: this CPU's bf16 GEMM is not the slow one
+    bf16 = has_16bit_gemm()
     print(f"training in {'bfloat16 autocast' if bf16 else 'float32 (the bf16 GEMM is slow on this CPU)'}",
           file=sys.stderr)
     train(model, data, args.steps, args.seq_len, args.batch_size, args.lr, args.minutes, args.seed,

@@ -264,7 +264,7 @@ def quantized_copy(hf_checkpoint, tmp_path_factory):
 def load_ours(device):
     """load_ours(checkpoint_dir) -> a fresh float32 Transformer on the run's --device, loaded through
     checkpoint.load_model. Tests that use it run their model on the device (they are marked `device`)."""
-    import checkpoint
+    from llama_fast import checkpoint
 
     return lambda d: checkpoint.load_model(Path(d) / "model.pth", device, torch.float32)
 
@@ -273,7 +273,7 @@ def load_ours(device):
 def load_cpu():
     """load_cpu(checkpoint_dir) -> a fresh float32 CPU Transformer, for the tests that only make sense on CPU
     (command-line subprocesses run with --device cpu, tensor parallelism over gloo, CPU kernels)."""
-    import checkpoint
+    from llama_fast import checkpoint
 
     return lambda d: checkpoint.load_model(Path(d) / "model.pth", "cpu", torch.float32)
 

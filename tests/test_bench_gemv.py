@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 import torch
 
-import cpu_kernels
-from cpu_kernels import forcible
+from llama_fast.cpu import kernels as cpu_kernels
+from llama_fast.cpu.kernels import forcible
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -46,7 +46,8 @@ def test_refuses_shapes_the_kernels_cannot_take(mistake):
 
 
 def test_bench_attention_reports_both_kernels_and_refuses_bad_sizes():
-    """scripts/bench_attention.py (SDPA against model.attend_one): one table row per configuration, both timed."""
+    """scripts/bench_attention.py (SDPA against llama_fast.cpu.layers.attend_one): one table row per configuration,
+    both timed."""
     proc = subprocess.run([sys.executable, "scripts/bench_attention.py", "--head_dim", "16", "--n_rep", "1", "2",
                            "--keys", "24", "--layers", "2", "--repeats", "1"], cwd=ROOT, capture_output=True, text=True,
                           timeout=300)

@@ -2,36 +2,18 @@
 its output must be what generate() produces in-process (user mistakes: tests/test_mistakes.py)."""
 import json
 import math
-import os
-import subprocess
-import sys
 from dataclasses import asdict
-from pathlib import Path
 
 import pytest
 from conftest import english_ish
+from helpers import BASE, N_NEW, assert_ran_cleanly, run_cli
 
 import decoding
 from sampling import SamplingConfig
-from step_kernels import inductor_build
+from llama_fast.cpu.toolchain import inductor_build
 from tokenizer import load_tokenizer
 
-ROOT = Path(__file__).resolve().parent.parent
-N_NEW = 16
-BASE = ["--max_new_tokens", str(N_NEW), "--num_samples", "1", "--temperature", "0", "--precision", "float32",
-        "--device", "cpu"]
 PROMPTS = ["The quick dog sees a red bird", "A king", "Yesterday the old farmer walks across the river and"]
-
-
-def run_cli(*args, env: dict | None = None) -> subprocess.CompletedProcess:
-    # KINETO_LOG_LEVEL: a CUDA build of torch profiling on a machine with no GPU logs "ERROR ... gpuGetDeviceCount
-    # failed" from its profiler library (seen with torch 2.11+cu130); not ours, and it would trip assert_ran_cleanly
-    env = {**os.environ, "PYTHONIOENCODING": "utf-8", "OMP_NUM_THREADS": "1", "KINETO_LOG_LEVEL": "5", **(env or {})}
-    proc = subprocess.run([sys.executable, "generate.py", *map(str, args)], cwd=ROOT, env=env, capture_output=True,
-                          timeout=300)
-    # bytes, decoded here: text mode would turn a generated "\r" into "\n"
-    proc.stdout, proc.stderr = proc.stdout.decode("utf-8"), proc.stderr.decode("utf-8")
-    return proc
 
 
 @pytest.fixture(scope="module")
@@ -50,11 +32,6 @@ def expected_rows(ckpt, texts):
 
 def shown(tok, row):
     return tok.decode([t for t in row if t not in tok.eos_ids])
-
-
-def assert_ran_cleanly(proc):
-    assert proc.returncode == 0, proc.stderr
-    assert "Traceback" not in proc.stderr and "error" not in proc.stderr.lower(), proc.stderr
 
 
 def test_single_prompt(ckpt):

@@ -15,7 +15,7 @@ from safetensors.torch import load_file, save_file
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
-from checkpoint import load_model  # noqa: E402
+from llama_fast.checkpoint import load_model  # noqa: E402
 
 transformers = pytest.importorskip("transformers")
 

@@ -10,8 +10,8 @@ import torch
 from conftest import hf_greedy
 
 from decoding import generate
-from engine import Engine, EngineConfig, Request
-from paged_cache import BlockPool
+from llama_fast.serving.engine import Engine, EngineConfig, Request
+from llama_fast.serving.paged_cache import BlockPool
 from sampling import SamplingConfig
 
 pytestmark = pytest.mark.device
@@ -151,6 +151,13 @@ def test_requests_that_cannot_be_served_are_refused(hf_checkpoint, load_ours):
                                         ([1] * 60, 10, "KV cache"), ([1], 0, "at least 1")]:
         with pytest.raises(ValueError, match=message):
             engine.add(Request(prompt, max_tokens))
+    for seed in (2**64, -2**63 - 1):  # beyond torch.Generator's seeds: refused here, never on the engine's thread
+        with pytest.raises(ValueError, match="seed must be in"):
+            engine.add(Request([1, 2], 4, seed=seed))
+    for seed in (2**64 - 1, -2**63):
+        engine.add(Request([1, 2], 4, seed=seed))
+    while engine.step():
+        pass
 
 
 def test_block_pool_reference_counts_and_prefix_eviction():
@@ -158,7 +165,7 @@ def test_block_pool_reference_counts_and_prefix_eviction():
     a, b = pool.allocate(), pool.allocate()
     pool.register(a, b"x")
     assert pool.match([7, 7, 7]) == ([], [])  # digests are of token contents, "x" is not one
-    from paged_cache import block_digest
+    from llama_fast.serving.paged_cache import block_digest
     pool.register(b, block_digest(b"", [5, 6]))
     assert pool.match([5, 6, 9]) == ([b], [block_digest(b"", [5, 6])]) and pool.refs[b] == 2
     pool.release([a, b])
@@ -194,7 +201,7 @@ def check_compiled_engine(model, reference, workload: list, max_batch_size: int,
 
 def quantized_checkpoint(mode: str, hf_checkpoint, load_cpu, folder) -> Path:
     """The "gqa" fixture quantized by quantize_model, saved as quantize.py saves it (config beside it)."""
-    import qlinear as Q
+    from llama_fast.quant import qlinear as Q
     _, d = hf_checkpoint("gqa")
     state, meta = Q.quantize_model(load_cpu(d), mode, groupsize=32, progress=False)
     path = folder / f"model_{mode}.pth"
@@ -205,7 +212,7 @@ def quantized_checkpoint(mode: str, hf_checkpoint, load_cpu, folder) -> Path:
 
 @pytest.mark.parametrize("mode", ["int8", "int4"])
 def test_quantized_checkpoints(mode, hf_checkpoint, load_cpu, prompt_ids, device, tmp_path):
-    import checkpoint
+    from llama_fast import checkpoint
     model = checkpoint.load_model(quantized_checkpoint(mode, hf_checkpoint, load_cpu, tmp_path), device, torch.float32)
     reference = copy.deepcopy(model)
     engine = Engine(model, None, EngineConfig(max_batch_size=4, block_size=8))
@@ -218,8 +225,8 @@ def test_quantized_checkpoints(mode, hf_checkpoint, load_cpu, prompt_ids, device
 def test_w8a8_int8_checkpoint_compiled(hf_checkpoint, load_cpu, prompt_ids, device, tmp_path):
     """--cpu_kernels w8a8 (int8 activations, quantized per token): the compiled engine's dynamic batches give each
     request what it gets alone, since no row's rounding depends on another's."""
-    import checkpoint
-    import cpu_kernels
+    from llama_fast import checkpoint
+    from llama_fast.cpu import kernels as cpu_kernels
     if device != "cpu":
         pytest.skip("w8a8 is a CPU kernel")
     if not cpu_kernels.w8a8_library():

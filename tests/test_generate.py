@@ -8,11 +8,13 @@ import math
 
 import pytest
 import torch
-from conftest import hf_greedy
+from conftest import hf_greedy, on_cpu
 from torch._dynamo.utils import counters
 
-import checkpoint
+from llama_fast import checkpoint
 import decoding
+from llama_fast.cpu.layers import CpuKVCache
+from model import KVCache
 from sampling import SamplingConfig, apply_penalties, logits_to_probs, sample
 
 GREEDY = SamplingConfig(temperature=0)
@@ -161,11 +163,12 @@ def test_batch_gqa_compiled_equals_alone_and_stops_at_eos(gqa, compiled_steps, b
 
 def test_compiled_mha_decode_step_equals_sdpa(mha, batch_prompts, device):
     """On CPU, a compiled one-token step of a model with one query head per KV head attends through
-    model.attend_one, not SDPA (measured faster there): its logits equal the eager step's (SDPA) in float32, for a
+    CpuKVCache's attend_one, not SDPA (measured faster there): its logits equal the eager step's (SDPA) in float32, for a
     left-padded batch at several positions, and the batch's greedy tokens equal transformers' for each prompt
     alone."""
     hf, ours = mha
     assert ours.config.n_heads == ours.config.n_kv_heads
+    assert ours.kv_cache_class is (CpuKVCache if on_cpu(device) else KVCache)  # what loading swapped in
     step = decoding.compile_static(lambda m, tok, pos, pad: m(tok, pos, pad), device)
     batch = decoding.Batch.of(batch_prompts, ours.config.vocab_size, False, device)
     T = batch.tokens.shape[1]

@@ -10,14 +10,14 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import english_ish
-from test_cli import BASE, assert_ran_cleanly, run_cli
-from test_speculative import CONTEXT, GREEDY, SAMPLING, V, chi_square_p_value, joint, next_token_tables
+from helpers import (BASE, CONTEXT, GREEDY, SAMPLING, V, assert_ran_cleanly, chi_square_p_value, joint,
+                     next_token_tables, run_cli)
 
 import decoding
 import generate
-from checkpoint import load_model
-from lookahead import (Lookahead, LookaheadConfig, NgramPool, accept, candidate_row, layout, lookahead_generate,
-                       window_row)
+from llama_fast.checkpoint import load_model
+from llama_fast.speculate.lookahead import (Lookahead, LookaheadConfig, NgramPool, accept, candidate_row, layout,
+                                               lookahead_generate, tree_mask, window_row)
 from model import Transformer
 from model_config import ModelArgs
 from sampling import SamplingConfig
@@ -98,7 +98,7 @@ def test_each_row_gives_the_logits_of_its_own_sequence(target):
     target(torch.tensor([prefix[:-1]], device=device), torch.arange(P, device=device))
     start = torch.tensor([P], device=device)
     logits = target(torch.tensor([tokens], device=device), P + torch.arange(cfg.length, device=device),
-                    mask=target.tree_mask(tree.to(device), offsets.to(device), start),
+                    mask=tree_mask(target, tree.to(device), offsets.to(device), start),
                     positions=start + offsets.to(device))[0]
     for row in range(cfg.length):
         seq = prefix[:-1] + [tokens[i] for i in torch.nonzero(tree[row])[:, 0].tolist()]
@@ -115,7 +115,7 @@ def test_sliding_window_mask_counts_positions():
     model.setup_caches(1, 32)
     cfg = LookaheadConfig(2, 3, 1)
     tree, offsets = layout(cfg)
-    mask = model.tree_mask(tree, offsets, torch.tensor([10]))[0]
+    mask = tree_mask(model, tree, offsets, torch.tensor([10]))[0]
     key_pos = torch.cat([torch.arange(10), 10 + offsets, torch.arange(10 + cfg.length, 32)])
     for row in range(cfg.length):
         pos = 10 + offsets[row]
@@ -187,13 +187,16 @@ def test_kv_cache_after_each_step_equals_a_forward_over_the_accepted_tokens(trai
     model.setup_caches(1, 200)
     first = decoding.prefill(model, torch.tensor([prompt], device=device), torch.arange(len(prompt), device=device),
                              None, GREEDY, None, None).item()
-    state, seq = Lookahead(cfg, prompt, device), prompt + [first]
-    state.text.append(first)
+    state, seq = Lookahead(cfg), prompt + [first]
+    state.start(model, prompt, 200, GREEDY, decoding.Steps())
+    state.accepted([first], 0)
     reference = Transformer(model.config).to(device)
     reference.load_state_dict(model.state_dict())
     moved = 0
     for _ in range(30):  # 20 steps moved only 5 tokens on an AVX2 CPU: its float32 sums differ, so do the guesses
-        new, n, _ = state.step(model, seq[-1], len(seq) - 1, GREEDY, decoding.Steps())
+        new, n = state.step(model, torch.tensor([[seq[-1]]], device=device), len(seq) - 1, cfg.ngram - 1, GREEDY,
+                            decoding.Steps())
+        state.accepted(new, n)
         seq += new
         moved += n
         reference.setup_caches(1, 200)

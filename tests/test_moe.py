@@ -8,9 +8,9 @@ import pytest
 import torch
 from conftest import hf_greedy
 
-import checkpoint
+from llama_fast import checkpoint
 import decoding
-import qlinear as Q
+from llama_fast.quant import qlinear as Q
 from model import Experts, MoEFeedForward
 from model_config import CONFIG_NAME
 from sampling import SamplingConfig
@@ -79,31 +79,32 @@ def test_quantized_experts_within_bound(moe, mode, hf_checkpoint, load_cpu, prom
 
 
 def test_compiled_command_line_matches_hf(moe):
-    import test_cli
+    from helpers import BASE, assert_ran_cleanly, run_cli
+    from tokenizer import load_tokenizer
 
     name, hf, d, _ = moe
-    tok = test_cli.load_tokenizer(d / "tokenizer.model")
+    tok = load_tokenizer(d / "tokenizer.model")
     text = "The quick dog sees a red bird and the old farmer walks"
     ids = tok.encode(text)
     ref = hf_greedy(hf, [ids], 32)[0]
-    proc = test_cli.run_cli("--checkpoint_path", d / "model.pth", "--prompt", text, *test_cli.BASE,
-                            "--max_new_tokens", "32", "--ignore_eos", "--compile")
-    test_cli.assert_ran_cleanly(proc)
+    proc = run_cli("--checkpoint_path", d / "model.pth", "--prompt", text, *BASE, "--max_new_tokens", "32",
+                   "--ignore_eos", "--compile")
+    assert_ran_cleanly(proc)
     assert proc.stdout == tok.decode(ids + ref) + "\n", name
 
 
 def test_two_processes_compute_what_one_does(hf_checkpoint, load_cpu, sp_tokenizer, tmp_path):
     """Experts sharded along their intermediate dimension (gpt-fast's way), the router replicated: float32 and
     int8 Mixtral over 2 gloo processes give one process's logits and greedy tokens."""
-    import test_tp
+    from helpers import TP_PROMPT, torchrun
 
     _, d = hf_checkpoint("mixtral")
     state, meta = Q.quantize_model(load_cpu(d), "int8", progress=False)
     torch.save({"quantization": meta, "state_dict": state}, d / "model_int8.pth")
     paths = [d / "model.pth", d / "model_int8.pth"]
-    prompt = sp_tokenizer.encode(test_tp.PROMPT)
+    prompt = sp_tokenizer.encode(TP_PROMPT)
     out = tmp_path / "tp.pt"
-    proc = test_tp.torchrun("tests/tp_worker.py", out, ",".join(map(str, prompt)), 16, *paths)
+    proc = torchrun("tests/tp_worker.py", out, ",".join(map(str, prompt)), 16, *paths)
     assert proc.returncode == 0, proc.stderr[-3000:]
     results = torch.load(out, weights_only=True)
     for path in paths:
@@ -117,7 +118,7 @@ def test_two_processes_compute_what_one_does(hf_checkpoint, load_cpu, sp_tokeniz
 def test_speculative_decoding_on_top(moe, prompt_ids, tmp_path):
     """Speculative decoding runs unchanged on a MoE target (its K+1-token verify forwards take the grouped path):
     drafted by its own int8 copy, greedy output is plain greedy's, and drafts are accepted."""
-    from speculative import DraftModel, speculative_generate
+    from llama_fast.speculate.speculative import DraftModel, speculative_generate
 
     _, _, d, model = moe
     _, draft = quantized_error(model, d, "int8", torch.tensor([prompt_ids(8)]), tmp_path)

@@ -16,10 +16,10 @@ import torch.nn as nn
 import torch.nn.functional as F
 from conftest import VOCAB_SIZE, english_ish, on_cpu
 
-import checkpoint
+from llama_fast import checkpoint
 import decoding
-import gptq as G
-import qlinear as Q
+from llama_fast.quant import gptq as G
+from llama_fast.quant import qlinear as Q
 import quantize
 from model import Transformer
 from model_config import CONFIG_NAME, ModelArgs

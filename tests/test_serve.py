@@ -14,30 +14,13 @@ from pathlib import Path
 import httpx
 import openai
 import pytest
+from helpers import free_port, wait_until_healthy
 
 from decoding import generate
 from sampling import SamplingConfig
 
 ROOT = Path(__file__).resolve().parent.parent
 KEY = "test-key"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def wait_until_healthy(proc: subprocess.Popen, url: str, timeout: float = 120):
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        assert proc.poll() is None, proc.communicate()[1]
-        try:
-            if httpx.get(url + "/health", timeout=1).status_code == 200:
-                return
-        except httpx.TransportError:
-            time.sleep(0.2)
-    raise TimeoutError("the server did not start")
 
 
 class ServerProcess:
@@ -157,6 +140,8 @@ def test_seeded_sampling_repeats(client):
     ({"model": "tiny", "prompt": [1] * 300}, "maximum context length is 256"),
     ({"model": "tiny", "prompt": "x", "max_tokens": 400}, "maximum context length"),
     ({"model": "tiny", "prompt": "x", "n": 2}, "n is not supported"),
+    ({"model": "tiny", "prompt": "x", "seed": 2**64}, "seed must be in"),  # once killed the engine's thread
+    ({"model": "tiny", "prompt": "x", "seed": -2**63 - 1}, "seed must be in"),
     ({"model": "tiny", "messages": []}, "messages"),
 ])
 def test_bad_requests_get_400_with_an_openai_error_body(server, body, message):
@@ -167,6 +152,7 @@ def test_bad_requests_get_400_with_an_openai_error_body(server, body, message):
     assert r.status_code == 400, r.text
     error = r.json()["error"]
     assert message in error["message"] and error["type"] == "invalid_request_error"
+    assert httpx.get(server.url + "/health").status_code == 200  # and the server goes on serving
 
 
 def test_api_key(server, client):

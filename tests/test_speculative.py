@@ -9,15 +9,16 @@ import json
 
 import pytest
 import torch
-from test_cli import BASE, assert_ran_cleanly, run_cli
+from helpers import (BASE, CONTEXT, GREEDY, SAMPLING, V, assert_ran_cleanly, chi_square_p_value, joint,
+                     next_token_tables, run_cli)
 
 import decoding
 import generate
-from sampling import SamplingConfig, token_probs
-from speculative import DraftModel, PromptLookup, accept_draft, acceptance_stats, speculative_generate
+from sampling import SamplingConfig
+from llama_fast.speculate.speculative import (DraftModel, PromptLookup, accept_draft, acceptance_stats,
+                                              speculative_generate)
 from tokenizer import load_tokenizer
 
-GREEDY = SamplingConfig(temperature=0)
 N_NEW = 40
 
 
@@ -185,11 +186,6 @@ def test_acceptance_stats():
 
 # ------------------------------------------------------------------------------------------------ sampling
 
-V = 8  # a vocabulary this small lets the target's joint distribution over 3 tokens be enumerated (512 cells)
-SAMPLING = SamplingConfig(temperature=1.0, top_k=6, top_p=0.9)  # truncation, so some tokens have probability 0
-CONTEXT = [1, 5, 3, 7, 2, 6]
-
-
 @pytest.fixture(scope="module")
 def tiny_vocab(hf_checkpoint, load_ours):
     """A target and a deliberately different draft (another size, other random weights) over 8 tokens."""
@@ -197,42 +193,6 @@ def tiny_vocab(hf_checkpoint, load_ours):
     d = load_ours(hf_checkpoint("tiny_vocab_draft", vocab_size=V, hidden_size=32, num_hidden_layers=1,
                                 intermediate_size=86)[1])
     return t, d
-
-
-def next_token_tables(model, depth):
-    """Distributions after CONTEXT + every continuation of up to depth - 1 tokens: table[k] is (V,) * k + (V,), on
-    CPU (computed on the model's device)."""
-    c = len(CONTEXT)
-    grid = torch.cartesian_prod(*[torch.arange(V)] * (depth - 1)).reshape(-1, depth - 1)
-    seqs = torch.cat([torch.tensor(CONTEXT).expand(len(grid), c), grid], 1)
-    with torch.no_grad():
-        logits = model(seqs.to(model.output.weight.device)).cpu()
-    tables = []
-    for k in range(depth):
-        probs = token_probs(logits[:, c - 1 + k], SAMPLING).reshape((V,) * (depth - 1) + (V,))
-        tables.append(probs[(slice(None),) * k + (0,) * (depth - 1 - k)])  # the later tokens do not matter
-    return tables
-
-
-def chi_square_p_value(counts: torch.Tensor, expected_probs: torch.Tensor) -> float:
-    """Pearson's test of counts against probabilities (cells of probability 0 must be empty): cells expected fewer
-    than 5 times are pooled."""
-    counts, probs = counts.flatten().double(), expected_probs.flatten().double()
-    assert counts[probs == 0].sum() == 0, "a token sequence the target cannot produce was produced"
-    expected = probs * counts.sum()
-    small = (expected < 5) & (probs > 0)
-    obs = torch.cat([counts[~small & (probs > 0)], counts[small].sum()[None]])
-    exp = torch.cat([expected[~small & (probs > 0)], expected[small].sum()[None]])
-    if exp[-1] == 0:
-        obs, exp = obs[:-1], exp[:-1]
-    stat = ((obs - exp) ** 2 / exp).sum()
-    dof = len(obs) - 1
-    return torch.special.gammaincc(torch.tensor(dof / 2, dtype=torch.float64), stat / 2).item()
-
-
-def joint(tables):
-    p0, p1, p2 = tables
-    return p0[:, None, None] * p1[:, :, None] * p2
 
 
 def test_accept_draft_reproduces_the_target_distribution(tiny_vocab, device):

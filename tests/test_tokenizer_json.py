@@ -198,7 +198,7 @@ def test_cli_chat_with_the_checkpoints_own_template(qwen_checkpoint):
 
 def test_gptq_calibration_windows_without_bos(qwen_files):
     """A tokenizer with no BOS (Qwen) calibrates on plain windows of the text's tokens, seq_length each."""
-    from gptq import calibration_sequences
+    from llama_fast.quant.gptq import calibration_sequences
 
     _, tok, _ = qwen_files
     text = " ".join(english_ish(40, seed=4))

@@ -11,30 +11,20 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import TP_PROMPT as PROMPT, torchrun
 
-import checkpoint
+from llama_fast import checkpoint
 import decoding
-import qlinear as Q
+from llama_fast.quant import qlinear as Q
 import tp
-from lookahead import LookaheadConfig, lookahead_generate
+from llama_fast.speculate.lookahead import LookaheadConfig, lookahead_generate
 from model_config import CONFIG_NAME
 from sampling import SamplingConfig
-from speculative import DraftModel, speculative_generate
+from llama_fast.speculate.speculative import DraftModel, speculative_generate
 from tokenizer import load_tokenizer
 
 ROOT = Path(__file__).resolve().parent.parent
 N_NEW = 32
-PROMPT = "The quick dog sees a red bird and the old farmer"
-
-
-def torchrun(*args, env=None, timeout=300) -> subprocess.CompletedProcess:
-    """python -m torch.distributed.run --standalone --nproc_per_node=2 ARGS, from the repository root."""
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONIOENCODING": "utf-8", **(env or {})}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", *map(str, args)]
-    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, timeout=timeout)
-    # bytes, decoded here: text mode would turn a generated "\r" into "\n"
-    proc.stdout, proc.stderr = proc.stdout.decode("utf-8"), proc.stderr.decode("utf-8")
-    return proc
 
 
 def error_lines(proc) -> list:
@@ -210,7 +200,7 @@ def test_serve_under_torchrun(checkpoints, load_cpu, sp_tokenizer):
     import threading
 
     import openai
-    from test_serve import free_port, wait_until_healthy
+    from helpers import free_port, wait_until_healthy
 
     path = checkpoints["int8"]
     port = free_port()

@@ -10,7 +10,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "scripts"))
 import train_small  # noqa: E402
 
-from checkpoint import load_model  # noqa: E402
+from llama_fast.checkpoint import load_model  # noqa: E402
 from model import Transformer  # noqa: E402
 from model_config import ModelArgs  # noqa: E402
 

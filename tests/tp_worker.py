@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-import checkpoint  # noqa: E402
+from llama_fast import checkpoint  # noqa: E402
 import decoding  # noqa: E402
 import tp  # noqa: E402
 from sampling import SamplingConfig  # noqa: E402

@@ -27,11 +27,12 @@ from torch import Tensor
 import tp
 from decoding import compile_dynamic, cpu_inductor, specialize_floats
 from model import Transformer
-from paged_cache import BlockPool, block_digest
+from llama_fast.serving.paged_cache import BlockPool, block_digest, paged_forward, setup_paged_cache
 from sampling import SamplingConfig, apply_penalties, draw, logits_to_probs
 from tokenizer import StreamDecoder
 
 GREEDY = SamplingConfig(temperature=0)
+SEED_RANGE = (-2**63, 2**64 - 1)  # what torch.Generator.manual_seed takes
 
 
 @dataclass
@@ -99,7 +100,7 @@ class Engine:
         bs = config.block_size
         self.max_blocks = -(-self.context // bs)  # per sequence
         n_blocks = -(-pool_tokens(model, config) // bs) + 1
-        model.setup_paged_cache(n_blocks, bs)
+        setup_paged_cache(model, n_blocks, bs)
         self.cache = model.layers[0].attention.kv_cache  # step() checks nobody replaced it
         self.pool = BlockPool(n_blocks, bs, config.prefix_caching)
         self.device = model.freqs_cis.device
@@ -135,6 +136,8 @@ class Engine:
                              f"{(self.pool.n_blocks - 1) * self.pool.block_size}")
         if r.stop and self.tokenizer is None:
             raise ValueError("stop strings need a tokenizer")
+        if r.seed is not None and not SEED_RANGE[0] <= r.seed <= SEED_RANGE[1]:  # the engine's thread would fail
+            raise ValueError(f"seed must be in [{SEED_RANGE[0]}, {SEED_RANGE[1]}] (64 bits), not {r.seed}")
 
     def add(self, r: Request):
         self.check(r)
@@ -406,10 +409,6 @@ def stop_workers():
     if tp.world_size() > 1:
         tp.from_rank0(None)
         tp.barrier()  # rank 0 leaves once the others have the message (an exit mid-broadcast aborted one, once)
-
-
-def paged_forward(model: Transformer, tokens, positions, slots, key_slots, last_only: bool) -> Tensor:
-    return model(tokens, positions, last_only=last_only, slots=(slots, key_slots))
 
 
 def compile_forward(model: Transformer, device: str):

@@ -1,41 +1,23 @@
-"""CPU matmul kernels for the model's float linears, chosen by measurement on the machine at hand.
+"""CPU matmul kernels: what a layer's matmul can be on a CPU. Which one a model's layers use is choice.py's.
 
-Which one-token kernel streams a bf16 weight fastest depends on the CPU: on an Intel Xeon with AMX, ATen's addmv
-won; on an AMD EPYC (AVX-512, no AMX) oneDNN's linear on a prepacked weight streams 2.5-3x faster than addmv.
-So the candidates are timed once, briefly, on the model's own layer shapes; the winner is cached per machine (CPU,
-threads, torch version: machine_key) in $XDG_CACHE_HOME/llama-fast/cpu_kernels.json, and later runs read it.
+- addmv: ATen's GEMV for one token (F.linear for several).
+- onednn: oneDNN's linear on a prepacked weight; on an AMD EPYC with AVX-512 it streams a bf16 weight 2.5-3x faster
+  than addmv (on an Intel Xeon with AMX addmv won).
+- inductor: in a compiled step, a one-token matmul written as a multiply and a sum, which inductor generates as a
+  loop inside the layer's fused C++ kernel: no call into a library, whose fixed cost (~20-35 us a oneDNN call) is a
+  sixth of a small model's step (stories110M bf16: 1.3x oneDNN's decode; tinyllama: 0.9x). inductor_int8 is the
+  same for int8 weights.
+- w8a8 (int8 layers, opt-in: it changes the numerics): activations quantized per token too, then an integer kernel
+  (oneDNN's where it is exact, with AVX-512 VNNI; FBGEMM's on AVX2).
+- float32_gemm: several tokens at once (prefill, a batch) where this CPU's 16-bit GEMM is the slow one: without
+  AVX-512 BF16 (an AVX2 Zen 3) ATen's bf16 GEMM ran at ~20 GFLOP/s and float32's at ~150, so 16-bit weights are
+  converted to float32 a slice at a time and multiplied in float32.
 
-    kernel = choose(shapes, torch.bfloat16)      # "addmv" or "onednn" (measured, or from the cache)
-    model.use_cpu_kernels()                      # a Transformer's float linears: choose, then prepare their weights
-
-`--cpu_kernels inductor` (16-bit weights) writes a one-token matmul in a compiled step as a multiply and a sum,
-which inductor generates as a loop inside the layer's fused C++ kernel: no call into a library, whose fixed cost
-(~20-35 us per oneDNN call, measured through custom_op's wrapper: see extern_op) is a sixth of a small model's
-step. It wins on small models (stories110M bf16: 1.3x oneDNN's decode) and loses on larger ones (tinyllama: 0.9x),
-which timing the kernels alone does not predict: for compiled steps, auto times the step itself each way
-(step_kernels.py) and chooses it where it is faster.
-
-int8 layers (quantize.py --mode int8) run ATen's weight-only int8 kernel; with `--cpu_kernels inductor` the same
-kind of generated loop (inductor_int8: stories110M 1.4x ATen's kernel, tinyllama 1.1x); or with `--cpu_kernels
-w8a8` (opt-in, never chosen by auto: it changes the numerics) they quantize their activations per token too and
-run an integer kernel (w8a8_linear: oneDNN's where it is exact, with AVX-512 VNNI; FBGEMM's on AVX2).
-
-Several tokens at once (prefill, verifying a draft, a batch) run a GEMM, F.linear in the weights' dtype, except
-where this CPU's 16-bit GEMM is the slow one: without AVX-512 BF16 (an AVX2 Zen 3) ATen's bf16 GEMM ran at ~20
-GFLOP/s and float32's at ~150, so 16-bit layers there convert their weights to float32 a slice at a time and
-multiply in float32 (float32_gemm), from the number of tokens float32_from() measured (cached like the kernels).
-
-A new candidate is an entry of KERNELS (how to prepare a weight, how to multiply), correct for any number of
-tokens, and callable from a compiled graph without Python per layer where possible.
+A new kernel is an entry of KERNELS (how to prepare a weight, how to multiply), correct for any number of tokens,
+and callable from a compiled graph without Python per layer where possible.
 """
 import functools
-import json
-import os
-import platform
-import statistics
-import time
 import warnings
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -211,15 +193,15 @@ def inductor_int8(x: Tensor, weight: Tensor, scales: Tensor) -> Tensor:
     return (row_dots(x, weight) * scales.float()).to(x.dtype)
 
 
-# qlinear.Int8Linear's: ATen's weight-only kernel (default), w8a8_linear (opt-in) and inductor_int8 (forced, or
-# auto's choice for compiled steps where step_kernels timed it faster)
+# quant.qlinear.Int8Linear's: ATen's weight-only kernel, w8a8_linear (opt-in: other numerics) and inductor_int8
+# (compiled one-token steps; choice.py says where by default)
 INT8_KERNELS = ("int8pack", "w8a8", "inductor")
 
-# name -> (prepare a plain (N, K) weight, multiply x by a prepared weight): the float linears' candidates
+# name -> (prepare a plain (N, K) weight, or None: used as it is; multiply x by the weight): the float linears' kernels
 KERNELS = {
-    "addmv": (lambda w: w, addmv),
+    "addmv": (None, addmv),
     "onednn": (lambda w: torch.ops.mkldnn._reorder_linear_weight(w, 1), torch.ops.llama_fast.onednn_linear),
-    "inductor": (lambda w: w, inductor),  # not among measure()'s candidates: step_kernels times it in the step
+    "inductor": (None, inductor),  # not among tune.measure()'s candidates: tune times it in the compiled step
 }
 
 
@@ -241,96 +223,7 @@ def forcible(dtype) -> list:
     return candidates(dtype) + (["inductor"] if dtype in ONEDNN_DTYPES else [])
 
 
-KERNEL_FLAGS = ("avx2", "avx512f", "avx512_vnni", "avx512_bf16", "avx512_fp16", "amx_bf16", "amx_int8")
-
-
-def machine_key(cpuinfo: str | None = None) -> str:
-    """What a measurement holds for: the CPU (its model name, family and model numbers, and the vector extensions
-    the kernels use: one model name, "AMD EPYC", is both an AVX2 Zen 3 and an AVX-512 Zen 5 on our VMs), the
-    threads used and the torch version. cpuinfo: /proc/cpuinfo's text (read if not given)."""
-    cpu = platform.processor() or platform.machine()
-    try:
-        cpuinfo = Path("/proc/cpuinfo").read_text() if cpuinfo is None else cpuinfo
-        info = dict(line.split(":", 1) for line in cpuinfo.split("\n\n")[0].splitlines() if ":" in line)
-        info = {k.strip(): v.strip() for k, v in info.items()}
-        flags = set(info.get("flags", "").split())
-        cpu = (f"{info.get('model name', cpu)} (family {info.get('cpu family', '?')} model {info.get('model', '?')}"
-               f"; {' '.join(f for f in KERNEL_FLAGS if f in flags) or 'no AVX2'})")
-    except OSError:
-        pass
-    return f"{cpu} | {torch.get_num_threads()} threads | torch {torch.__version__}"
-
-
-def cache_path() -> Path:
-    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "llama-fast" / "cpu_kernels.json"
-
-
-def median_seconds(run, repeats: int) -> float:
-    """The median time of `repeats` calls of run(), after one untimed call (oneDNN picks its kernel on the first)."""
-    run()
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        run()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
-
-
-@torch.no_grad()
-def measure(shapes: list, dtype, stream_bytes: float = 256e6, repeats: int = 3) -> dict:
-    """G weights/s of each candidate's one-token matmul over copies of the (N, K) shapes cycled through
-    stream_bytes of weights (so they come from memory, as a decode step's do): {kernel: rate}."""
-    per_pass = sum(n * k for n, k in shapes) * torch.finfo(dtype).bits // 8
-    copies = max(1, round(stream_bytes / per_pass))
-    weights = [torch.randn(n, k, dtype=dtype) * 0.02 for _ in range(copies) for n, k in shapes]
-    xs = {k: torch.randn(1, 1, k, dtype=dtype) for _, k in shapes}
-    rates = {}
-    for name in candidates(dtype):
-        prepare, mm = KERNELS[name]
-        prepared = [(prepare(w), xs[w.shape[1]]) for w in weights]
-        seconds = median_seconds(lambda: [mm(x, w) for w, x in prepared], repeats)
-        rates[name] = sum(w.numel() for w in weights) / seconds / 1e9
-    return rates
-
-
-def choose(shapes: list, dtype, force: str = "auto", cache: Path | None = None) -> str:
-    """The kernel for these shapes and dtype: `force` if it names one, else the cached choice for this machine,
-    else the fastest by measure() (then cached)."""
-    if force != "auto":
-        if force not in forcible(dtype):
-            raise ValueError(f"--cpu_kernels {force}: not available for {str(dtype).removeprefix('torch.')} weights "
-                             f"here; choose from auto, {', '.join(forcible(dtype))}")
-        return force
-    if len(candidates(dtype)) == 1:
-        return candidates(dtype)[0]
-    key = f"{machine_key()} | {str(dtype).removeprefix('torch.')} | {sorted(set(map(tuple, shapes)))}"
-    return cached(key, lambda: measure(shapes, dtype), cache)
-
-
-def cached(key: str, rates, cache: Path | None = None) -> str:
-    """The fastest kernel under `key` in this machine's table of measurements (the key names the machine), else
-    the fastest of rates() ({kernel: rate, higher is faster}), which is then added to the table."""
-    cache = cache or cache_path()
-    try:
-        table = json.loads(cache.read_text())
-    except (OSError, ValueError):
-        table = {}
-    if key not in table:
-        measured = rates()
-        table[key] = {"kernel": max(measured, key=measured.get), "rates": measured}
-        try:  # a read-only home only costs the measurement next time (checkpoint.atomic_save's pattern: this
-            # module sits below checkpoint.py, so it cannot import it)
-            cache.parent.mkdir(parents=True, exist_ok=True)
-            tmp = cache.with_name(f".{cache.name}.tmp{os.getpid()}")
-            tmp.write_text(json.dumps(table, indent=2) + "\n")
-            os.replace(tmp, cache)
-        except OSError:
-            pass
-    return table[key]["kernel"]
-
-
 # ------------------------------------------------------------------------------------ several tokens: the GEMM
-GEMM_TOKENS = (8, 16, 64)  # float32_gemm is timed against the 16-bit GEMM at these token counts
 CHUNK_BYTES = 4 << 20  # float32 weight rows converted at a time
 
 
@@ -343,27 +236,3 @@ def float32_gemm(x: Tensor, rows, n: int, multiple: int = 16) -> Tensor:
     for i in range(0, n, step):
         out[..., i:i + step] = F.linear(xf, rows(i, min(i + step, n)))  # rounded to x's dtype as it is stored
     return out
-
-
-@torch.no_grad()
-def measure_gemm(dtype, tokens: int, shape=(4096, 2048), repeats: int = 3) -> dict:
-    """Seconds⁻¹ of a (tokens, K) x (N, K) matmul in `dtype` ("native") and through float32_gemm ("float32")."""
-    w, x = torch.randn(shape, dtype=dtype) * 0.02, torch.randn(tokens, shape[1], dtype=dtype)
-    ways = {"native": lambda: F.linear(x, w), "float32": lambda: float32_gemm(x, lambda i, j: w[i:j].float(), len(w))}
-    return {name: 1 / median_seconds(way, repeats) for name, way in ways.items()}
-
-
-def float32_from(dtype, force: str | int | None = "auto", cache: Path | None = None) -> int | None:
-    """From how many tokens 16-bit layers compute their matmuls in float32 here (float32_gemm), or None: never
-    (other weights, or a CPU whose 16-bit GEMM is faster, e.g. one with AVX-512 BF16 or AMX). force: "native"
-    (None), "float32" (from 2 tokens), "auto" (timed at each of GEMM_TOKENS, cached per machine), or the answer
-    itself (rank 0's, under tensor parallelism)."""
-    if dtype not in ONEDNN_DTYPES or force in ("native", None):
-        return None
-    if force != "auto":
-        return 2 if force == "float32" else int(force)
-    for tokens in GEMM_TOKENS:
-        key = f"{machine_key()} | {str(dtype).removeprefix('torch.')} | GEMM of {tokens} tokens"
-        if cached(key, lambda: measure_gemm(dtype, tokens), cache) == "float32":
-            return tokens
-    return None

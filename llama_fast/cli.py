@@ -24,8 +24,8 @@ def _run_as_entry_point() -> bool:
     """True in `python generate.py` and the like; False when a test or a user's program imports this module (their
     Ctrl-C stays theirs)."""
     main = getattr(sys.modules.get("__main__"), "__file__", None)
-    here = Path(__file__).resolve().parent
-    return main is not None and Path(main).resolve().parent in (here, here / "scripts")
+    root = Path(__file__).resolve().parent.parent
+    return main is not None and Path(main).resolve().parent in (root, root / "scripts")
 
 
 # only over Python's own handler: an inherited SIG_IGN (nohup, `cmd &`) stays ignored
@@ -40,7 +40,7 @@ import re  # noqa: E402
 import torch  # noqa: E402
 
 import tp  # noqa: E402
-from cpu_kernels import KERNELS  # noqa: E402
+from llama_fast.cpu.kernels import KERNELS  # noqa: E402
 from tokenizer import TokenizerError  # noqa: E402
 
 PRECISIONS = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
@@ -53,16 +53,17 @@ def default_device() -> str:
     return "mps" if torch.backends.mps.is_available() else "cpu"
 
 
-CPU_KERNEL_CHOICES = ["auto", *KERNELS, "w8a8"]
-CPU_KERNEL_HELP = ("CPU matmul: auto = for float weights the fastest on this machine, and with --compile inductor "
-                   "where the compiled step ran faster with it, measured once and cached; inductor = a loop "
-                   "generated into the compiled step, for 16-bit and int8 weights; w8a8 = int8 checkpoints also "
-                   "quantize activations per token to 8 bits, 7 on AVX2 (faster, opt-in: different numerics)")
+CPU_KERNEL_CHOICES = ["auto", "tune", *KERNELS, "w8a8"]
+CPU_KERNEL_HELP = ("CPU matmul: auto = by this CPU's features and the layers' sizes (llama_fast/cpu/choice.py); tune = "
+                   "measured on this machine, once, and cached (seconds to minutes); addmv / onednn = that kernel for "
+                   "float weights; inductor = a loop generated into the compiled step, for 16-bit and int8 weights; "
+                   "w8a8 = int8 checkpoints also quantize activations per token to 8 bits, 7 on AVX2 (opt-in: "
+                   "different numerics)")
 
 CPU_GEMM_CHOICES = ["auto", "native", "float32"]
 CPU_GEMM_HELP = ("CPU matmuls of several tokens (prefill, batches) in a 16-bit model: auto = in float32 where this "
-                 "machine's 16-bit GEMM is the slower (measured once and cached), native = in the model's dtype, "
-                 "float32 = always in float32")
+                 "CPU has no 16-bit GEMM instructions (AVX-512 BF16, AMX), from 16 tokens (--cpu_kernels tune: "
+                 "measured), native = in the model's dtype, float32 = always in float32")
 
 
 def add_model_args(p: argparse.ArgumentParser):

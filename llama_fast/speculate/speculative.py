@@ -4,13 +4,17 @@ accept_draft keeps a prefix so that the output is distributed exactly as the tar
     out = speculative_generate(target, [prompt], 100, SamplingConfig(temperature=0), eos_ids,
                                proposer=DraftModel(draft), speculate_k=5, steps=make_steps("cuda", compile=True))
 
-Proposers (a new one is a class with these three methods, passed as proposer=):
-    start(target, prompt, cache_len, sampling, steps)   once, before the target's prefill
-    propose(token, pos, k) -> (tokens (1, k), probs (1, k, V)) or None   k guesses after `token` at cache `pos`
-    accepted(new_tokens, n)   the tokens the target produced, the first n of them accepted proposals (the first
-                              token after the prompt and plain decode steps: n = 0)
-DraftModel runs a smaller model (or a quantized copy of the target); PromptLookup copies what followed the last
-earlier occurrence of the latest n-gram (no model).
+One loop (speculative_generate) serves every proposer; a proposer is a small class with four methods:
+    extra(k)                                           cache slots a step writes past the last token
+    start(target, prompt, cache_len, sampling, steps)  once, before the target's prefill
+    step(target, token, pos, k, sampling, steps) -> (new tokens, n accepted) or None (then a plain decode step)
+                                                       one speculative step after `token` (1, 1) at cache `pos`
+    accepted(new_tokens, n)   the tokens the loop kept, the first n of them accepted proposals (the first token
+                              after the prompt and plain decode steps: n = 0)
+DraftModel runs a smaller model (or a quantized copy of the target) and PromptLookup copies what followed the last
+earlier occurrence of the latest n-gram (no model): both propose k tokens that the target verifies in one
+(k + 1)-token forward (Verified.step). Lookahead (lookahead.py) guesses with the target itself and verifies its
+own candidates in the same forward.
 """
 import time
 
@@ -47,7 +51,23 @@ def accept_draft(target_probs: Tensor, draft_probs: Tensor, draft_tokens: Tensor
 
 # -------------------------------------------------------------------------------------------------- proposers
 
-class DraftModel:
+class Verified:
+    """What DraftModel and PromptLookup share: a step proposes k tokens (their propose()) that the target verifies
+    in one (k + 1)-token forward (verify_step), while the cache has room for them."""
+    cache_len = 0
+
+    def extra(self, k: int) -> int:
+        return k
+
+    def step(self, target, token: Tensor, pos: int, k: int, sampling: SamplingConfig, steps: Steps):
+        proposal = self.propose(token, pos, k) if pos + k < self.cache_len else None
+        if proposal is None:
+            return None
+        new, n = verify_step(target, token, pos, proposal, sampling, steps)
+        return new, n
+
+
+class DraftModel(Verified):
     """Proposals drawn from a draft model that shares the target's vocabulary, one draft decode step per token."""
 
     def __init__(self, model: Transformer):
@@ -63,7 +83,7 @@ class DraftModel:
         self.check(target)
         if len(prompt) >= self.model.config.max_seq_len:
             raise ValueError(f"prompt of {len(prompt)} tokens does not fit the draft model's context")
-        self.sampling, self.step, self.last = sampling, steps.draft, None
+        self.sampling, self.draft_step, self.last, self.cache_len = sampling, steps.draft, None, cache_len
         self.model.setup_caches(1, min(cache_len, self.model.config.max_seq_len))
         device = self.model.output.weight.device
         steps.prefill(self.model, torch.tensor([prompt], device=device), torch.arange(len(prompt), device=device),
@@ -74,7 +94,8 @@ class DraftModel:
             return None
         drafted, probs, d = [], [], token
         for j in range(k):  # positions come from arange, not a host tensor: no sync between the steps
-            d, q = self.step(self.model, d, torch.arange(pos + j, pos + j + 1, device=token.device), self.sampling)
+            d, q = self.draft_step(self.model, d, torch.arange(pos + j, pos + j + 1, device=token.device),
+                                   self.sampling)
             d, q = d.clone(), q.clone()  # a CUDA graph's outputs are overwritten by its next run
             drafted.append(d)
             probs.append(q)
@@ -84,12 +105,12 @@ class DraftModel:
     def accepted(self, new: list, n: int):
         if self.last is not None and n == self.k:
             # all k accepted: the draft has not consumed its own last token yet
-            self.step(self.model, self.last, torch.arange(self.pos, self.pos + 1, device=self.last.device),
-                      self.sampling)
+            self.draft_step(self.model, self.last, torch.arange(self.pos, self.pos + 1, device=self.last.device),
+                            self.sampling)
         self.last = None
 
 
-class PromptLookup:
+class PromptLookup(Verified):
     """Draft-free proposals (prompt lookup decoding): the tokens that followed the most recent earlier occurrence of
     the last n tokens of prompt + output. Every n-gram's latest follower is indexed as tokens arrive."""
 
@@ -116,7 +137,7 @@ class PromptLookup:
         return (span * -(-k // len(span)))[:k]
 
     def start(self, target, prompt, cache_len, sampling, steps):
-        self.tokens, self.follower, self.vocab_size = [], {}, target.config.vocab_size
+        self.tokens, self.follower, self.vocab_size, self.cache_len = [], {}, target.config.vocab_size, cache_len
         self.extend(prompt)
 
     def propose(self, token: Tensor, pos: int, k: int):
@@ -142,31 +163,31 @@ def check_speculation(batch_size: int, sampling: SamplingConfig, speculate_k: in
         raise ValueError("speculate_k must be >= 1")
 
 
-def verify_step(model, token, pos, proposal, sampling, steps) -> tuple[list, int, Tensor]:
+def verify_step(model, token, pos, proposal, sampling, steps) -> tuple[list, int]:
     """The target scores `token` and the K proposed tokens at cache positions pos..pos+K; returns the step's new
-    tokens (the accepted proposals and the token after them), the accepted count, and the last token (1, 1)."""
+    tokens (the accepted proposals and the token after them) and the accepted count."""
     draft_tokens, draft_probs = proposal
     K = draft_tokens.shape[1]
     target_probs = steps.verify(model, torch.cat([token, draft_tokens], 1),
                                 torch.arange(pos, pos + K + 1, device=token.device), sampling).clone()
     n, next_token = accept_draft(target_probs[None], draft_probs, draft_tokens, sampling.greedy)
     *proposed, last, n = torch.cat([draft_tokens[0], next_token, n]).tolist()  # the step's one host sync
-    return proposed[:n] + [last], n, next_token.view(1, 1)
+    return proposed[:n] + [last], n
 
 
 @torch.inference_mode()
 def speculative_generate(model: Transformer, prompts: list, max_new_tokens: int,
                          sampling: SamplingConfig = SamplingConfig(), eos_ids=(), *, proposer, speculate_k: int = 5,
                          cache_len: int = 0, steps: Steps = Steps(), on_token=None) -> GenerationResult:
-    """generate() for one prompt, with speculative decoding: `proposer` (DraftModel or PromptLookup) proposes
-    speculate_k tokens, the target scores them in one forward pass and accept_draft keeps a prefix. The output is
-    distributed exactly as generate()'s (greedy: the same tokens, up to rounding differences between a
-    (K + 1)-token and a 1-token forward). A proposer without a proposal, and the last tokens when the cache has no
-    room for K more, take a plain decode step. result.accepted: the accepted count of each verify step."""
+    """generate() for one prompt, with speculative steps: `proposer` (DraftModel, PromptLookup, Lookahead) makes
+    each step, up to speculate_k accepted tokens and the one after them. The output is distributed exactly as
+    generate()'s (greedy: the same tokens, up to rounding differences between a several-token and a 1-token forward).
+    Where the proposer has no step to offer (nothing to propose, no room left in the cache), a plain decode step.
+    result.accepted: the accepted count of each speculative step; result.pool_hits: the proposer's, if it counts
+    them (Lookahead)."""
     K = speculate_k
-    check_speculation(len(prompts), sampling, K)
-    # a verify step writes K slots past the last token
-    prompt, max_new_tokens, cache_len = setup_one(model, prompts, max_new_tokens, cache_len, K)
+    check_speculation(len(prompts), sampling, K, getattr(proposer, "method", "speculative decoding"))
+    prompt, max_new_tokens, cache_len = setup_one(model, prompts, max_new_tokens, cache_len, proposer.extra(K))
     T, device = len(prompt), model.output.weight.device
 
     t0 = time.perf_counter()
@@ -182,13 +203,12 @@ def speculative_generate(model: Transformer, prompts: list, max_new_tokens: int,
     accepted = []
     while len(out) < max_new_tokens and out[-1] not in eos:
         pos = T + len(out) - 1  # the cache position of `token`
-        proposal = proposer.propose(token, pos, K) if pos + K < cache_len else None
-        if proposal is None:
+        speculated = proposer.step(model, token, pos, K, sampling, steps)
+        if speculated is None:
             token = steps.decode(model, token, torch.arange(pos, pos + 1, device=device), None, sampling, None, None)
-            token = token.clone()
             new, n = [token.item()], 0
         else:
-            new, n, token = verify_step(model, token, pos, proposal, sampling, steps)
+            new, n = speculated
             accepted.append(n)
         new = keep(new, max_new_tokens - len(out), eos)
         proposer.accepted(new, n)
@@ -196,9 +216,11 @@ def speculative_generate(model: Transformer, prompts: list, max_new_tokens: int,
             if on_token:
                 on_token(len(out), torch.tensor([[t]]))
             out.append(t)
+        token = torch.tensor([[out[-1]]], device=device) if speculated else token.clone()
     sync(device)
     decode_seconds = time.perf_counter() - t0 - ttft
-    return GenerationResult([out], [T], ttft, decode_seconds, len(out) - 1, [out[-1] in eos], accepted)
+    return GenerationResult([out], [T], ttft, decode_seconds, len(out) - 1, [out[-1] in eos], accepted,
+                            getattr(proposer, "pool_hits", 0))
 
 
 def setup_one(model: Transformer, prompts: list, max_new_tokens: int, cache_len: int, extra: int):

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from tqdm import tqdm
 
-from cpu_kernels import float32_gemm, inductor_int8, w8a8_library, w8a8_linear, w8a8_pack
+from llama_fast.cpu.kernels import float32_gemm, inductor_int8, w8a8_library, w8a8_linear, w8a8_pack
 from model import Experts
 
 GROUP_SIZES = (32, 64, 128, 256)
@@ -34,7 +34,7 @@ def use_gemm(x: Tensor, gemm_tokens: tuple) -> bool:
 
 def dense_gemm(layer: nn.Module, x: Tensor, multiple: int = 16) -> Tensor:
     """use_gemm's matmul: in float32 for float32 x, or where the CPU's 16-bit GEMM is the slower (layer.float32_from
-    set: cpu_kernels.float32_from), the weights dequantized a slice at a time (float32_gemm); else in x's dtype."""
+    set: llama_fast.cpu.choice), the weights dequantized a slice at a time (float32_gemm); else in x's dtype."""
     if x.dtype == torch.float32 or layer.float32_from:
         return float32_gemm(x, lambda i, j: layer.dequantized(torch.float32, i, j), len(layer.weight), multiple)
     return F.linear(x, layer.dequantized(x.dtype))
@@ -124,9 +124,9 @@ class Int8Linear(nn.Module):
     # bf16 512 tokens 37 ms in the kernel, 1.5 ms to dequantize + 14 ms GEMM (scripts/bench_gemv.py --tokens)
     # AVX2 Zen 3 (bf16 GEMMs in float32, dense_gemm): 64 tokens 20 ms in the kernel, 15 ms; 256: 69 ms, 40 ms
     GEMM_TOKENS = (8, 64)
-    kernel = "int8pack"  # or "w8a8", "inductor" (use_kernel): cpu_kernels.INT8_KERNELS
-    library = None  # w8a8's: "onednn" or "fbgemm" (cpu_kernels.w8a8_library)
-    float32_from = None  # set by Transformer.use_float32_gemm where 16-bit GEMMs are slow: see dense_gemm
+    kernel = "int8pack"  # or "w8a8", "inductor" (use_kernel): llama_fast.cpu.kernels.INT8_KERNELS
+    library = None  # w8a8's: "onednn" or "fbgemm" (llama_fast.cpu.kernels.w8a8_library)
+    float32_from = None  # set by llama_fast.cpu.choice.use_cpu_kernels where 16-bit GEMMs are slow: dense_gemm
 
     def __init__(self, in_features: int, out_features: int):
         super().__init__()
@@ -143,9 +143,9 @@ class Int8Linear(nn.Module):
 
     @torch.no_grad()
     def use_kernel(self, name: str):
-        """"w8a8": quantize activations too (cpu_kernels.w8a8_linear, opt-in), for every number of tokens; the
+        """"w8a8": quantize activations too (llama_fast.cpu.kernels.w8a8_linear, opt-in), for every number of tokens; the
         weight is prepacked for the library w8a8_library() found exact here (opaque: no plain weight is kept).
-        "inductor": a loop generated into compiled one-token steps (cpu_kernels.inductor_int8), the weight as it
+        "inductor": a loop generated into compiled one-token steps (llama_fast.cpu.kernels.inductor_int8), the weight as it
         is. After pack_for_device, from int8pack."""
         if name == self.kernel:
             return
@@ -384,7 +384,7 @@ def quantize_model(model: nn.Module, mode: str, groupsize: int = 128, quantize_o
         layer = model.get_submodule(name)
         if getattr(layer, "kernel", "addmv") != "addmv":  # its weight is in a kernel's private layout
             raise ValueError(f"{name} holds a weight prepared for the {layer.kernel} kernel: quantize a model "
-                             "loaded with cpu_kernels='addmv'")
+                             "loaded with cpu_kernels='none'")
         reason = int4_skip_reason(layer) if mode == "int4" else None
         if reason:
             layers[name] = f"kept in {layer.weight.dtype}: {reason}"

@@ -20,10 +20,12 @@ import torch
 from safetensors.torch import load_file
 
 import tp
+from llama_fast.cpu.choice import choose_kernels, use_cpu_kernels
+from llama_fast.cpu.toolchain import openmp_warning, say_once
+from llama_fast.cpu.tune import tuned_kernels
+from llama_fast.quant.qlinear import GROUP_SIZES, pack_for_device, swap_in_quantized
 from model import Transformer
 from model_config import CONFIG_NAME, ModelArgs
-from qlinear import GROUP_SIZES, pack_for_device, swap_in_quantized
-from step_kernels import step_kernel
 
 TOKENIZER_NAME = "tokenizer.model"  # beside the checkpoint unless a path is given
 HF_TOKENIZER_NAME = "tokenizer.json"  # used when there is no tokenizer.model
@@ -122,12 +124,26 @@ def load_model(checkpoint_path, device="cpu", precision=torch.bfloat16, tensor_p
     model.quantization = quantization
     if quantization:
         pack_for_device(model)
-    if tensor_parallel:  # the replicated layers must compute alike on every rank: rank 0 measures, all use its choice
-        rank0 = (model.use_cpu_kernels(cpu_kernels, cpu_gemm), model.cpu_gemm_from) if tp.rank() == 0 else None
-        cpu_kernels, cpu_gemm = tp.from_rank0(rank0)
-    model.use_cpu_kernels(step_kernel(model, cpu_kernels, compiled and not tensor_parallel), cpu_gemm)
+    if cpu_kernels != "none":
+        give_cpu_kernels(model, cpu_kernels, compiled and not tensor_parallel, cpu_gemm, tensor_parallel)
     release_file(model, from_file)
     return model
+
+
+def give_cpu_kernels(model: Transformer, kernels: str, compiled: bool, gemm: str, tensor_parallel: bool):
+    """llama_fast.cpu's kernels swapped in; under tensor parallelism every rank uses rank 0's choice, so that the
+    replicated layers compute alike."""
+    choice = cpu_kernels_for(model, kernels, gemm, compiled) if not tensor_parallel or tp.rank() == 0 else None
+    if compiled and model.tok_embeddings.weight.device.type == "cpu" and (warning := openmp_warning()):
+        say_once(warning)
+    use_cpu_kernels(model, tp.from_rank0(choice) if tensor_parallel else choice)
+
+
+def cpu_kernels_for(model: Transformer, kernels: str = "auto", gemm: str = "auto", compiled: bool = False):
+    """The CpuKernels that --cpu_kernels and --cpu_gemm ask for: "tune" measures (llama_fast.cpu.tune: seconds to
+    minutes the first time on a machine, then read from its cache); anything else is decided without timing."""
+    tuned = tuned_kernels(model, compiled) if kernels == "tune" else None
+    return choose_kernels(model, "auto" if kernels == "tune" else kernels, gemm, compiled, tuned)
 
 
 def cpu_tensors(model: Transformer) -> list:

@@ -26,16 +26,15 @@ The pool is filled from the prompt and the generated text as well (every n-gram,
 sources) and from the Jacobi trajectories; it keeps up to G continuations per first token, the most recent.
 """
 import random
-import time
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
-from decoding import GenerationResult, Steps, sync
+from decoding import GenerationResult, Steps
+from llama_fast.speculate.speculative import speculative_generate
 from model import Transformer
-from sampling import SamplingConfig
-from speculative import check_speculation, keep, setup_one
+from sampling import SamplingConfig, sample
 
 
 @dataclass(frozen=True)
@@ -148,41 +147,87 @@ def accept(outs: list, candidates: list, cfg: LookaheadConfig) -> tuple[list, in
     return new, chosen
 
 
-class Lookahead:
-    """The host side of lookahead decoding for one sequence: the window of guesses, the n-gram pool, and each step's
-    inputs and bookkeeping (lookahead_generate runs it; tests drive it step by step)."""
+def lookahead_step(model, tokens, start, offsets, tree, n_verify, cfg):
+    """Lookahead decoding's one forward: tokens (1, L) written at cache slots start..start+L-1 (start: (1,)) at
+    positions start + offsets (L,), each attending to the cache before start and to the new tokens tree (L, L)
+    allows. Returns (L,) the token after each: drawn as sample() draws for the first n_verify (the last accepted
+    token and the verification branch), the argmax for the rest (the lookahead branch's guesses)."""
+    slots = start + torch.arange(tokens.shape[1], device=tokens.device)
+    mask = tree_mask(model, tree, offsets, start)
+    logits = model(tokens, slots, mask=mask, positions=start + offsets)[0]
+    return torch.cat([sample(logits[:n_verify], cfg)[:, 0], logits[n_verify:].argmax(-1)])
 
-    def __init__(self, cfg: LookaheadConfig, prompt: list, device):
-        K = cfg.ngram - 1
-        self.cfg, self.device, self.text, self.steps = cfg, device, list(prompt), 0
-        self.tree, self.offsets = (t.to(device) for t in layout(cfg))
+
+def tree_mask(model: Transformer, tree: Tensor, offsets: Tensor, start: Tensor) -> Tensor:
+    """The forward's mask (1, T, cache_len) for T tokens written at cache slots start..start+T-1 (start: (1,)) whose
+    positions are start + offsets (T,): each sees every cached slot before start and the new tokens that tree
+    (T, T) allows it, within the sliding window if the model has one (by position, not slot)."""
+    T, key = tree.shape[0], torch.arange(model.cache_len, device=tree.device)
+    rel = (key - start).clamp(0, T - 1)  # a key slot's index among the new tokens
+    new = (key >= start) & (key < start + T)
+    mask = (key < start)[None] | (new[None] & tree[:, rel])
+    if model.config.sliding_window:
+        key_pos = torch.where(new, start + offsets[rel], key)
+        mask = mask & (key_pos[None] > (start + offsets)[:, None] - model.config.sliding_window)
+    return mask[None]
+
+
+def copy_cache_slots(model: Transformer, src: Tensor, dst: Tensor):
+    """Every layer's keys and values at static-cache slots src copied to slots dst (an accepted guess's)."""
+    for layer in model.layers:
+        cache = layer.attention.kv_cache
+        cache.k_cache[:, :, dst] = cache.k_cache[:, :, src]
+        cache.v_cache[:, :, dst] = cache.v_cache[:, :, src]
+
+
+class Lookahead:
+    """Lookahead decoding as a proposer of speculative_generate's loop (speculative.py): the window of guesses, the
+    n-gram pool, and each step's inputs and bookkeeping for one sequence."""
+    method = "lookahead decoding"
+
+    def __init__(self, cfg: LookaheadConfig):
+        self.cfg, self.pool_hits = cfg, 0
+
+    def extra(self, k: int) -> int:  # a step writes L slots from the last token's
+        return self.cfg.length
+
+    def start(self, target: Transformer, prompt: list, cache_len: int, sampling: SamplingConfig, steps: Steps):
+        cfg, K = self.cfg, self.cfg.ngram - 1
+        self.device, self.cache_len, self.text, self.steps = target.output.weight.device, cache_len, list(prompt), 0
+        self.tree, self.offsets = (t.to(self.device) for t in layout(cfg))
         self.n_verify = 1 + cfg.guesses * K
         self.pool = NgramPool(cfg.ngram, cfg.guesses)
         self.pool.add_text(self.text)
         rng = random.Random(0)  # the first guesses: prompt tokens (any guess keeps the output exact)
         self.window = [[rng.choice(self.text) for _ in range(cfg.window)] for _ in range(K)]
 
-    def step(self, model: Transformer, token: int, pos: int, sampling: SamplingConfig, steps: Steps):
-        """One step after `token` (cache position pos): forward, acceptance (the step's one host sync), the accepted
-        candidate's keys and values moved to their positions, window and pool updated. Returns (the new tokens,
-        how many came from a candidate, whether the pool had candidates)."""
+    def step(self, target: Transformer, token: Tensor, pos: int, k: int, sampling: SamplingConfig, steps: Steps):
+        """One step after `token` (cache position pos), while the cache has room for its L tokens: forward,
+        acceptance (the step's one host sync), the accepted candidate's keys and values moved to their positions,
+        window and pool updated. Returns (the new tokens, how many came from a candidate)."""
+        if pos + self.cfg.length > self.cache_len:
+            return None
+        token = int(token)
         cfg, K = self.cfg, self.cfg.ngram - 1
         candidates = self.pool.get(token)
+        self.pool_hits += bool(candidates)
         padding = [(token,) * K] * (cfg.guesses - len(candidates))  # fixed length: unused rows, never accepted
         self.window[0][0] = token
         tokens = ([token] + [t for c in candidates + padding for t in c] + self.window[0][1:] +
                   [t for level in self.window[1:] for t in level])
         start = torch.tensor([pos], device=self.device)
-        outs = steps.lookahead(model, torch.tensor([tokens], device=self.device), start, self.offsets, self.tree,
-                               self.n_verify, sampling).tolist()
+        outs = steps.compiled(lookahead_step)(target, torch.tensor([tokens], device=self.device), start, self.offsets,
+                                              self.tree, self.n_verify, sampling).tolist()
         new, chosen = accept(outs, candidates, cfg)
         if chosen is not None:
             moved = torch.arange(len(new) - 1, device=self.device)
-            model.copy_cache_slots(pos + candidate_row(cfg, chosen, 0) + moved, pos + 1 + moved)
+            copy_cache_slots(target, pos + candidate_row(cfg, chosen, 0) + moved, pos + 1 + moved)
         self.advance([outs[window_row(cfg, K - 1, c)] for c in range(cfg.window)])
+        return new, len(new) - 1
+
+    def accepted(self, new: list, n: int):
         self.text += new
         self.pool.add_text(self.text, last=len(new))
-        return new, len(new) - 1, bool(candidates)
 
     def advance(self, guesses: list):
         """The Jacobi iteration's new guesses become the top level; the columns' n-grams go into the pool once the
@@ -195,45 +240,14 @@ class Lookahead:
         self.steps += 1
 
 
-@torch.inference_mode()
 def lookahead_generate(model: Transformer, prompts: list, max_new_tokens: int,
                        sampling: SamplingConfig = SamplingConfig(), eos_ids=(), *,
                        lookahead: LookaheadConfig = LookaheadConfig(), cache_len: int = 0, steps: Steps = Steps(),
                        on_token=None) -> GenerationResult:
-    """generate() for one prompt with lookahead decoding: distributed exactly as generate()'s output (greedy: the
-    same tokens, up to rounding differences between an L-token and a 1-token forward). When the cache has no room
-    for a step's L tokens, plain decode steps finish. result.accepted: the candidate tokens accepted at each
-    lookahead step; result.pool_hits: the steps that had candidates."""
-    check_speculation(len(prompts), sampling, 1, "lookahead decoding")
-    L = lookahead.length  # a step writes L slots from the last token's
-    prompt, max_new_tokens, cache_len = setup_one(model, prompts, max_new_tokens, cache_len, L)
-    T, device = len(prompt), model.output.weight.device
-
-    t0 = time.perf_counter()
-    state = Lookahead(lookahead, prompt, device)
-    token = steps.prefill(model, torch.tensor([prompt], device=device), torch.arange(T, device=device), None,
-                          sampling, None, None)
-    out, eos = [token.item()], set(eos_ids)
-    state.text.append(out[0])
-    if on_token:
-        on_token(0, token)
-    ttft = time.perf_counter() - t0
-
-    accepted, hits = [], 0
-    while len(out) < max_new_tokens and out[-1] not in eos:
-        pos = T + len(out) - 1  # the cache position of the last token
-        if pos + L <= cache_len:
-            new, n, hit = state.step(model, out[-1], pos, sampling, steps)
-            accepted.append(n)
-            hits += hit
-        else:
-            token = steps.decode(model, torch.tensor([[out[-1]]], device=device),
-                                 torch.arange(pos, pos + 1, device=device), None, sampling, None, None)
-            new = [token.item()]
-        for t in keep(new, max_new_tokens - len(out), eos):
-            if on_token:
-                on_token(len(out), torch.tensor([[t]]))
-            out.append(t)
-    sync(device)
-    decode_seconds = time.perf_counter() - t0 - ttft
-    return GenerationResult([out], [T], ttft, decode_seconds, len(out) - 1, [out[-1] in eos], accepted, hits)
+    """generate() for one prompt with lookahead decoding (speculative_generate with a Lookahead): distributed
+    exactly as generate()'s output (greedy: the same tokens, up to rounding differences between an L-token and a
+    1-token forward). When the cache has no room for a step's L tokens, plain decode steps finish. result.accepted:
+    the candidate tokens accepted at each lookahead step; result.pool_hits: the steps that had candidates."""
+    return speculative_generate(model, prompts, max_new_tokens, sampling, eos_ids, proposer=Lookahead(lookahead),
+                                speculate_k=lookahead.ngram - 1, cache_len=cache_len, steps=steps,
+                                on_token=on_token)
