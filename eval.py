@@ -23,11 +23,11 @@ from lm_eval.models.utils import normalize_gen_kwargs
 from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
 from tqdm import tqdm
 
-import tp
-from llama_fast.checkpoint import check_is_file, check_vocab, load_model, tokenizer_file, write_json
 from decoding import compile_dynamic, generate, make_steps
+from llama_fast.checkpoint import check_is_file, check_vocab, load_model, tokenizer_file, write_json
 from sampling import SamplingConfig
 from tokenizer import StreamDecoder, load_tokenizer
+import tp
 
 DEFAULT_MAX_LENGTH = 2048  # scoring windows default to this or the model's context, whichever is shorter
 

@@ -14,15 +14,15 @@ from pathlib import Path
 
 import torch
 
-import tp
-from llama_fast.checkpoint import atomic_save, check_vocab, load_model, tokenizer_file, write_json
 from decoding import compile_cache_counts, generate, make_steps, peak_memory_bytes, weight_bytes
+from llama_fast.checkpoint import atomic_save, check_vocab, load_model, tokenizer_file, write_json
+from llama_fast.cpu.choice import metrics as cpu_kernel_metrics
 from llama_fast.speculate.lookahead import LookaheadConfig, lookahead_config, lookahead_generate, lookahead_stats
-from sampling import SamplingConfig
 from llama_fast.speculate.speculative import (DraftModel, PromptLookup, acceptance_stats, check_speculation,
                                               speculative_generate)
-from llama_fast.cpu.choice import metrics as cpu_kernel_metrics
+from sampling import SamplingConfig
 from tokenizer import StreamDecoder, load_tokenizer
+import tp
 
 
 def build_parser() -> argparse.ArgumentParser:

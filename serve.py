@@ -29,13 +29,14 @@ from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 from prometheus_client import CollectorRegistry, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
-import tp
+from llama_fast.checkpoint import check_vocab, load_model, tokenizer_file
 from llama_fast.serving.api import (ChatRequest, CompletionRequest, chat_chunk, chat_response, completion_chunk,
                                     completion_response)
-from llama_fast.checkpoint import check_vocab, load_model, tokenizer_file
-from llama_fast.serving.engine import (WORKER_PING_S, Engine, EngineConfig, Request, ping_workers, stop_workers,
-                                       worker_loop)
+from llama_fast.serving.engine import Engine, EngineConfig
+from llama_fast.serving.request import Request
+from llama_fast.serving.runner import WORKER_PING_S, ping_workers, stop_workers, worker_loop
 from tokenizer import load_tokenizer
+import tp
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -106,14 +107,15 @@ class Server:
         except Exception as e:  # a bug, or the device failing: say so, and fail what is in flight
             traceback.print_exc()
             self.failed = f"the engine stopped: {type(e).__name__}: {e}"
-            for r in [*self.engine.running, *self.engine.waiting, *self.engine.inbox]:
+            for r in [*self.engine.scheduler.running, *self.engine.scheduler.waiting, *self.engine.inbox]:
                 if r.on_output:
                     r.on_output(r, "", [])
 
     def collect(self):
         e = self.engine
-        values = {"requests_running": len(e.running), "requests_waiting": len(e.waiting) + len(e.inbox),
-                  "kv_blocks_used": e.pool.n_used, "kv_blocks_free": e.pool.n_free}
+        s = e.scheduler
+        values = {"requests_running": len(s.running), "requests_waiting": len(s.waiting) + len(e.inbox),
+                  "kv_blocks_used": s.pool.n_used, "kv_blocks_free": s.pool.n_free}
         for name, value in values.items():
             yield GaugeMetricFamily(f"llama_fast_{name}", name.replace("_", " "), value=value)
         for name, value in e.stats.items():
@@ -125,7 +127,7 @@ class Server:
             raise OpenAIError(500, self.failed, "server_error")
         if self.stopping.is_set():
             raise OpenAIError(503, "the server is shutting down", "server_error")
-        if len(self.engine.waiting) + len(self.engine.inbox) >= self.max_waiting:
+        if len(self.engine.scheduler.waiting) + len(self.engine.inbox) >= self.max_waiting:
             raise OpenAIError(503, f"the server is busy ({self.max_waiting} requests waiting); retry later",
                               "server_error")
         queue, loop = asyncio.Queue(), asyncio.get_running_loop()
@@ -286,7 +288,7 @@ def start(args):
         for key in engine.stats:
             engine.stats[key] = 0
     print(f"Loaded {args.checkpoint_path} in {time.perf_counter() - t0:.1f}s: KV cache of "
-          f"{engine.pool.n_blocks - 1} blocks x {args.block_size} tokens", file=sys.stderr)
+          f"{engine.scheduler.pool.n_blocks - 1} blocks x {args.block_size} tokens", file=sys.stderr)
     return model, tokenizer, engine
 
 
@@ -303,7 +305,7 @@ def run(args) -> int:
     if tp.rank() != 0:  # rank 0 tells this rank what to compute, and when to stop
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, signal.SIG_IGN)
-        worker_loop(engine)
+        worker_loop(engine.runner)
         return 0
     server = Server(engine, tokenizer, args.model_name or model_name_of(args.checkpoint_path), args.max_waiting)
     app = create_app(server, args.api_key)

@@ -19,13 +19,13 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 
-import tp
 from llama_fast.cpu.choice import choose_kernels, use_cpu_kernels
 from llama_fast.cpu.toolchain import openmp_warning, say_once
 from llama_fast.cpu.tune import tuned_kernels
 from llama_fast.quant.qlinear import GROUP_SIZES, pack_for_device, swap_in_quantized
 from model import Transformer
 from model_config import CONFIG_NAME, ModelArgs
+import tp
 
 TOKENIZER_NAME = "tokenizer.model"  # beside the checkpoint unless a path is given
 HF_TOKENIZER_NAME = "tokenizer.json"  # used when there is no tokenizer.model

@@ -39,9 +39,9 @@ import re  # noqa: E402
 
 import torch  # noqa: E402
 
-import tp  # noqa: E402
 from llama_fast.cpu.kernels import KERNELS  # noqa: E402
 from tokenizer import TokenizerError  # noqa: E402
+import tp  # noqa: E402
 
 PRECISIONS = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 DEFAULT_CHECKPOINT = Path("checkpoints/meta-llama/Llama-2-7b-chat-hf/model.pth")

@@ -23,18 +23,18 @@ from llama_fast.cli import (CPU_GEMM_CHOICES, CPU_GEMM_HELP, CPU_KERNEL_CHOICES,
                             PRECISIONS, check_at_least, check_device, check_output_path, cli_main, default_device)
 import torch  # noqa: E402
 
-from llama_fast.checkpoint import cpu_kernels_for, load_model, tokenizer_file, write_json  # noqa: E402
 from decoding import compile_cache_counts, generate, make_steps, peak_memory_bytes, weight_bytes  # noqa: E402
-from llama_fast.speculate.lookahead import (LookaheadConfig, lookahead_config, lookahead_generate,  # noqa: E402
-                                            lookahead_stats)
-from model import Transformer  # noqa: E402
-from model_config import CONFIG_NAME, PRESETS, ModelArgs  # noqa: E402
-from llama_fast.quant.qlinear import GROUP_SIZES, quantize_model  # noqa: E402
-from sampling import SamplingConfig  # noqa: E402
-from llama_fast.speculate.speculative import (DraftModel, PromptLookup, acceptance_stats,  # noqa: E402
-                                              speculative_generate)
+from llama_fast.checkpoint import cpu_kernels_for, load_model, tokenizer_file, write_json  # noqa: E402
 from llama_fast.cpu.choice import metrics as cpu_kernel_metrics, use_cpu_kernels  # noqa: E402
 from llama_fast.cpu.tune import randomize  # noqa: E402
+from llama_fast.quant.qlinear import GROUP_SIZES, quantize_model  # noqa: E402
+from llama_fast.speculate.lookahead import (LookaheadConfig, lookahead_config, lookahead_generate,  # noqa: E402
+                                            lookahead_stats)
+from llama_fast.speculate.speculative import (DraftModel, PromptLookup, acceptance_stats,  # noqa: E402
+                                              speculative_generate)
+from model import Transformer  # noqa: E402
+from model_config import CONFIG_NAME, PRESETS, ModelArgs  # noqa: E402
+from sampling import SamplingConfig  # noqa: E402
 from tokenizer import load_tokenizer  # noqa: E402
 
 

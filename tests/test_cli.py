@@ -9,8 +9,8 @@ from conftest import english_ish
 from helpers import BASE, N_NEW, assert_ran_cleanly, run_cli
 
 import decoding
-from sampling import SamplingConfig
 from llama_fast.cpu.toolchain import inductor_build
+from sampling import SamplingConfig
 from tokenizer import load_tokenizer
 
 PROMPTS = ["The quick dog sees a red bird", "A king", "Yesterday the old farmer walks across the river and"]

@@ -13,9 +13,9 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
+from llama_fast.checkpoint import load_model
+
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-from llama_fast.checkpoint import load_model  # noqa: E402
 
 transformers = pytest.importorskip("transformers")
 

@@ -1,4 +1,4 @@
-"""engine.py and paged_cache.py: continuous batching over the paged KV cache, checked against decoding.generate()
+"""llama_fast/serving (engine, scheduler, runner, sampler, paged_cache): continuous batching over the paged KV cache, checked against decoding.generate()
 of each prompt alone (the reference: the static-cache path, itself checked against HF transformers in
 test_generate.py), in float32 on --device."""
 import copy
@@ -10,9 +10,11 @@ import torch
 from conftest import hf_greedy
 
 from decoding import generate
-from llama_fast.serving.engine import Engine, EngineConfig, Request
+from llama_fast.serving.engine import Engine, EngineConfig
 from llama_fast.serving.paged_cache import BlockPool
-from sampling import SamplingConfig
+from llama_fast.serving.request import Request
+from llama_fast.serving.sampler import sample_rows
+from sampling import SamplingConfig, apply_penalties, draw, logits_to_probs
 
 pytestmark = pytest.mark.device
 GREEDY = SamplingConfig(temperature=0)
@@ -60,7 +62,7 @@ def test_every_response_equals_generate_alone_under_load(name, hf_checkpoint, lo
     for r in requests:
         assert r.output == alone(reference, r.prompt, r.max_tokens), (len(r.prompt), r.max_tokens)
         assert r.finish_reason == "length"
-    assert engine.pool.n_used == 0 and not engine.running and not engine.waiting
+    assert engine.scheduler.pool.n_used == 0 and not engine.scheduler.running and not engine.scheduler.waiting
 
 
 def test_a_shared_prefix_is_computed_once(hf_checkpoint, load_ours, prompt_ids):
@@ -92,6 +94,30 @@ def test_seeded_sampling_is_the_same_alone_and_in_a_mixed_batch(hf_checkpoint, l
     assert mine.output == solo
     assert engine.generate([prompt], 30, settings, seed=4321)[0].output != solo  # the seed matters
     assert others[0].output == alone(load_ours(d), others[0].prompt, 25)  # greedy rows unaffected by sampled ones
+
+
+def test_the_batched_sampler_draws_each_row_as_it_would_alone():
+    """sample_rows draws a batch's tokens with one host sync; each row's token is what sampling.draw gives it alone
+    (its penalties, filters and own generator), whatever the other rows' settings."""
+    V, torch_gen = 64, torch.Generator().manual_seed(0)
+    logits = torch.randn(7, V, generator=torch_gen) * 3
+    settings = [GREEDY, SamplingConfig(temperature=0.8, top_k=10), SamplingConfig(temperature=0.8, top_k=10),
+                SamplingConfig(temperature=0, repetition_penalty=1.5, frequency_penalty=0.5),
+                SamplingConfig(temperature=1.2, top_p=0.7, min_p=0.05, presence_penalty=0.4), GREEDY,
+                SamplingConfig(temperature=0.8, top_k=10)]
+    rows = [Request([1, 2, 3], 5, cfg, seed=100 + i) for i, cfg in enumerate(settings)]
+    expected = []
+    for i, r in enumerate(rows):
+        r.generator = torch.Generator().manual_seed(r.seed)
+        r.seen = torch.rand(V, generator=torch_gen) < 0.3
+        r.counts = torch.randint(0, 3, (V,), generator=torch_gen).float() * r.seen
+        row = logits[i:i + 1]
+        if r.sampling.penalized:
+            row = apply_penalties(row, r.sampling, r.seen[None], r.counts[None])
+        alone = torch.Generator().manual_seed(r.seed)
+        expected.append(int(row.argmax()) if r.sampling.greedy else int(draw(logits_to_probs(row, r.sampling), alone)))
+    assert sample_rows(logits, rows) == expected
+    assert expected[1] != expected[2] or expected[2] != expected[6]  # rows with one setting still draw apart
 
 
 def test_penalized_greedy_rows_match_generate(hf_checkpoint, load_ours, prompt_ids):
@@ -137,10 +163,10 @@ def test_abort_frees_the_blocks(hf_checkpoint, load_ours, prompt_ids):
     engine.add(r)
     for _ in range(5):
         engine.step()
-    assert engine.pool.n_used == 6 and r.output
+    assert engine.scheduler.pool.n_used == 6 and r.output
     engine.abort(r.id)
     engine.step()
-    assert r.finish_reason == "abort" and engine.pool.n_used == 0 and not engine.has_work()
+    assert r.finish_reason == "abort" and engine.scheduler.pool.n_used == 0 and not engine.has_work()
 
 
 def test_requests_that_cannot_be_served_are_refused(hf_checkpoint, load_ours):
@@ -252,8 +278,8 @@ def test_an_engine_whose_model_cache_was_replaced_says_so(hf_checkpoint, load_ou
 def test_pool_size_from_tokens_or_memory(hf_checkpoint, load_ours):
     _, d = hf_checkpoint("gqa")  # 2 layers, 2 KV heads of 16: 2 * 2 * 2 * 16 * 4 bytes = 512 bytes per token
     engine = Engine(load_ours(d), None, EngineConfig(block_size=8, kv_cache_tokens=100))
-    assert engine.pool.n_blocks == 13 + 1  # 100 tokens in whole blocks, and the padding block
+    assert engine.scheduler.pool.n_blocks == 13 + 1  # 100 tokens in whole blocks, and the padding block
     engine = Engine(load_ours(d), None, EngineConfig(block_size=8, kv_cache_gb=512 * 800 / 2**30))
-    assert engine.pool.n_blocks == 100 + 1
+    assert engine.scheduler.pool.n_blocks == 100 + 1
     engine = Engine(load_ours(d), None, EngineConfig(max_batch_size=3, block_size=8))
-    assert engine.pool.n_blocks == 3 * 256 // 8 + 1  # max_batch_size full contexts: memory allows it
+    assert engine.scheduler.pool.n_blocks == 3 * 256 // 8 + 1  # max_batch_size full contexts: memory allows it

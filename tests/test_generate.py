@@ -11,8 +11,8 @@ import torch
 from conftest import hf_greedy, on_cpu
 from torch._dynamo.utils import counters
 
-from llama_fast import checkpoint
 import decoding
+from llama_fast import checkpoint
 from llama_fast.cpu.layers import CpuKVCache
 from model import KVCache
 from sampling import SamplingConfig, apply_penalties, logits_to_probs, sample

@@ -4,8 +4,6 @@ References: plain generate() (greedy: token for token, on random and briefly tra
 (the logits of every row of a step, and the KV cache after each step), a brute-force derivation of the attention
 pattern, and the target's exact distribution over a tiny vocabulary (sampling: chi-square)."""
 import json
-import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -22,9 +20,7 @@ from model import Transformer
 from model_config import ModelArgs
 from sampling import SamplingConfig
 from tokenizer import load_tokenizer
-
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "scripts"))
-import train_small  # noqa: E402
+import train_small
 
 CONFIGS = [LookaheadConfig(4, 3, 2), LookaheadConfig(2, 2, 1), LookaheadConfig(3, 4, 3), LookaheadConfig(1, 3, 1)]
 

@@ -8,8 +8,8 @@ import pytest
 import torch
 from conftest import hf_greedy
 
-from llama_fast import checkpoint
 import decoding
+from llama_fast import checkpoint
 from llama_fast.quant import qlinear as Q
 from model import Experts, MoEFeedForward
 from model_config import CONFIG_NAME

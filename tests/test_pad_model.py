@@ -1,18 +1,16 @@
 """scripts/pad_model.py: a model embedded in a bigger shape computes the same logits (float32, the reference being
 the small model itself), for both ways key/value head groups map, and the command writes a loadable checkpoint."""
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT / "scripts"))
-import pad_model  # noqa: E402
+import pad_model
+from llama_fast.checkpoint import load_model
+from model import Transformer
+from model_config import ModelArgs
 
-from llama_fast.checkpoint import load_model  # noqa: E402
-from model import Transformer  # noqa: E402
-from model_config import ModelArgs  # noqa: E402
+ROOT = Path(__file__).resolve().parent.parent
 
 SMALL = dict(dim=128, n_layers=2, n_heads=2, n_kv_heads=1, vocab_size=300, max_seq_len=64, intermediate_size=200)
 

@@ -16,13 +16,13 @@ import torch.nn as nn
 import torch.nn.functional as F
 from conftest import VOCAB_SIZE, english_ish, on_cpu
 
-from llama_fast import checkpoint
 import decoding
+from llama_fast import checkpoint
 from llama_fast.quant import gptq as G
 from llama_fast.quant import qlinear as Q
-import quantize
 from model import Transformer
 from model_config import CONFIG_NAME, ModelArgs
+import quantize
 from sampling import SamplingConfig
 from tokenizer import load_tokenizer
 

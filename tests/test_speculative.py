@@ -14,9 +14,9 @@ from helpers import (BASE, CONTEXT, GREEDY, SAMPLING, V, assert_ran_cleanly, chi
 
 import decoding
 import generate
-from sampling import SamplingConfig
 from llama_fast.speculate.speculative import (DraftModel, PromptLookup, accept_draft, acceptance_stats,
                                               speculative_generate)
+from sampling import SamplingConfig
 from tokenizer import load_tokenizer
 
 N_NEW = 40

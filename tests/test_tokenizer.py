@@ -3,15 +3,12 @@ trained on the fly and a hand-written tiktoken ranks file), so no network and
 no real checkpoint files are needed."""
 import base64
 import random
-import sys
-from pathlib import Path
 
 import pytest
 import sentencepiece as spm
 import tiktoken
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from tokenizer import (  # noqa: E402
+from tokenizer import (
     SentencePieceTokenizer,
     StreamDecoder,
     TiktokenTokenizer,

@@ -13,15 +13,15 @@ import pytest
 import torch
 from helpers import TP_PROMPT as PROMPT, torchrun
 
-from llama_fast import checkpoint
 import decoding
+from llama_fast import checkpoint
 from llama_fast.quant import qlinear as Q
-import tp
 from llama_fast.speculate.lookahead import LookaheadConfig, lookahead_generate
+from llama_fast.speculate.speculative import DraftModel, speculative_generate
 from model_config import CONFIG_NAME
 from sampling import SamplingConfig
-from llama_fast.speculate.speculative import DraftModel, speculative_generate
 from tokenizer import load_tokenizer
+import tp
 
 ROOT = Path(__file__).resolve().parent.parent
 N_NEW = 32

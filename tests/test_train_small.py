@@ -1,18 +1,16 @@
 """scripts/train_small.py: a few optimiser steps on a small text file lower the loss, and the written checkpoint
 loads through checkpoint.load_model with the same logits as the trained module."""
-import sys
 from pathlib import Path
 
 import torch
 from conftest import english_ish
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT / "scripts"))
-import train_small  # noqa: E402
+import train_small
+from llama_fast.checkpoint import load_model
+from model import Transformer
+from model_config import ModelArgs
 
-from llama_fast.checkpoint import load_model  # noqa: E402
-from model import Transformer  # noqa: E402
-from model_config import ModelArgs  # noqa: E402
+ROOT = Path(__file__).resolve().parent.parent
 
 
 def test_training_lowers_the_loss(sp_tokenizer):

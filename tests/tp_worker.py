@@ -15,10 +15,10 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from llama_fast import checkpoint  # noqa: E402
 import decoding  # noqa: E402
-import tp  # noqa: E402
+from llama_fast import checkpoint  # noqa: E402
 from sampling import SamplingConfig  # noqa: E402
+import tp  # noqa: E402
 
 torch.set_num_threads(1)
 

@@ -1,0 +1,49 @@
+"""A request to the serving engine and its state as the engine computes it (nano-vllm's Sequence)."""
+import time
+import uuid
+from dataclasses import dataclass, field
+from typing import Callable
+
+from sampling import SamplingConfig
+
+GREEDY = SamplingConfig(temperature=0)
+
+
+@dataclass(eq=False)
+class Request:
+    """One prompt to complete. on_output(request, text, token_ids) is called (from the engine's thread) with what
+    each step added; request.finish_reason is set when it is the last call: "stop" (EOS or a stop string),
+    "length" (max_tokens) or "abort"."""
+    prompt: list[int]
+    max_tokens: int
+    sampling: SamplingConfig = GREEDY
+    stop: tuple[str, ...] = ()  # text that ends the output (not included in it)
+    eos_ids: tuple[int, ...] = ()  # tokens that end the output (not included in it)
+    seed: int | None = None  # the request's own random generator: the same text whatever else runs beside it
+    on_output: Callable | None = None
+    id: str = field(default_factory=lambda: uuid.uuid4().hex)
+    # the engine's state
+    tokens: list[int] = field(default_factory=list)  # prompt, then output
+    text: str = ""  # the output as text, cut before a stop string
+    finish_reason: str | None = None
+    blocks: list[int] = field(default_factory=list)  # the block table
+    digests: list[bytes] = field(default_factory=list)  # of the full blocks registered for prefix caching
+    n_computed: int = 0  # tokens whose keys and values are in the cache
+    cached_tokens: int = 0  # prompt tokens found in the prefix cache at the first admission
+    arrival: float = field(default_factory=time.perf_counter)
+    first_token_time: float | None = None
+    sent: int = 0  # characters of text already passed to on_output
+
+    def __post_init__(self):
+        self.tokens = list(self.prompt)
+        self.generator = None
+        self.decoder = None
+        self.seen = self.counts = None  # penalties: tokens of prompt and output; counts of output tokens
+
+    @property
+    def output(self) -> list[int]:
+        return self.tokens[len(self.prompt):]
+
+    @property
+    def n_pending(self) -> int:  # tokens to compute before the next one can be sampled
+        return len(self.tokens) - self.n_computed

@@ -1,0 +1,31 @@
+"""The next token of every row of a batch, each drawn with its request's own settings and random generator, with
+one host sync for the whole batch (nano-vllm's Sampler, with per-request settings)."""
+import torch
+from torch import Tensor
+
+from llama_fast.serving.request import Request
+from sampling import apply_penalties, logits_to_probs
+
+
+def sample_rows(logits: Tensor, rows: list[Request]) -> list[int]:
+    """logits (B, V) float, row i of rows[i]: the tokens. Rows with the same settings are filtered together
+    (penalties, temperature, top-k, top-p, min-p); a sampled row draws its exponential race (sampling.draw) from its
+    own generator, so its token never depends on the other rows of the batch, and is what draw() would give it."""
+    tokens = logits.argmax(-1)  # greedy rows without penalties: most of a batch, often
+    groups = {}
+    for i, r in enumerate(rows):
+        if not r.sampling.greedy or r.sampling.penalized:
+            groups.setdefault(r.sampling, []).append(i)
+    for cfg, idx in groups.items():
+        where = torch.tensor(idx, device=logits.device)
+        group = logits[where]
+        if cfg.penalized:
+            seen, counts = (torch.stack([getattr(rows[i], name) for i in idx]) for name in ("seen", "counts"))
+            group = apply_penalties(group, cfg, seen, counts)
+        if cfg.greedy:
+            tokens[where] = group.argmax(-1)
+            continue
+        probs = logits_to_probs(group, cfg)
+        noise = torch.stack([torch.empty_like(probs[0]).exponential_(1, generator=rows[i].generator) for i in idx])
+        tokens[where] = (probs / noise).argmax(-1)
+    return tokens.tolist()
