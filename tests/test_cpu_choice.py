@@ -245,16 +245,16 @@ def test_off_cpu_nothing_is_swapped():
         model = Transformer(ModelArgs(dim=64, n_layers=1, n_heads=4, vocab_size=400))
     assert use_cpu_kernels(model, CpuKernels("inductor", "inductor", 2)) is model
     assert model.cpu_kernels is None and not cpu_linears(model) and model.kv_cache_class is KVCache
-    assert metrics(model, True) == {"cpu_kernel": None, "cpu_gemm_from": None, "inductor_build": None}
+    assert metrics(model, True) == {"cpu_kernel": None, "float32_from": None, "inductor_build": None}
 
 
 def test_metrics(hf_checkpoint, quantized_copy):
     path = hf_checkpoint("gqa")[1] / "model.pth"
     model = loaded(path, cpu_kernels="addmv", cpu_gemm="float32")
-    assert metrics(model, False) == {"cpu_kernel": "addmv", "cpu_gemm_from": 2, "inductor_build": None}
-    assert metrics(model, True) == {"cpu_kernel": "addmv", "cpu_gemm_from": 2, "inductor_build": inductor_build()}
+    assert metrics(model, False) == {"cpu_kernel": "addmv", "float32_from": 2, "inductor_build": None}
+    assert metrics(model, True) == {"cpu_kernel": "addmv", "float32_from": 2, "inductor_build": inductor_build()}
     assert metrics(loaded(path, cpu_kernels="none"), False) == dict.fromkeys(
-        ("cpu_kernel", "cpu_gemm_from", "inductor_build"))
+        ("cpu_kernel", "float32_from", "inductor_build"))
     # int8 layers: their own kernel where it is not ATen's weight-only one, else the float linears'
     q = loaded(quantized_copy("gqa", "--mode", "int8") / "model_int8.pth", cpu_kernels="none")
     use_cpu_kernels(q, CpuKernels("addmv", "int8pack", None))
@@ -280,7 +280,7 @@ def test_cli_forces_each_kernel(hf_checkpoint, tmp_path, kernel):
     assert proc.returncode == 0, proc.stderr[-2000:]
     expected = choose_kernels(loaded(path, cpu_kernels="none"), kernel, compiled=bool(compiled))
     reported = json.loads(metrics_json.read_text())
-    assert (reported["cpu_kernel"], reported["cpu_gemm_from"]) == (expected.linear, expected.float32_from)
+    assert (reported["cpu_kernel"], reported["float32_from"]) == (expected.linear, expected.float32_from)
     assert kernel == "auto" or expected.linear == kernel
 
 
@@ -292,7 +292,7 @@ def test_cli_forces_the_gemm(hf_checkpoint, tmp_path, gemm):
                         "--metrics_json", str(metrics_json))
     assert proc.returncode == 0, proc.stderr[-2000:]
     auto = default_kernels(loaded(path, cpu_kernels="none"), False).float32_from  # this CPU's flags decide
-    assert json.loads(metrics_json.read_text())["cpu_gemm_from"] == {"native": None, "float32": 2, "auto": auto}[gemm]
+    assert json.loads(metrics_json.read_text())["float32_from"] == {"native": None, "float32": 2, "auto": auto}[gemm]
 
 
 def test_cli_refuses_a_kernel_the_precision_has_not(hf_checkpoint):

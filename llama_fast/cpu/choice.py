@@ -161,7 +161,7 @@ def metrics(model: Transformer, compiled: bool) -> dict:
     builds inductor's loops."""
     choice = getattr(model, "cpu_kernels", None)
     if choice is None:
-        return {"cpu_kernel": None, "cpu_gemm_from": None, "inductor_build": None}
+        return {"cpu_kernel": None, "float32_from": None, "inductor_build": None}
     int8_own = choice.int8 != "int8pack" and int8_layers(model)
-    return {"cpu_kernel": choice.int8 if int8_own else choice.linear, "cpu_gemm_from": choice.float32_from,
+    return {"cpu_kernel": choice.int8 if int8_own else choice.linear, "float32_from": choice.float32_from,
             "inductor_build": inductor_build() if compiled else None}
