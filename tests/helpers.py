@@ -7,7 +7,6 @@ import sys
 import time
 from pathlib import Path
 
-import httpx
 import torch
 
 from sampling import SamplingConfig, token_probs
@@ -93,6 +92,8 @@ def free_port() -> int:
 
 
 def wait_until_healthy(proc: subprocess.Popen, url: str, timeout: float = 120):
+    import httpx  # only where a server is tested: a GPU machine may lack the serving packages (gpu_check.sh)
+
     deadline = time.time() + timeout
     while time.time() < deadline:
         assert proc.poll() is None, proc.communicate()[1]
