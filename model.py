@@ -96,17 +96,7 @@ class Transformer(nn.Module):
         positions: RoPE's positions where they are not input_pos (a tree puts several tokens at one position).
         cache_index: what each layer's KV cache is told about where the new keys go and which keys to read
         (default input_pos; the paged cache takes its slot tables: llama_fast.serving)."""
-        B, T = idx.shape
-        if input_pos is None:
-            pos, n_keys = torch.arange(T, device=idx.device), T
-            freqs_cis = precompute_freqs_cis(T, self.config, idx.device)
-        else:
-            assert self.freqs_cis is not None, "call setup_caches() before decoding with a KV cache"
-            pos, freqs_cis, n_keys = input_pos, self.freqs_cis, self.cache_len
-        freqs = freqs_cis[rope_positions(pos if positions is None else positions, B, T, left_pad)]
-        if mask is None:
-            mask = causal_mask(n_keys, pos, self.config, left_pad)
-        mask = mask.expand(B, T, mask.shape[-1])[:, None]
+        freqs, mask = self.block_inputs(*idx.shape, idx.device, input_pos, left_pad, mask, positions)
         cache_index = input_pos if cache_index is None else cache_index
         x = self.tok_embeddings(idx)
         for layer in self.layers:
@@ -117,6 +107,21 @@ class Transformer(nn.Module):
         if last_only:
             x = x[:, -1:]
         return self.output(self.norm(x)).float()
+
+    def block_inputs(self, B: int, T: int, device, input_pos: Tensor | None = None, left_pad: Tensor | None = None,
+                     mask: Tensor | None = None, positions: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        """What every block is given beside x, for forward's arguments: RoPE frequencies (B, T, head_dim // 2, 2)
+        and the attention mask (B, 1, T, keys)."""
+        if input_pos is None:
+            pos, n_keys = torch.arange(T, device=device), T
+            freqs_cis = precompute_freqs_cis(T, self.config, device)
+        else:
+            assert self.freqs_cis is not None, "call setup_caches() before decoding with a KV cache"
+            pos, freqs_cis, n_keys = input_pos, self.freqs_cis, self.cache_len
+        freqs = freqs_cis[rope_positions(pos if positions is None else positions, B, T, left_pad)]
+        if mask is None:
+            mask = causal_mask(n_keys, pos, self.config, left_pad)
+        return freqs, mask.expand(B, T, mask.shape[-1])[:, None]
 
 
 def rope_positions(pos: Tensor, B: int, T: int, left_pad: Tensor | None) -> Tensor:

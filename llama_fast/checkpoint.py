@@ -95,12 +95,12 @@ def load_model(checkpoint_path, device="cpu", precision=torch.bfloat16, tensor_p
     """Build the model described by model_config.json beside the checkpoint and load its weights. Quantized
     checkpoints from quantize.py get their quantized modules, packed for the device, and keep their metadata in
     model.quantization. precision=None keeps stored dtypes. tensor_parallel=True keeps only this rank's shard
-    (tp.apply_tp) of the process group that tp.maybe_init_dist set up. On CPU the float linears use the matmul
-    kernel that is fastest on this machine (cpu_kernels="auto", see cpu_kernels.py) or the one named; "addmv"
-    keeps the weights as stored (e.g. to quantize them). compiled=True: the one-token steps will be compiled
-    (generate.py --compile), so auto also considers inductor's generated loops (step_kernels.py; not under tensor
-    parallelism, where every rank takes rank 0's eager choice). cpu_gemm: how a 16-bit model's several-token
-    matmuls run on CPU, "auto" (measured), "native" or "float32" (cpu_kernels.float32_from)."""
+    (tp.apply_tp) of the process group that tp.maybe_init_dist set up. On CPU the layers get the kernels of
+    llama_fast.cpu (cpu_kernels="auto": the rule for this CPU, nothing timed; "tune": measured here once, cached;
+    a kernel's name; "none": plain nn.Linear layers, the weights as stored, e.g. to quantize them). compiled=True:
+    the one-token steps will be compiled (generate.py --compile), where inductor's generated loops may apply (not
+    under tensor parallelism, where every rank takes rank 0's eager choice). cpu_gemm: how a 16-bit model's
+    several-token matmuls run on CPU: "auto", "native" or "float32"."""
     path = Path(checkpoint_path)
     check_is_file(path, "checkpoint")
     config = read_config(path)

@@ -16,6 +16,7 @@ import generate
 from llama_fast.checkpoint import load_model
 from llama_fast.speculate.lookahead import (Lookahead, LookaheadConfig, NgramPool, accept, candidate_row, layout,
                                                lookahead_generate, tree_mask, window_row)
+from llama_fast.speculate.speculative import speculative_generate
 from model import Transformer
 from model_config import ModelArgs
 from sampling import SamplingConfig
@@ -174,6 +175,18 @@ def test_greedy_is_plain_greedy_on_a_trained_model(trained, sp_tokenizer, cfg):
         assert res.tokens[0] == ref
         accepted += res.accepted
     assert 0 in accepted and max(accepted) == cfg.ngram - 1  # steps that accept nothing, and whole candidates
+
+
+def test_a_lookahead_proposer_used_twice_counts_each_run(trained, sp_tokenizer):
+    """speculative_generate with one Lookahead object twice on the same prompt: the same tokens, acceptances and
+    pool hits each time (its state is set up per run by start())."""
+    prompt = sp_tokenizer.encode(" ".join(english_ish(2, seed=2)))
+    proposer = Lookahead(LookaheadConfig(3, 3, 2))
+    runs = [speculative_generate(trained, [prompt], 40, GREEDY, proposer=proposer, speculate_k=2) for _ in range(2)]
+    assert runs[0].pool_hits > 0
+    assert [(r.tokens, r.accepted, r.pool_hits) for r in runs[1:]] == [(runs[0].tokens, runs[0].accepted,
+                                                                       runs[0].pool_hits)]
+    assert runs[0].tokens[0] == plain(trained, prompt, 40)
 
 
 def test_kv_cache_after_each_step_equals_a_forward_over_the_accepted_tokens(trained, sp_tokenizer):

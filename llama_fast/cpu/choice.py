@@ -20,7 +20,7 @@ import torch.nn as nn
 from llama_fast.cpu.kernels import ONEDNN_DTYPES, candidates, forcible, w8a8_library
 from llama_fast.cpu.layers import CpuKVCache, CpuLinear
 from llama_fast.cpu.toolchain import inductor_build
-from llama_fast.quant.qlinear import Int8Linear
+from llama_fast.quant.qlinear import Int8Linear, swap_module
 from model import Transformer
 
 # A compiled step runs inductor's loop instead of a library call per layer where the layers' linears are on average
@@ -139,7 +139,7 @@ def use_cpu_kernels(model: Transformer, choice: CpuKernels) -> Transformer:
             tied = m.weight is model.tok_embeddings.weight
             kernel = "addmv" if tied or m.weight.dtype not in ONEDNN_DTYPES else choice.linear
             # a prepacked (oneDNN) weight cannot be sliced into float32 rows: such layers keep their 16-bit GEMM
-            swap(model, name, CpuLinear(m, kernel, None if kernel == "onednn" else choice.float32_from))
+            swap_module(model, name, CpuLinear(m, kernel, None if kernel == "onednn" else choice.float32_from))
         elif isinstance(m, Int8Linear):
             m.use_kernel(choice.int8)
     for m in model.modules():
@@ -148,11 +148,6 @@ def use_cpu_kernels(model: Transformer, choice: CpuKernels) -> Transformer:
     model.kv_cache_class = CpuKVCache
     model.cpu_kernels = choice
     return model
-
-
-def swap(model: nn.Module, name: str, new: nn.Module):
-    parent, _, attr = name.rpartition(".")
-    setattr(model.get_submodule(parent) if parent else model, attr, new)
 
 
 def metrics(model: Transformer, compiled: bool) -> dict:

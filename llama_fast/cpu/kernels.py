@@ -193,10 +193,6 @@ def inductor_int8(x: Tensor, weight: Tensor, scales: Tensor) -> Tensor:
     return (row_dots(x, weight) * scales.float()).to(x.dtype)
 
 
-# quant.qlinear.Int8Linear's: ATen's weight-only kernel, w8a8_linear (opt-in: other numerics) and inductor_int8
-# (compiled one-token steps; choice.py says where by default)
-INT8_KERNELS = ("int8pack", "w8a8", "inductor")
-
 # name -> (prepare a plain (N, K) weight, or None: used as it is; multiply x by the weight): the float linears' kernels
 KERNELS = {
     "addmv": (None, addmv),

@@ -16,7 +16,6 @@ from tqdm import tqdm
 
 from llama_fast.quant.qlinear import (add_unquantized, dequantize_int4, int4_entries, int4_qparams, int4_skip_reason,
                                       pad_to_groups)
-from model import causal_mask, precompute_freqs_cis
 
 
 @torch.no_grad()
@@ -59,12 +58,9 @@ def gptq_quantize(w: Tensor, H: Tensor, groupsize: int, percdamp: float = 0.01, 
 
 
 def run_block(block: nn.Module, xs: list, model: nn.Module):
-    """Yields each calibration sequence (1, T, dim) through one TransformerBlock, without a KV cache (the inputs
-    Transformer.forward gives its blocks: RoPE from position 0, a causal mask)."""
+    """Yields each calibration sequence (1, T, dim) through one TransformerBlock, without a KV cache."""
     for x in xs:
-        pos = torch.arange(x.shape[1], device=x.device)
-        freqs = precompute_freqs_cis(x.shape[1], model.config, x.device)[None]
-        yield block(x, freqs, causal_mask(x.shape[1], pos, model.config)[None, None], None)
+        yield block(x, *model.block_inputs(1, x.shape[1], x.device), None)
 
 
 def collect_hessians(linears: dict, forward) -> dict:

@@ -124,7 +124,7 @@ class Int8Linear(nn.Module):
     # bf16 512 tokens 37 ms in the kernel, 1.5 ms to dequantize + 14 ms GEMM (scripts/bench_gemv.py --tokens)
     # AVX2 Zen 3 (bf16 GEMMs in float32, dense_gemm): 64 tokens 20 ms in the kernel, 15 ms; 256: 69 ms, 40 ms
     GEMM_TOKENS = (8, 64)
-    kernel = "int8pack"  # or "w8a8", "inductor" (use_kernel): llama_fast.cpu.kernels.INT8_KERNELS
+    kernel = "int8pack"  # ATen's weight-only kernel; or "w8a8", "inductor" (use_kernel, llama_fast.cpu)
     library = None  # w8a8's: "onednn" or "fbgemm" (llama_fast.cpu.kernels.w8a8_library)
     float32_from = None  # set by llama_fast.cpu.choice.use_cpu_kernels where 16-bit GEMMs are slow: dense_gemm
 
@@ -313,21 +313,25 @@ def int4_skip_reason(layer: nn.Module):
     return None
 
 
+def swap_module(model: nn.Module, name: str, new: nn.Module):
+    """The submodule called `name` (e.g. "layers.0.attention.wqkv") replaced by `new`."""
+    parent, _, child = name.rpartition(".")
+    setattr(model.get_submodule(parent) if parent else model, child, new)
+
+
 def swap_in_quantized(model: nn.Module, layers: dict, groupsize: int = 0):
     """Replace each named nn.Linear by its quantized module ("int8" or "int4"); others stay as they are."""
     for name, kind in layers.items():
         if kind not in ("int8", "int4"):
             continue
-        parent_name, _, child = name.rpartition(".")
-        parent = model.get_submodule(parent_name) if parent_name else model
-        old = getattr(parent, child)
+        old = model.get_submodule(name)
         if isinstance(old, Experts):
             new = Int8Experts(old.n_experts, old.in_features, old.out_features) if kind == "int8" else \
                 Int4Experts(old.n_experts, old.in_features, old.out_features, groupsize)
         else:
             new = Int8Linear(old.in_features, old.out_features) if kind == "int8" else \
                 Int4Linear(old.in_features, old.out_features, groupsize)
-        setattr(parent, child, new.to(old.weight.device) if old.weight.device.type != "meta" else new)
+        swap_module(model, name, new.to(old.weight.device) if old.weight.device.type != "meta" else new)
     return model
 
 

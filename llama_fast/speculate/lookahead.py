@@ -186,7 +186,7 @@ class Lookahead:
     method = "lookahead decoding"
 
     def __init__(self, cfg: LookaheadConfig):
-        self.cfg, self.pool_hits = cfg, 0
+        self.cfg = cfg
 
     def extra(self, k: int) -> int:  # a step writes L slots from the last token's
         return self.cfg.length
@@ -194,6 +194,7 @@ class Lookahead:
     def start(self, target: Transformer, prompt: list, cache_len: int, sampling: SamplingConfig, steps: Steps):
         cfg, K = self.cfg, self.cfg.ngram - 1
         self.device, self.cache_len, self.text, self.steps = target.output.weight.device, cache_len, list(prompt), 0
+        self.pool_hits = 0
         self.tree, self.offsets = (t.to(self.device) for t in layout(cfg))
         self.n_verify = 1 + cfg.guesses * K
         self.pool = NgramPool(cfg.ngram, cfg.guesses)
@@ -207,7 +208,7 @@ class Lookahead:
         window and pool updated. Returns (the new tokens, how many came from a candidate)."""
         if pos + self.cfg.length > self.cache_len:
             return None
-        token = int(token)
+        token = self.text[-1]  # `token` itself, already on the host (accepted() keeps the text): no device sync
         cfg, K = self.cfg, self.cfg.ngram - 1
         candidates = self.pool.get(token)
         self.pool_hits += bool(candidates)
