@@ -84,8 +84,9 @@ class Transformer(nn.Module):
 
     def forward(self, idx: Tensor, input_pos: Tensor | None = None, left_pad: Tensor | None = None,
                 last_only: bool = False, mask: Tensor | None = None, positions: Tensor | None = None,
-                cache_index=None) -> Tensor:
-        """Float logits (B, T, V), or (B, 1, V) for the last token only, of token ids idx (B, T).
+                cache_index=None, logits_at: Tensor | None = None) -> Tensor:
+        """Float logits (B, T, V) of token ids idx (B, T); (B, 1, V) for the last token only, (B, K, V) for the
+        tokens at indices logits_at (K,) only (a serving step needs each row's last).
 
         input_pos: the tokens' positions, (T,) or (B, T) for each row its own; they are also where the KV cache
         stores their keys and values. None: no cache, a plain causal forward from position 0.
@@ -106,6 +107,8 @@ class Transformer(nn.Module):
             x = block(x, freqs, mask, cache_index)
         if last_only:
             x = x[:, -1:]
+        elif logits_at is not None:
+            x = x[:, logits_at]
         return self.output(self.norm(x)).float()
 
     def block_inputs(self, B: int, T: int, device, input_pos: Tensor | None = None, left_pad: Tensor | None = None,

@@ -32,7 +32,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from llama_fast.checkpoint import check_vocab, load_model, tokenizer_file
 from llama_fast.serving.api import (ChatRequest, CompletionRequest, chat_chunk, chat_response, completion_chunk,
                                     completion_response)
-from llama_fast.serving.engine import Engine, EngineConfig
+from llama_fast.serving.engine import MAX_LOOKUP, Engine, EngineConfig
 from llama_fast.serving.request import Request
 from llama_fast.serving.runner import WORKER_PING_S, ping_workers, stop_workers, worker_loop
 from tokenizer import load_tokenizer
@@ -52,7 +52,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--kv_cache_tokens", type=int, default=0, help="KV-cache pool size in tokens (default: "
                    "max_batch_size full contexts, or half the free memory if smaller)")
     p.add_argument("--kv_cache_gb", type=float, default=0.0, help="KV-cache pool size in GiB instead")
-    p.add_argument("--prefill_chunk", type=int, default=256, help="prompt tokens computed per step")
+    p.add_argument("--max_num_batched_tokens", type=int, default=EngineConfig.max_num_batched_tokens,
+                   help="tokens one step computes, every request's together (decoding rows and prompt chunks)")
+    p.add_argument("--prefill_chunk", type=int, default=EngineConfig.prefill_chunk,
+                   help="the most prompt tokens of one request one step computes (0: the whole budget)")
+    p.add_argument("--prompt_lookup", type=int, default=0, metavar="N", help="greedy requests speculate by prompt "
+                   "lookup with N-grams unless they say otherwise (\"speculation\" field; 0: off)")
+    p.add_argument("--speculate_k", type=int, default=EngineConfig.speculate_k, help="tokens prompt lookup proposes "
+                   "per step")
     p.add_argument("--max_waiting", type=int, default=256, help="more waiting requests than this get a 503")
     p.add_argument("--no_prefix_caching", action="store_true", help="never reuse the KV blocks of a shared prefix")
     p.add_argument("--grace_period", type=float, default=30.0,
@@ -82,7 +89,7 @@ class Server:
     def __init__(self, engine: Engine, tokenizer, model_name: str, max_waiting: int):
         self.engine, self.tokenizer, self.model_name, self.max_waiting = engine, tokenizer, model_name, max_waiting
         self.created = int(time.time())
-        self.failed = None  # the engine's crash, if it had one: every later request gets a 500
+        self.failed = None  # why the engine stopped, if it did: the process then exits non-zero
         self.stopping = threading.Event()
         self.registry = CollectorRegistry()
         self.registry.register(self)  # collect() below: the engine's gauges and counters
@@ -104,11 +111,12 @@ class Server:
                 elif time.monotonic() - busy > WORKER_PING_S:  # tensor parallel: the other ranks wait in a collective
                     ping_workers()
                     busy = time.monotonic()
-        except Exception as e:  # a bug, or the device failing: say so, and fail what is in flight
+        except Exception as e:  # the device or the model failing, or a bug: fail what is in flight, and exit
             traceback.print_exc()
             self.failed = f"the engine stopped: {type(e).__name__}: {e}"
             for r in [*self.engine.scheduler.running, *self.engine.scheduler.waiting, *self.engine.inbox]:
-                if r.on_output:
+                if r.on_output and r.finish_reason is None:
+                    r.finish_reason, r.error = "error", self.failed
                     r.on_output(r, "", [])
 
     def collect(self):
@@ -150,8 +158,8 @@ class Server:
         try:
             while True:
                 text, finish_reason = await queue.get()
-                if self.failed:
-                    raise OpenAIError(500, self.failed, "server_error")
+                if finish_reason == "error":  # this request failed (or the engine did); the others go on
+                    raise OpenAIError(500, f"the request failed: {r.error}", "server_error")
                 yield text, finish_reason
                 if finish_reason:
                     return
@@ -165,7 +173,9 @@ def engine_request(server: Server, body, prompt: list[int], chat: bool) -> Reque
     tok = server.tokenizer
     eos = [] if body.ignore_eos else list(tok.eos_ids) + ([tok.eot_id] if chat and tok.eot_id is not None else [])
     max_tokens = body.max_tokens_for(max(server.engine.context - len(prompt), 1))
-    return Request(prompt, max_tokens, body.sampling(), tuple(body.stop_strings()), tuple(eos), body.seed)
+    spec = body.speculation
+    return Request(prompt, max_tokens, body.sampling(), tuple(body.stop_strings()), tuple(eos), body.seed,
+                   speculation=(spec.prompt_lookup, spec.k) if spec else None)
 
 
 def create_app(server: Server, api_key: str | None = None) -> FastAPI:
@@ -246,10 +256,13 @@ async def respond(server: Server, body, r: Request, response, chunk):
 
     async def events():
         i = 0
-        async for text, finish_reason in prepend(first, outputs):
-            for event in chunk(r, text, finish_reason, i == 0, **meta, include_usage=body.include_usage()):
-                yield f"data: {json.dumps(event)}\n\n"
-            i += 1
+        try:
+            async for text, finish_reason in prepend(first, outputs):
+                for event in chunk(r, text, finish_reason, i == 0, **meta, include_usage=body.include_usage()):
+                    yield f"data: {json.dumps(event)}\n\n"
+                i += 1
+        except OpenAIError as e:  # the status was sent with the first event: the error is an event (as vLLM's)
+            yield f"data: {json.dumps(e.body)}\n\n"
         yield "data: [DONE]\n\n"
     return StreamingResponse(events(), media_type="text/event-stream")
 
@@ -277,24 +290,28 @@ def start(args):
                        args.cpu_kernels, cpu_gemm=args.cpu_gemm)
     tokenizer = load_tokenizer(tokenizer_file(args.checkpoint_path, args.tokenizer_path))
     check_vocab(tokenizer, model)
-    config = EngineConfig(args.max_batch_size, args.block_size, args.kv_cache_tokens, args.kv_cache_gb,
-                          args.prefill_chunk, not args.no_prefix_caching, args.compile)
+    config = EngineConfig(max_batch_size=args.max_batch_size, block_size=args.block_size,
+                          kv_cache_tokens=args.kv_cache_tokens, kv_cache_gb=args.kv_cache_gb,
+                          max_num_batched_tokens=args.max_num_batched_tokens, prefill_chunk=args.prefill_chunk,
+                          prefix_caching=not args.no_prefix_caching, prompt_lookup=args.prompt_lookup,
+                          speculate_k=args.speculate_k, compile=args.compile)
     engine = Engine(model, tokenizer, config)
-    if args.compile:  # the graphs for one row and for several, decode and prefill, before the first client
+    if args.compile:  # every kind of step compiled before the first client, not in the middle of live traffic
         t1 = time.perf_counter()
-        engine.generate([[1, 2, 3], [1, 2, 3, 4, 5]], 4)
-        engine.generate([[1, 2]], 3)
-        print(f"Compiled in {time.perf_counter() - t1:.1f}s", file=sys.stderr)
-        for key in engine.stats:
-            engine.stats[key] = 0
+        engine.warm_up()
+        print(f"Compiled the forward pass for every kind of step in {time.perf_counter() - t1:.1f}s",
+              file=sys.stderr)
     print(f"Loaded {args.checkpoint_path} in {time.perf_counter() - t0:.1f}s: KV cache of "
           f"{engine.scheduler.pool.n_blocks - 1} blocks x {args.block_size} tokens", file=sys.stderr)
     return model, tokenizer, engine
 
 
 def run(args) -> int:
-    check_at_least(args, port=0, max_batch_size=1, block_size=1, kv_cache_tokens=0, kv_cache_gb=0, prefill_chunk=1,
-                   max_waiting=1, grace_period=0)
+    check_at_least(args, port=0, max_batch_size=1, block_size=1, kv_cache_tokens=0, kv_cache_gb=0, prefill_chunk=0,
+                   max_num_batched_tokens=args.max_batch_size, prompt_lookup=0, speculate_k=1, max_waiting=1,
+                   grace_period=0)
+    if args.prompt_lookup > MAX_LOOKUP or args.speculate_k > MAX_LOOKUP:
+        raise ValueError(f"--prompt_lookup and --speculate_k must be at most {MAX_LOOKUP}")
     if args.port > 65535:
         raise ValueError(f"--port must be at most 65535, not {args.port}")
     check_device(args.device)
@@ -331,13 +348,14 @@ def run(args) -> int:
         if not http.started:
             raise ValueError(f"cannot listen on {args.host}:{args.port}")
         print(f"Serving {server.model_name} at http://{args.host}:{args.port}/v1", file=sys.stderr, flush=True)
-        server.loop()  # until uvicorn has stopped
-        while http_thread.is_alive():  # the engine failed: requests get a 500 until the server is stopped
-            http_thread.join(0.5)
+        server.loop()  # until uvicorn has stopped, or the engine has
     finally:
         http.should_exit = True
         http_thread.join()
         stop_workers()
+    if server.failed:  # a supervisor restarts a process that exits; one that answers 500 forever it cannot see
+        print(f"error: {server.failed}; exiting", file=sys.stderr)
+        return 1
     print("Stopped", file=sys.stderr)
     return 0
 

@@ -43,6 +43,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="range of the random prompt token ids")
     p.add_argument("--text_prompts", action="store_true", help="prompts of random words (one word ~ one token)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--speculation", type=int, nargs=2, metavar=("N", "K"), help="ask our server for prompt lookup "
+                   "with N-grams, K tokens proposed per step (its \"speculation\" field)")
     p.add_argument("--timeout", type=float, default=3600, help="seconds a request may take")
     p.add_argument("--json", type=Path, help="write the results here")
     return p
@@ -62,6 +64,8 @@ def workload(args) -> list:
 async def one_request(client: httpx.AsyncClient, args, job: dict) -> dict:
     body = {"model": args.model, "prompt": job["prompt"], "max_tokens": job["max_tokens"], "temperature": 0,
             "stream": True, "ignore_eos": True, "stream_options": {"include_usage": True}}
+    if args.speculation:
+        body["speculation"] = {"prompt_lookup": args.speculation[0], "k": args.speculation[1]}
     t0, times, tokens = time.perf_counter(), [], None
     async with client.stream("POST", args.url + "/completions", json=body) as r:
         if r.status_code != 200:

@@ -18,6 +18,7 @@ import argparse
 import asyncio
 import json
 import os
+import shlex
 import subprocess
 import sys
 import time
@@ -45,6 +46,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prompt_tokens", type=int, nargs=2, default=[32, 256])
     p.add_argument("--output_tokens", type=int, nargs=2, default=[64, 256])
     p.add_argument("--threads", type=int, default=os.cpu_count())
+    p.add_argument("--ours_args", default="", help="more serve.py flags, e.g. '--max_num_batched_tokens 128'")
     p.add_argument("--work_dir", type=Path, required=True, help="the converted models are kept here")
     p.add_argument("--out", type=Path, help="results as JSON")
     p.add_argument("--plot", type=Path, help="output tokens/s against concurrency, as a PNG (needs matplotlib)")
@@ -113,7 +115,7 @@ def server_command(engine: str, paths: dict, args, port: int, concurrency: int) 
     if engine == "ours":
         return [sys.executable, ROOT / "serve.py", "--checkpoint_path", paths["hf"] / "model.pth", "--compile",
                 "--precision", "bfloat16", "--device", "cpu", "--port", port, "--model_name", "m",
-                "--max_batch_size", max(concurrency, 1)]
+                "--max_batch_size", max(concurrency, 1), *shlex.split(args.ours_args)]
     context = 2 * (args.prompt_tokens[1] + args.output_tokens[1])  # per slot, with room to spare
     return [args.llama_cpp / "build" / "bin" / "llama-server", "-m", paths["gguf"], "-t", args.threads, "-np",
             concurrency, "-c", concurrency * context, "--port", port, "--host", "127.0.0.1", "-a", "m"]

@@ -10,7 +10,7 @@ import torch
 from conftest import hf_greedy
 
 from decoding import generate
-from llama_fast.serving.engine import Engine, EngineConfig
+from llama_fast.serving.engine import LOOKUP_WINDOW, Engine, EngineConfig, EngineFailure
 from llama_fast.serving.paged_cache import BlockPool
 from llama_fast.serving.request import Request
 from llama_fast.serving.sampler import sample_rows
@@ -63,6 +63,139 @@ def test_every_response_equals_generate_alone_under_load(name, hf_checkpoint, lo
         assert r.output == alone(reference, r.prompt, r.max_tokens), (len(r.prompt), r.max_tokens)
         assert r.finish_reason == "length"
     assert engine.scheduler.pool.n_used == 0 and not engine.scheduler.running and not engine.scheduler.waiting
+
+
+def test_a_burst_runs_one_forward_pass_per_step_within_the_token_budget(hf_checkpoint, load_ours, prompt_ids):
+    """32 requests at once, long prompts (60-120 tokens) and short ones (3-12) mixed, 24 tokens per step, prompt
+    chunks of at most 16, a pool small enough to preempt: every step is one forward pass within the budget; decoding
+    rows and chunks of several prompts share passes; requests are admitted while others still read their prompts;
+    every response is token for token what its prompt gives alone."""
+    _, d = hf_checkpoint("gqa")
+    model = load_ours(d)
+    reference = copy.deepcopy(model)
+    config = EngineConfig(max_batch_size=8, block_size=8, kv_cache_tokens=160, max_num_batched_tokens=24,
+                          prefill_chunk=16)
+    engine = Engine(model, None, config)
+    passes, forward = [], engine.runner.forward
+
+    def recorded(rows):
+        passes.append([(r.n_computed, r.n_pending, n) for r, n in rows])
+        return forward(rows)
+    engine.runner.forward = recorded
+    rng = random.Random(5)
+    requests = [Request(prompt_ids(rng.choice([rng.randint(3, 12), rng.randint(60, 120)]), seed=500 + i),
+                        rng.randint(3, 20)) for i in range(32)]
+    for r in requests:
+        engine.add(r)
+    while engine.has_work():
+        before = len(passes)
+        engine.step()
+        assert len(passes) - before <= 1
+    assert all(sum(n for *_, n in rows) <= 24 and max(n for *_, n in rows) <= 16 for rows in passes)
+    chunk = lambda row: row[2] > 1 or row[1] > 1  # noqa: E731  (part of a prompt, not a sampled token)
+    assert any(any(not chunk(row) for row in rows) and sum(map(chunk, rows)) >= 2 for rows in passes)
+    assert any(any(row[0] == 0 for row in rows) and any(row[0] > 0 and chunk(row) for row in rows)
+               for rows in passes)  # a first chunk beside another prompt's later one
+    assert engine.stats["preemptions"] > 0
+    for r in requests:
+        assert r.output == alone(reference, r.prompt, r.max_tokens), (len(r.prompt), r.max_tokens)
+    assert engine.scheduler.pool.n_used == 0
+
+
+def test_a_request_that_fails_fails_alone(hf_checkpoint, load_ours, prompt_ids):
+    """A forward pass that fails whenever one request is in it (a stand-in for a fault only its input meets), and
+    a client whose callback raises: those two requests end with finish_reason "error", an error message and their
+    blocks freed; the others, sharing their steps, finish as they would alone. A model that fails whatever it
+    computes stops the engine with EngineFailure, its requests failed."""
+    _, d = hf_checkpoint("gqa")
+    model = load_ours(d)
+    reference = copy.deepcopy(model)
+    engine = Engine(model, None, EngineConfig(max_batch_size=8, block_size=8))
+    forward = engine.runner.forward
+    poisoned = Request(prompt_ids(30, seed=61), 10)
+
+    def faulty(rows):
+        if any(r is poisoned for r, _ in rows):
+            raise RuntimeError("a fault only this request meets")
+        return forward(rows)
+    engine.runner.forward = faulty
+
+    def broken_client(r, text, tokens):
+        raise ConnectionError("the client's callback failed")
+    rude = Request(prompt_ids(12, seed=62), 10, on_output=broken_client)
+    others = [Request(prompt_ids(5 + 9 * i, seed=70 + i), 12) for i in range(4)]
+    run_arriving(engine, [others[0], poisoned, others[1], rude, *others[2:]], every=1)
+    assert poisoned.finish_reason == rude.finish_reason == "error"
+    assert "a fault only this request meets" in poisoned.error and "callback failed" in rude.error
+    for r in others:
+        assert r.finish_reason == "length" and r.output == alone(reference, r.prompt, 12)
+    assert engine.stats["requests_failed"] == 2 and engine.scheduler.pool.n_used == 0
+
+    def dead(rows):
+        raise RuntimeError("device lost")
+    engine.runner.forward = dead
+    doomed = Request(prompt_ids(9, seed=80), 5)
+    engine.add(doomed)
+    with pytest.raises(EngineFailure, match="fails whatever it computes: RuntimeError: device lost"):
+        engine.step()
+    assert doomed.finish_reason == "error" and engine.scheduler.pool.n_used == 0
+
+
+def test_prompt_lookup_in_the_engine_gives_what_plain_decoding_gives(hf_checkpoint, load_ours, prompt_ids):
+    """Greedy requests speculating by prompt lookup (prompts that repeat themselves, so that proposals are made and
+    some accepted), beside plain greedy, sampled and penalized ones, arriving while others run, in a pool small
+    enough to preempt: each is token for token what its prompt gives alone; a later prompt that extends a
+    speculated one reuses the blocks its verified tokens filled, and is still exact."""
+    _, d = hf_checkpoint("gqa")
+    model = load_ours(d)
+    reference = copy.deepcopy(model)
+    config = EngineConfig(max_batch_size=6, block_size=8, kv_cache_tokens=200, max_num_batched_tokens=32,
+                          prompt_lookup=2, speculate_k=4)
+    engine = Engine(model, None, config)
+    rng = random.Random(11)
+    requests = []
+    for i in range(12):
+        phrase = prompt_ids(rng.randint(4, 9), seed=300 + i)
+        prompt = (phrase * 6)[:rng.randint(20, 50)]
+        sampling = [GREEDY, GREEDY, SamplingConfig(temperature=0.8), SamplingConfig(temperature=0,
+                                                                                   repetition_penalty=1.2)][i % 4]
+        requests.append(Request(prompt, rng.randint(8, 30), sampling, seed=i,
+                                speculation=(0, 4) if i % 5 == 4 else None))
+    run_arriving(engine, requests, every=2)
+    assert engine.stats["draft_tokens"] > 0 and 0 < engine.stats["accepted_draft_tokens"]
+    assert engine.stats["preemptions"] > 0
+    for r in requests:
+        if r.sampling.greedy:
+            assert r.output == alone(reference, r.prompt, r.max_tokens, r.sampling), (len(r.prompt), r.max_tokens)
+    accepted = engine.stats["accepted_draft_tokens"]
+    first = engine.generate([(prompt_ids(6, seed=400) * 5)[:27]], 30)[0]
+    assert engine.stats["accepted_draft_tokens"] > accepted
+    longer = first.prompt + first.output + prompt_ids(5, seed=77)
+    again = engine.generate([longer], 10)[0]
+    assert again.cached_tokens >= (len(first.prompt) + len(first.output) - 1) // 8 * 8
+    assert again.output == alone(reference, longer, 10)
+
+
+def test_a_request_whose_drafts_miss_stops_proposing(hf_checkpoint, load_ours, prompt_ids):
+    """A forward pass whose greedy token never equals the proposal (logits made so): after LOOKUP_WINDOW
+    verifications that accepted nothing the request proposes no more, and decodes one token per step."""
+    _, d = hf_checkpoint("gqa")
+    engine = Engine(load_ours(d), None, EngineConfig(max_batch_size=2, block_size=8, prompt_lookup=1, speculate_k=3))
+    forward, sizes = engine.runner.forward, []
+
+    def never_the_draft(rows):
+        logits = forward(rows)
+        sizes.append([n for _, n in rows])
+        for r, _ in rows:
+            if r.draft:  # every position predicts a token no draft has
+                logits[:, :] = -1.0
+                logits[:, max(r.draft) + 1] = 1.0
+        return logits
+    engine.runner.forward = never_the_draft
+    r = engine.generate([[5, 6] * 10], 30)[0]
+    verifying = [n for step in sizes for n in step if n > 1][1:]  # after the prompt's chunk
+    assert len(verifying) == LOOKUP_WINDOW and r.lookup is None
+    assert engine.stats["accepted_draft_tokens"] == 0 and len(r.output) == 30
 
 
 def test_a_shared_prefix_is_computed_once(hf_checkpoint, load_ours, prompt_ids):

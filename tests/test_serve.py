@@ -24,11 +24,13 @@ KEY = "test-key"
 
 
 class ServerProcess:
-    def __init__(self, checkpoint_dir: Path, *flags):
+    def __init__(self, checkpoint_dir: Path, *flags, before: str = ""):
+        """serve.py with flags; before: Python run before serve.main() in the server's process."""
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
+        command = ["-c", f"{before}\nimport serve\nserve.main()"] if before else ["serve.py"]
         self.proc = subprocess.Popen(
-            [sys.executable, "serve.py", "--checkpoint_path", str(checkpoint_dir / "model.pth"), "--device", "cpu",
+            [sys.executable, *command, "--checkpoint_path", str(checkpoint_dir / "model.pth"), "--device", "cpu",
              "--precision", "float32", "--port", str(self.port), "--block_size", "8", *map(str, flags)],
             cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         wait_until_healthy(self.proc, self.url)
@@ -79,6 +81,17 @@ def test_completion_equals_generate(client, checkpoint, sp_tokenizer):
     ids = sp_tokenizer.encode("A small bird sings")
     out = client.completions.create(model="tiny", prompt=ids, max_tokens=12, temperature=0)
     assert out.choices[0].text == sp_tokenizer.decode(greedy(model, ids, 12))
+
+
+def test_prompt_lookup_speculation_gives_the_greedy_text(client, server, checkpoint, sp_tokenizer):
+    """The "speculation" extension field: a greedy request that repeats itself is verified draft by draft and
+    answers exactly the greedy text; the metrics count proposed and accepted tokens."""
+    ids = sp_tokenizer.encode("The cat sat on the mat. The cat sat on the mat. The cat sat on the mat. The cat")
+    before = server.metrics()
+    out = client.completions.create(model="tiny", prompt=ids, max_tokens=40, temperature=0,
+                                    extra_body={"speculation": {"prompt_lookup": 2, "k": 4}})
+    assert out.choices[0].text == sp_tokenizer.decode(greedy(checkpoint[1], ids, 40))
+    assert server.metrics()["llama_fast_draft_tokens_total"] > before["llama_fast_draft_tokens_total"]
 
 
 def test_chat_completion_uses_the_chat_template(client, checkpoint, sp_tokenizer):
@@ -143,6 +156,9 @@ def test_seeded_sampling_repeats(client):
     ({"model": "tiny", "prompt": "x", "seed": 2**64}, "seed must be in"),  # once killed the engine's thread
     ({"model": "tiny", "prompt": "x", "seed": -2**63 - 1}, "seed must be in"),
     ({"model": "tiny", "messages": []}, "messages"),
+    ({"model": "tiny", "prompt": "x", "speculation": {"prompt_lookup": 17}}, "speculation.prompt_lookup"),
+    ({"model": "tiny", "prompt": "x", "speculation": {"prompt_lookup": 2, "k": 0}}, "speculation.k"),
+    ({"model": "tiny", "prompt": "x", "speculation": {"prompt_lookup": 2, "draft": 3}}, "speculation.draft"),
 ])
 def test_bad_requests_get_400_with_an_openai_error_body(server, body, message):
     endpoint = "/v1/chat/completions" if "messages" in body else "/v1/completions"
@@ -222,6 +238,59 @@ def test_busy_server_503_and_sigterm_finishes_running_requests(hf_checkpoint):
         assert s.proc.returncode == 0, err
         assert [r.status_code for r in results] == [200, 200]
         assert all(r.json()["usage"]["completion_tokens"] == 200 for r in results)
+    finally:
+        s.stop()
+
+
+# Faults only some prompts meet (token ids starting 3, 1, 4: at once; 3, 1, 5: after 3 tokens), and one that breaks
+# the model for good (2, 7, 1)
+FAULTS = """
+from llama_fast.serving.runner import ModelRunner
+forward = ModelRunner.forward
+def faulty(self, rows):
+    if any(r.prompt[:3] == [2, 7, 1] for r, _ in rows):
+        ModelRunner.forward = dead
+    if any(r.prompt[:3] == [3, 1, 4] or r.prompt[:3] == [3, 1, 5] and len(r.output) >= 3 for r, _ in rows):
+        raise RuntimeError("a fault only this prompt meets")
+    return forward(self, rows)
+def dead(self, rows):
+    raise RuntimeError("device lost")
+ModelRunner.forward = faulty
+"""
+
+
+def test_a_failing_request_fails_alone_and_a_failing_engine_exits(checkpoint, sp_tokenizer):
+    """A request whose forward pass fails gets a 500 with OpenAI's error body (streamed, once tokens were sent: an
+    error event, then [DONE]) while a request decoding beside it finishes with the greedy text and the server
+    stays healthy. When the model fails whatever it computes, the request gets a 500 and the process exits 1
+    saying why: a supervisor restarts it (it never answers 500 forever)."""
+    s = ServerProcess(checkpoint[0], "--model_name", "tiny", before=FAULTS)
+    try:
+        body = {"model": "tiny", "max_tokens": 40, "temperature": 0, "ignore_eos": True}
+        healthy = [None]
+        thread = threading.Thread(target=lambda: healthy.__setitem__(0, httpx.post(
+            s.url + "/v1/completions", json={**body, "prompt": [5, 6, 7, 8]}, timeout=60)))
+        thread.start()
+        poisoned = httpx.post(s.url + "/v1/completions", json={**body, "prompt": [3, 1, 4, 1, 5]}, timeout=60)
+        assert poisoned.status_code == 500
+        assert poisoned.json()["error"] == {"message": "the request failed: RuntimeError: a fault only this prompt "
+                                            "meets", "type": "server_error", "param": None, "code": None}
+        stream = {**body, "stream": True}
+        assert httpx.post(s.url + "/v1/completions", json={**stream, "prompt": [3, 1, 4]}).status_code == 500
+        with httpx.stream("POST", s.url + "/v1/completions", json={**stream, "prompt": [3, 1, 5]}, timeout=60) as r:
+            events = [line for line in r.iter_lines() if line]
+        assert r.status_code == 200 and events[-1] == "data: [DONE]" and len(events) == 3 + 2
+        assert "a fault only this prompt meets" in json.loads(events[-2][6:])["error"]["message"]
+        thread.join(timeout=60)
+        assert healthy[0].status_code == 200
+        text = sp_tokenizer.decode(greedy(checkpoint[1], [5, 6, 7, 8], 40))
+        assert healthy[0].json()["choices"][0]["text"] == text and httpx.get(s.url + "/health").status_code == 200
+        dead = httpx.post(s.url + "/v1/completions", json={**body, "prompt": [2, 7, 1]}, timeout=60)
+        assert dead.status_code == 500 and "device lost" in dead.json()["error"]["message"]
+        _, err = s.proc.communicate(timeout=60)
+        assert s.proc.returncode == 1
+        assert err.strip().splitlines()[-1] == ("error: the engine stopped: EngineFailure: the model fails whatever "
+                                                "it computes: RuntimeError: device lost; exiting")
     finally:
         s.stop()
 

@@ -1,8 +1,9 @@
 """The OpenAI API's shapes (serve.py): what a client may send, checked field by field (a wrong type or range is a
 400 naming the field), and the JSON the server answers with, whole or as stream chunks.
 
-Fields beyond OpenAI's, as vLLM has them: top_k, min_p, repetition_penalty, ignore_eos. Features we do not have (several
-choices, log probabilities, echo, suffix, logit bias, tools) are refused by name rather than silently ignored.
+Fields beyond OpenAI's, as vLLM has them: top_k, min_p, repetition_penalty, ignore_eos; and ours, speculation.
+Features we do not have (several choices, log probabilities, echo, suffix, logit bias, tools) are refused by name
+rather than silently ignored.
 """
 from typing import Literal
 
@@ -15,6 +16,14 @@ COMPLETIONS_DEFAULT_MAX_TOKENS = 16  # OpenAI's legacy completions default; chat
 
 class StreamOptions(BaseModel):
     include_usage: bool = False
+
+
+class Speculation(BaseModel):
+    """The extension field "speculation": prompt lookup for this request (greedy requests without penalties; the
+    output is what plain decoding gives). prompt_lookup 0: off."""
+    model_config = ConfigDict(strict=True, extra="forbid")
+    prompt_lookup: int = Field(ge=0, le=16)
+    k: int = Field(5, ge=1, le=16)
 
 
 class Sampled(BaseModel):
@@ -37,6 +46,7 @@ class Sampled(BaseModel):
     n: int = 1
     logprobs: bool | int | None = None
     logit_bias: dict | None = None
+    speculation: Speculation | None = None  # None: the server's default (serve.py --prompt_lookup)
 
     @model_validator(mode="after")
     def supported(self):

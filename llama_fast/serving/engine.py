@@ -8,26 +8,39 @@
 Split as nano-vllm splits it: the scheduler decides which requests run in a step and holds their KV blocks
 (scheduler.py), the model runner lays the batch out and runs the forward pass (runner.py), the sampler draws every
 row's token with one host sync (sampler.py), and the engine ties them together and handles the output: text,
-stop strings, finishing. Each step() decodes one token for every running request whose next token is known, all in
-one forward pass of shape (batch, 1), each row at its own position, then one chunk of one prompt.
+stop strings, finishing. Each step() is one forward pass over a ragged batch: the next token of every running
+request whose next token is known, and chunks of the prompts being read, within a budget of tokens per step.
 """
+import contextlib
 import random
+import sys
 import threading
 import time
+import traceback
 from dataclasses import dataclass
 
 import torch
+from torch import Tensor
 
 from llama_fast.serving.paged_cache import BlockPool
 from llama_fast.serving.request import GREEDY, Request
 from llama_fast.serving.runner import ModelRunner, pool_tokens
 from llama_fast.serving.sampler import sample_rows
 from llama_fast.serving.scheduler import Scheduler
+from llama_fast.speculate.speculative import PromptLookup
 from model import Transformer
 from sampling import SamplingConfig
 from tokenizer import StreamDecoder
 
 SEED_RANGE = (-2**63, 2**64 - 1)  # what torch.Generator.manual_seed takes
+MAX_LOOKUP = 16  # the longest prompt-lookup n-gram and proposal
+# A speculating request whose last LOOKUP_WINDOW verifications accepted fewer than LOOKUP_MIN_ACCEPTED tokens each on
+# average stops proposing: each proposed token costs about a prompt token's compute, which a miss wastes
+LOOKUP_WINDOW, LOOKUP_MIN_ACCEPTED = 8, 0.5
+
+
+class EngineFailure(RuntimeError):
+    """The engine cannot go on (the device or the model fails whatever it computes): its server should exit."""
 
 
 @dataclass
@@ -36,14 +49,24 @@ class EngineConfig:
     block_size: int = 16  # tokens per KV block
     kv_cache_tokens: int = 0  # the pool's size in tokens; 0: from kv_cache_gb
     kv_cache_gb: float = 0.0  # the pool's size in memory; 0: max_batch_size full contexts, if memory allows
-    prefill_chunk: int = 256  # prompt tokens computed per step
+    # tokens one step computes, all rows together (the token budget): a step with prompt chunks in it delays the
+    # tokens of decoding rows; 128 kept ITL p99 near 2x p50 on a 2-core CPU, with 256 and 512 no faster (BENCHMARKS)
+    max_num_batched_tokens: int = 128
+    prefill_chunk: int = 0  # the most prompt tokens of one request one step computes; 0: the whole budget
     prefix_caching: bool = True
+    prompt_lookup: int = 0  # requests speculate by prompt lookup with n-grams of this length unless they say (0: off)
+    speculate_k: int = 5  # tokens prompt lookup proposes per step
     compile: bool = False  # torch.compile the forward pass (on CUDA, batch and block counts padded to powers of two)
 
     def __post_init__(self):
-        for name in ("max_batch_size", "block_size", "prefill_chunk"):
-            if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
+        for name in ("max_batch_size", "block_size", "max_num_batched_tokens", "prefill_chunk"):
+            if not isinstance(getattr(self, name), int) or getattr(self, name) < (name != "prefill_chunk"):
                 raise ValueError(f"{name} must be a positive integer, not {getattr(self, name)!r}")
+        if not 0 <= self.prompt_lookup <= MAX_LOOKUP or not 1 <= self.speculate_k <= MAX_LOOKUP:
+            raise ValueError(f"prompt_lookup must be in [0, {MAX_LOOKUP}] and speculate_k in [1, {MAX_LOOKUP}]")
+        if self.max_num_batched_tokens < self.max_batch_size:  # every running request decodes in every step
+            raise ValueError(f"max_num_batched_tokens ({self.max_num_batched_tokens}) must be at least "
+                             f"max_batch_size ({self.max_batch_size})")
         if self.kv_cache_tokens < 0 or not self.kv_cache_gb >= 0:
             raise ValueError("kv_cache_tokens and kv_cache_gb must be >= 0")
 
@@ -55,10 +78,11 @@ class Engine:
         pool_size = pool_tokens(model, config.max_batch_size, config.kv_cache_tokens, config.kv_cache_gb)
         self.runner = ModelRunner(model, config.block_size, pool_size, config.max_batch_size, config.compile)
         self.device = self.runner.device
-        self.stats = dict(requests_finished=0, preemptions=0, prefix_cache_hit_tokens=0, prefill_tokens=0,
-                          generation_tokens=0, steps=0)
+        self.stats = dict(requests_finished=0, requests_failed=0, preemptions=0, prefix_cache_hit_tokens=0,
+                          prefill_tokens=0, generation_tokens=0, draft_tokens=0, accepted_draft_tokens=0, steps=0)
         pool = BlockPool(self.runner.n_blocks, config.block_size, config.prefix_caching)
-        self.scheduler = Scheduler(pool, config.max_batch_size, config.prefill_chunk, self.stats)
+        self.scheduler = Scheduler(pool, config.max_batch_size, config.max_num_batched_tokens,
+                                   config.prefill_chunk or config.max_num_batched_tokens, self.stats)
         self.inbox: list[Request] = []
         self.aborted: set[str] = set()
         self.lock = threading.Condition()
@@ -84,6 +108,9 @@ class Engine:
                              f"{(self.scheduler.pool.n_blocks - 1) * self.scheduler.pool.block_size}")
         if r.stop and self.tokenizer is None:
             raise ValueError("stop strings need a tokenizer")
+        n_gram, k = r.speculation or (0, 1)
+        if not (0 <= n_gram <= MAX_LOOKUP and 1 <= k <= MAX_LOOKUP):
+            raise ValueError(f"speculation: prompt_lookup must be in [0, {MAX_LOOKUP}] and k in [1, {MAX_LOOKUP}]")
         if r.seed is not None and not SEED_RANGE[0] <= r.seed <= SEED_RANGE[1]:  # the engine's thread would fail
             raise ValueError(f"seed must be in [{SEED_RANGE[0]}, {SEED_RANGE[1]}] (64 bits), not {r.seed}")
 
@@ -116,21 +143,41 @@ class Engine:
             self.step()
         return requests
 
+    def warm_up(self):
+        """Run each kind of step once, so that a compiled forward pass has its graph for each before the first
+        client (the graphs specialise on whether a group is empty, one or more): one prompt chunk, then one
+        decoding row; two chunks, then two rows; one row beside a chunk, two rows beside two chunks. The counters
+        start again from zero."""
+        self.generate([[1, 2]], 2)
+        self.generate([[1, 2, 3], [1, 2, 3, 4]], 2)
+        first = Request([1, 2, 3], 4)
+        self.add(first)
+        self.step()
+        later = [Request(p, 2) for p in ([1, 2], [1, 2, 3], [1, 2, 3, 4])]
+        self.add(later[0])
+        self.step()
+        self.add(later[1])
+        self.add(later[2])
+        while not all(r.finish_reason for r in (first, *later)):
+            self.step()
+        for key in self.stats:
+            self.stats[key] = 0
+
     # ------------------------------------------------------------------------------- the engine's thread
 
     @torch.inference_mode()
     def step(self) -> bool:
-        """Admit, decode the running requests one token each, prefill one chunk. Returns whether it did any work."""
+        """One forward pass over what the scheduler chose (every running request's next token, chunks of prompts),
+        then a token for each row whose prompt is read. Returns whether it did any work. A failure confined to some
+        requests fails those (finish_reason "error") and the others go on; EngineFailure when the model itself
+        fails (compute)."""
         self.runner.check_cache()
         self.take_inbox()
-        decoding = self.scheduler.decode_rows()
-        if decoding:
-            self.forward(decoding, 1)
-        chunk = self.scheduler.prefill_chunk_rows()
-        if chunk and chunk[0]:
-            self.forward(*chunk)
+        rows = self.scheduler.schedule()
+        if rows:
+            self.compute(rows)
         self.stats["steps"] += 1
-        return bool(decoding or chunk)
+        return bool(rows)
 
     def take_inbox(self):
         with self.lock:
@@ -140,6 +187,9 @@ class Engine:
             r.generator = seeded_generator(r.seed, self.device)
             if self.tokenizer is not None:
                 r.decoder = StreamDecoder(self.tokenizer)
+            r.speculation = r.speculation or (self.config.prompt_lookup, self.config.speculate_k)
+            if r.speculation[0] and r.sampling.greedy and not r.sampling.penalized:  # exact: what decoding gives
+                r.lookup = PromptLookup(r.speculation[0], r.prompt)
             if r.sampling.penalized:
                 V = self.model.config.vocab_size
                 r.counts = torch.zeros(V, device=self.device)
@@ -149,22 +199,105 @@ class Engine:
         for r in [r for r in (*self.scheduler.running, *self.scheduler.waiting) if r.id in aborted]:
             self.finish(r, "abort", flush=False)
 
-    def forward(self, rows: list[Request], n: int):
-        """One forward pass over n pending tokens of each row; rows with nothing left pending sample a token."""
-        logits = self.runner.forward(rows, n)
-        self.scheduler.computed(rows, n)
-        if n > 1:
-            self.stats["prefill_tokens"] += n
-        ready = [i for i, r in enumerate(rows) if r.n_pending == 0]
+    def compute(self, rows: list[tuple[Request, int]]):
+        """The step's forward pass; each row whose prompt is then read samples its next token. If the pass fails,
+        each row is computed alone (its keys are written again, to the same slots), and those that fail alone are
+        failed: one request cannot take the others down. If none succeeds and the model fails even a one-token
+        pass of nobody's (runner.probe), the engine cannot go on: EngineFailure."""
+        try:
+            logits = self.runner.forward(rows)
+        except Exception as e:
+            ok = []
+            for row in rows if len(rows) > 1 else []:
+                try:
+                    ok.append((row, self.runner.forward([row])))
+                except Exception as e_alone:
+                    self.failed([row], e_alone)
+            if not ok:
+                self.failed(rows, e)
+                try:
+                    self.runner.probe()
+                except Exception as broken:
+                    raise EngineFailure(f"the model fails whatever it computes: {type(broken).__name__}: "
+                                        f"{broken}") from broken
+                return
+            rows, logits = [row for row, _ in ok], torch.cat([x for _, x in ok])
+        self.stats["prefill_tokens"] += sum(min(n, len(r.prompt) - r.n_computed) for r, n in rows
+                                            if r.n_computed < len(r.prompt))
+        if any(r.draft for r, _ in rows):
+            return self.verify(rows, logits)
+        self.scheduler.computed(rows)
+        ready = [i for i, (r, _) in enumerate(rows) if r.n_pending == 0]
         if ready:
-            tokens = sample_rows(logits if len(ready) == len(rows) else logits[ready], [rows[i] for i in ready])
-            for i, token in zip(ready, tokens):
-                self.append(rows[i], token)
+            self.sample(logits if len(ready) == len(rows) else logits[ready], [rows[i][0] for i in ready])
+
+    def verify(self, rows: list[tuple[Request, int]], logits: Tensor):
+        """compute() for a step in which some rows verify drafts: such a row keeps the longest run of its draft
+        that greedy decoding would have produced, and the token after it (one host sync for all of them); its
+        keys beyond are overwritten later. The other rows as compute() does."""
+        counts = [n if r.draft else 1 for r, n in rows]
+        last = torch.tensor(counts, device=logits.device).cumsum(0) - 1
+        greedy = logits.argmax(-1).tolist()
+        done, new = [], {}
+        for (r, n), end in zip(rows, last.tolist()):
+            if not r.draft:
+                done.append((r, n))
+                continue
+            predicted = greedy[end + 1 - n:end + 1]
+            j = next((i for i, (d, p) in enumerate(zip(r.draft, predicted)) if d != p), len(r.draft))
+            new[r] = r.draft[:j] + [predicted[j]]
+            done.append((r, 1 + j))
+            self.stats["draft_tokens"] += len(r.draft)
+            self.stats["accepted_draft_tokens"] += j
+            r.verified = [*r.verified[-LOOKUP_WINDOW + 1:], j]
+            if len(r.verified) == LOOKUP_WINDOW and sum(r.verified) < LOOKUP_MIN_ACCEPTED * LOOKUP_WINDOW:
+                r.lookup = None  # below break-even: it decodes plainly from now on
+        self.scheduler.computed(done)
+        for r in new:
+            r.draft = []
+        ready = [i for i, (r, _) in enumerate(done) if r.n_pending == 0 and r not in new]
+        if ready:
+            self.sample(logits[last[ready]], [done[i][0] for i in ready])
+        for r, tokens in new.items():
+            for token in tokens:
+                if r.finish_reason is None:
+                    self.append(r, token)
+
+    def sample(self, logits: Tensor, rows: list[Request]):
+        """Each row's next token (a row whose settings cannot be sampled fails alone) and what it adds."""
+        try:
+            tokens = sample_rows(logits, rows)
+        except Exception:
+            tokens = []
+            for i, r in enumerate(rows):
+                try:
+                    tokens.append(sample_rows(logits[i:i + 1], [r])[0])
+                except Exception as e:
+                    self.failed([(r, 0)], e)
+                    tokens.append(None)
+        for r, token in zip(rows, tokens):
+            if token is not None:
+                try:
+                    self.append(r, token)
+                except Exception as e:  # its stop strings, its text, its client's callback
+                    self.failed([(r, 0)], e)
+
+    def failed(self, rows: list[tuple[Request, int]], e: Exception):
+        """Each row's request ends with finish_reason "error" and e as its error; its blocks are freed."""
+        traceback.print_exception(e, file=sys.stderr)  # for whoever runs the server: the client gets one line
+        for r, _ in rows:
+            if r.finish_reason is None:
+                r.error = f"{type(e).__name__}: {e}"
+                with contextlib.suppress(Exception):  # a client whose callback failed fails again here
+                    self.finish(r, "error", flush=False)
+                self.stats["requests_failed"] += 1
 
     def append(self, r: Request, token: int):
         now = time.perf_counter()
         r.first_token_time = r.first_token_time or now
         r.tokens.append(token)
+        if r.lookup is not None:
+            r.lookup.extend([token])
         self.stats["generation_tokens"] += 1
         if r.counts is not None:
             r.counts[token] += 1

@@ -7,6 +7,7 @@ blocks[i // block_size] * block_size + i % block_size.
 import hashlib
 from array import array
 from collections import OrderedDict
+from typing import NamedTuple
 
 import torch
 import torch.nn as nn
@@ -16,11 +17,25 @@ from llama_fast.cpu.layers import attend_one
 from model import Transformer, attention, causal_mask, precompute_freqs_cis
 
 
+class PagedIndex(NamedTuple):
+    """What every layer's PagedKVCache is told about a step's batch (the model's cache_index). The batch is ragged:
+    its N new tokens lie in one row, (1, N), the tokens of rows decoding one token first (Bd of them), then the
+    chunks of prompts being read. Every count is a tensor's shape, so one compiled graph serves any mix.
+    slots: (1, N) where each new token's key and value go.
+    decode_keys, decode_mask: (Bd, S) for each one-token row, its slots in position order (its block table
+        expanded: key j at position j) and which of them it sees.
+    prefill_keys, prefill_mask: (Sp,) the slots of every chunk's context, the chunks one after another, and
+        (N - Bd, Sp) which of them each chunk token sees (its own row's, causally)."""
+    slots: Tensor
+    decode_keys: Tensor
+    decode_mask: Tensor
+    prefill_keys: Tensor
+    prefill_mask: Tensor
+
+
 class PagedKVCache(nn.Module):
     """Keys and values of many sequences in one pool of fixed-size blocks, as vLLM's PagedAttention keeps them:
-    (n_slots, n_kv_heads, head_dim), slot = block * block_size + offset. The model's forward hands each layer's cache
-    (write, read): the slots the new tokens' keys and values go to (B, T), and each row's slots in position order
-    (B, S), its block table expanded, so that key j is at position j."""
+    (n_slots, n_kv_heads, head_dim), slot = block * block_size + offset."""
 
     def __init__(self, n_slots, n_kv_heads, head_dim, dtype, device=None):
         super().__init__()
@@ -33,24 +48,47 @@ class PagedKVCache(nn.Module):
         self.k_pool[slots.flatten()] = k.transpose(1, 2).reshape(B * T, H, D)
         self.v_pool[slots.flatten()] = v.transpose(1, 2).reshape(B * T, H, D)
 
-    def attend(self, q: Tensor, k: Tensor, v: Tensor, slots: tuple[Tensor, Tensor], mask: Tensor) -> Tensor:
-        """k, v written to slots[0], then q's attention over each row's keys at slots[1]. A compiled CPU decode step
-        (one token per row) reads the keys where they lie (attend_one: inductor fuses the indexing into the
+    def attend(self, q: Tensor, k: Tensor, v: Tensor, index: PagedIndex, mask: Tensor) -> Tensor:
+        """k, v (1, n_kv_heads, N, head_dim) written to their slots, then each new token's attention over its own
+        row's keys: the one-token rows together, the prompt chunks together (mask: unused, the index has both)."""
+        self.write(index.slots, k, v)
+        _, Hkv, N, D = k.shape
+        q = q.view(Hkv, -1, N, D)  # (kv head, query head of that group, token, head_dim)
+        Bd = index.decode_keys.shape[0]
+        parts = []
+        if Bd:
+            parts.append(self.attend_decode(q[:, :, :Bd], index.decode_keys, index.decode_mask))
+        if Bd < N:
+            parts.append(self.attend_prefill(q[:, :, Bd:], index.prefill_keys, index.prefill_mask))
+        return (torch.cat(parts, 2) if len(parts) == 2 else parts[0]).reshape(1, Hkv, -1, D)
+
+    def attend_decode(self, q: Tensor, key_slots: Tensor, mask: Tensor) -> Tensor:
+        """q (n_kv_heads, n_rep, B, head_dim), one token per row, over its row's keys at key_slots (B, S). A
+        compiled CPU step reads the keys where they lie (attend_one: inductor fuses the indexing into the
         reductions; 2-core CPU, B=16 x 512 keys: 2.3 ms a layer against 18 for gather + SDPA). Otherwise each row's
         keys and values are gathered (index_select copies whole slots, 4x faster than indexing) for SDPA."""
-        self.write(slots[0], k, v)
-        if k.shape[2] == 1 and q.is_cpu and torch.compiler.is_compiling():
-            return attend_one(q, self.k_pool[slots[1]], self.v_pool[slots[1]], mask[:, 0, 0])
-        B, S = slots[1].shape
-        read = slots[1].flatten()
-        keys, values = (pool.index_select(0, read).view(B, S, *pool.shape[1:]).transpose(1, 2)
-                        for pool in (self.k_pool, self.v_pool))
-        return attention(q, keys, values, mask)
+        q = q.permute(2, 0, 1, 3)  # (B, n_kv_heads, n_rep, head_dim)
+        if q.is_cpu and torch.compiler.is_compiling():
+            y = attend_one(q, self.k_pool[key_slots], self.v_pool[key_slots], mask)
+        else:
+            B, S = key_slots.shape
+            keys, values = (pool.index_select(0, key_slots.flatten()).view(B, S, *pool.shape[1:]).transpose(1, 2)
+                            for pool in (self.k_pool, self.v_pool))
+            y = attention(q, keys, values, mask[:, None, None])
+        return y.permute(1, 2, 0, 3)
+
+    def attend_prefill(self, q: Tensor, key_slots: Tensor, mask: Tensor) -> Tensor:
+        """q (n_kv_heads, n_rep, T, head_dim), the chunks' tokens, over the keys at key_slots (S,) that mask
+        (T, S) lets each see: one SDPA call for every chunk of the step (a step has few)."""
+        Hkv, n_rep, T, D = q.shape
+        keys, values = (pool.index_select(0, key_slots).transpose(0, 1)[None] for pool in (self.k_pool, self.v_pool))
+        y = attention(q.reshape(1, Hkv, n_rep * T, D), keys, values, mask[None, None])
+        return y.view(Hkv, n_rep, T, D)
 
 
 def setup_paged_cache(model: Transformer, n_blocks: int, block_size: int):
     """Give every layer a pool of n_blocks KV blocks of block_size tokens instead of the static cache (forward then
-    takes cache_index=(write slots, read slots) and a mask: paged_forward)."""
+    takes a PagedIndex as cache_index: paged_forward)."""
     dtype, device = model.cache_dtype(), model.tok_embeddings.weight.device
     for layer in model.layers:
         layer.attention.kv_cache = PagedKVCache(n_blocks * block_size, layer.attention.n_kv_heads,
@@ -59,12 +97,30 @@ def setup_paged_cache(model: Transformer, n_blocks: int, block_size: int):
     model.max_batch_size = model.cache_len = 0  # a later setup_caches() allocates a static cache again
 
 
-def paged_forward(model: Transformer, tokens: Tensor, positions: Tensor, slots: Tensor, key_slots: Tensor,
-                  last_only: bool) -> Tensor:
-    """The model's forward over the paged cache: tokens (B, T) at positions (B, T), their keys and values written to
-    slots (B, T); each row reads its keys at key_slots (B, S), key j at position j, causally."""
-    mask = causal_mask(key_slots.shape[1], positions, model.config)
-    return model(tokens, positions, last_only=last_only, mask=mask, cache_index=(slots, key_slots))
+def paged_forward(model: Transformer, tokens: Tensor, positions: Tensor, slots: Tensor, decode_keys: Tensor,
+                  prefill_keys: Tensor, prefill_key_positions: Tensor, prefill_key_rows: Tensor,
+                  prefill_rows: Tensor, logits_at: Tensor) -> Tensor:
+    """The model's forward over the paged cache for a ragged batch (PagedIndex): tokens (1, N) at positions (1, N)
+    written to slots (1, N); the first decode_keys.shape[0] tokens are one-token rows reading their keys at
+    decode_keys (B, S), key j at position j; the others are chunks of prompts, the chunk of token i being
+    prefill_rows[i], reading the keys at prefill_keys (Sp,), which belong to chunk prefill_key_rows and lie at
+    prefill_key_positions. Float logits (K, V) of the tokens logits_at (K,) names."""
+    pos = positions[0]
+    Bd = decode_keys.shape[0]
+    decode_mask = causal_mask(decode_keys.shape[1], pos[:Bd], model.config)
+    prefill_mask = sees(prefill_key_positions, pos[Bd:], model.config) & (prefill_key_rows == prefill_rows[:, None])
+    index = PagedIndex(slots, decode_keys, decode_mask, prefill_keys, prefill_mask)
+    no_mask = decode_mask.new_ones(1, 1, 0)  # the masks travel in index: a ragged batch has two
+    return model(tokens, positions, mask=no_mask, cache_index=index, logits_at=logits_at)[0]
+
+
+def sees(key_positions: Tensor, positions: Tensor, config) -> Tensor:
+    """(T, S): whether the token at positions[t] sees the key at key_positions[s]: causally, and within the
+    sliding window if the model has one (model.causal_mask, for keys that are not in position order)."""
+    mask = key_positions <= positions[:, None]
+    if config.sliding_window:
+        mask = mask & (key_positions > positions[:, None] - config.sliding_window)
+    return mask
 
 
 def block_digest(parent: bytes, tokens) -> bytes:

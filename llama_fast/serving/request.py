@@ -13,19 +13,22 @@ GREEDY = SamplingConfig(temperature=0)
 class Request:
     """One prompt to complete. on_output(request, text, token_ids) is called (from the engine's thread) with what
     each step added; request.finish_reason is set when it is the last call: "stop" (EOS or a stop string),
-    "length" (max_tokens) or "abort"."""
+    "length" (max_tokens), "abort" or "error" (then request.error says what failed)."""
     prompt: list[int]
     max_tokens: int
     sampling: SamplingConfig = GREEDY
     stop: tuple[str, ...] = ()  # text that ends the output (not included in it)
     eos_ids: tuple[int, ...] = ()  # tokens that end the output (not included in it)
     seed: int | None = None  # the request's own random generator: the same text whatever else runs beside it
+    # prompt lookup: (n-gram length, tokens proposed per step); 0 or None: the engine's default; (0, k): off
+    speculation: tuple[int, int] | None = None
     on_output: Callable | None = None
     id: str = field(default_factory=lambda: uuid.uuid4().hex)
     # the engine's state
     tokens: list[int] = field(default_factory=list)  # prompt, then output
     text: str = ""  # the output as text, cut before a stop string
     finish_reason: str | None = None
+    error: str | None = None
     blocks: list[int] = field(default_factory=list)  # the block table
     digests: list[bytes] = field(default_factory=list)  # of the full blocks registered for prefix caching
     n_computed: int = 0  # tokens whose keys and values are in the cache
@@ -39,6 +42,9 @@ class Request:
         self.generator = None
         self.decoder = None
         self.seen = self.counts = None  # penalties: tokens of prompt and output; counts of output tokens
+        self.lookup = None  # prompt lookup's index of the request's tokens (PromptLookup), while it speculates
+        self.draft: list[int] = []  # tokens proposed for this step, verified by its forward pass
+        self.verified: list[int] = []  # tokens accepted by each of the request's recent verifications
 
     @property
     def output(self) -> list[int]:

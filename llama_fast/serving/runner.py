@@ -36,31 +36,61 @@ class ModelRunner:
             raise RuntimeError("the model's KV cache was replaced (generate(), setup_caches() or another Engine on "
                                "the model this Engine serves): an Engine owns its model; use a copy for other work")
 
-    def forward(self, rows: list[Request], n: int) -> Tensor:
-        """Logits (len(rows), V) after n pending tokens of each row (its last one for a chunk of a prompt)."""
-        logits = run_model(self.decode_forward if n == 1 else self.prefill_forward, *self.batch_tensors(rows, n),
-                           last_only=n > 1)
-        return logits[:len(rows), -1]
+    def forward(self, rows: list[tuple[Request, int]]) -> Tensor:
+        """One forward pass computing n pending tokens of each (row, n), the one-token rows first: the logits (K, V)
+        after each row's last computed token, and after every one of a row verifying a draft (its n tokens are its
+        next one and r.draft), row after row."""
+        tensors = self.batch_tensors(rows)
+        decode_only = tensors[1].shape[1] == tensors[3].shape[0]  # every token is a one-token row's
+        logits = run_model(self.decode_forward if decode_only else self.prefill_forward, tensors, decode_only)
+        return logits[:sum(n if r.draft else 1 for r, n in rows)]
 
-    def batch_tensors(self, rows: list[Request], n: int):
-        """(tokens, positions, slots) (B, n) and key slots (B, S) for the rows. Compiled on CUDA they are padded,
-        so that a bounded number of CUDA graphs serves every step: B to a power of two (at most max_batch_size),
-        the block count to a power of two (at most a context's); padding rows write to block 0 and read it. The
-        CPU's graph has dynamic shapes and takes them as they are (padding would only add work)."""
+    def probe(self):
+        """A forward pass of one token at position 0 in block 0 (the padding rows' block): raises if the model
+        fails whatever it is given."""
+        nobody = Request([1], 1)
+        nobody.blocks = [0]
+        self.forward([(nobody, 1)])
+
+    def batch_tensors(self, rows: list[tuple[Request, int]]) -> tuple[Tensor, ...]:
+        """paged_forward's inputs for the rows (one row of all the new tokens; see PagedIndex). Compiled on CUDA, a
+        step of one-token rows only is padded so that a bounded number of CUDA graphs serves every such step: the
+        rows to a power of two (at most max_batch_size), the block count to a power of two (at most a context's);
+        padding rows write to block 0 and read it. Other steps, and every CPU step, take the shapes as they are
+        (the graphs have dynamic shapes; padding would only add work)."""
         bs = self.block_size
-        B = min(next_power_of_two(len(rows)), self.max_batch_size) if self.padded else len(rows)
-        n_blocks = max(len(r.blocks) for r in rows)
-        n_blocks = min(next_power_of_two(n_blocks), self.max_blocks) if self.padded else n_blocks
-        tokens, positions, slots, tables = [[0] * n] * B, [[0] * n] * B, [[0] * n] * B, [[0] * n_blocks] * B
-        for i, r in enumerate(rows):
-            positions[i] = list(range(r.n_computed, r.n_computed + n))
-            tokens[i] = r.tokens[r.n_computed:r.n_computed + n]
-            slots[i] = [r.blocks[p // bs] * bs + p % bs for p in positions[i]]
-            tables[i] = r.blocks + [0] * (n_blocks - len(r.blocks))
+        decode = [r for r, n in rows if n == 1]
+        chunks = [(r, n) for r, n in rows if n > 1]
+        assert len(decode) == len(rows) - len(chunks) and all(n == 1 for _, n in rows[:len(decode)])
+        tokens, positions, slots = [], [], []
+        for r, n in rows:
+            span = range(r.n_computed, r.n_computed + n)
+            tokens += (r.tokens + r.draft if r.draft else r.tokens)[span.start:span.stop]
+            positions += span
+            slots += [r.blocks[p // bs] * bs + p % bs for p in span]
+        logits_at = list(range(len(decode)))
+        n_blocks = max((len(r.blocks) for r in decode), default=0)
+        if self.padded and not chunks:
+            pad = min(next_power_of_two(len(decode)), self.max_batch_size) - len(decode)
+            tokens, positions, slots, logits_at = (x + [0] * pad for x in (tokens, positions, slots, logits_at))
+            n_blocks = min(next_power_of_two(n_blocks), self.max_blocks)
+            tables = [r.blocks + [0] * (n_blocks - len(r.blocks)) for r in decode] + [[0] * n_blocks] * pad
+        else:
+            tables = [r.blocks + [0] * (n_blocks - len(r.blocks)) for r in decode]
+        key_slots, key_positions, key_rows, chunk_rows, end = [], [], [], [], len(decode)
+        for c, (r, n) in enumerate(chunks):
+            context = r.n_computed + n
+            key_slots += [b * bs + o for b in r.blocks[:-(-context // bs)] for o in range(bs)][:context]
+            key_positions += range(context)
+            key_rows += [c] * context
+            chunk_rows += [c] * n
+            logits_at += range(end, end + n) if r.draft else [end + n - 1]
+            end += n
         as_tensor = lambda x: torch.tensor(x, dtype=torch.long, device=self.device)  # noqa: E731
-        tables = as_tensor(tables)
-        key_slots = (tables[:, :, None] * bs + torch.arange(bs, device=self.device)).flatten(1)
-        return as_tensor(tokens), as_tensor(positions), as_tensor(slots), key_slots
+        table = as_tensor(tables).view(len(tables), n_blocks)
+        decode_keys = (table[:, :, None] * bs + torch.arange(bs, device=self.device)).flatten(1)
+        return (as_tensor([tokens]), as_tensor([positions]), as_tensor([slots]), decode_keys, as_tensor(key_slots),
+                as_tensor(key_positions), as_tensor(key_rows), as_tensor(chunk_rows), as_tensor(logits_at))
 
 
 def pool_tokens(model: Transformer, max_batch_size: int, kv_cache_tokens: int = 0, kv_cache_gb: float = 0.0) -> int:
@@ -86,12 +116,12 @@ def next_power_of_two(n: int) -> int:
     return 1 << (n - 1).bit_length()
 
 
-def run_model(forward, tokens, positions, slots, key_slots, last_only: bool) -> Tensor:
+def run_model(forward, tensors: tuple[Tensor, ...], decode_only: bool) -> Tensor:
     """The forward pass; under tensor parallelism rank 0 first sends the step's inputs to the other ranks, which
     run the same pass (worker_loop)."""
     if tp.world_size() > 1 and tp.rank() == 0:
-        tp.from_rank0(([t.cpu() for t in (tokens, positions, slots, key_slots)], last_only))
-    return forward(tokens, positions, slots, key_slots, last_only=last_only)
+        tp.from_rank0(([t.cpu() for t in tensors], decode_only))
+    return forward(*tensors)
 
 
 def worker_loop(runner: ModelRunner):
@@ -100,10 +130,10 @@ def worker_loop(runner: ModelRunner):
     while (step := tp.from_rank0(None)) is not None:
         if step == "ping":
             continue
-        tensors, last_only = step
+        tensors, decode_only = step
         with torch.inference_mode():
-            run_model(runner.prefill_forward if last_only else runner.decode_forward,
-                      *[t.to(runner.device) for t in tensors], last_only=last_only)
+            run_model(runner.decode_forward if decode_only else runner.prefill_forward,
+                      [t.to(runner.device) for t in tensors], decode_only)
     tp.barrier()  # stop_workers' pair: every rank is done communicating before any tears the group down
 
 
@@ -120,11 +150,20 @@ def stop_workers():
 
 
 def compile_forward(model: Transformer, device: str):
-    """(decode, prefill) forward passes compiled. On CUDA, decode is a CUDA graph for each padded (batch, blocks)
-    shape; otherwise one function with dynamic shapes serves both (a chunk has any length)."""
+    """(decode, prefill) forward passes compiled. On CUDA, decode (one-token rows only) is a CUDA graph for each
+    padded (batch, blocks) shape; otherwise one function with dynamic shapes serves every step. Its sizes are
+    independent of each other: without duck sizing, which would give two sizes that were equal when a graph was
+    traced (a first chunk's length and its context's) one symbol, and compile again when they differ."""
     torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
     prefill = compile_dynamic(paged_forward, backend=cpu_inductor() if device == "cpu" else "inductor")
     decode = prefill
     if device == "cuda":
         decode = specialize_floats(torch.compile(paged_forward, fullgraph=True, mode="reduce-overhead"))
-    return functools.partial(decode, model), functools.partial(prefill, model)
+    return without_duck_sizing(functools.partial(decode, model)), without_duck_sizing(functools.partial(prefill, model))
+
+
+def without_duck_sizing(compiled):
+    def run(*args):
+        with torch.fx.experimental._config.patch(use_duck_shape=False):
+            return compiled(*args)
+    return run

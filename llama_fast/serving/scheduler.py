@@ -7,61 +7,85 @@ from llama_fast.serving.request import Request
 
 
 class Scheduler:
-    """Waiting requests are admitted while the batch has room (reusing the KV blocks of a prefix already cached);
-    every running request whose next token is known decodes it; then one request still reading its prompt reads its
-    next chunk of prefill_chunk tokens, so a long prompt delays the others by one chunk at most. A request that needs
-    a KV block when none is free preempts the most recently admitted one, whose blocks are freed and which is
-    computed again (prompt and tokens so far) when it is admitted again. stats: the engine's counters."""
+    """Which requests compute which tokens in a step, as vLLM V1 schedules: one forward pass per step computes at
+    most max_tokens tokens (the token budget). Running requests come first, in the order they were admitted: each
+    decoding one computes its next token, each still reading its prompt its next chunk (at most prefill_chunk
+    tokens, so that one long prompt cannot take the whole budget); then waiting requests are admitted while the
+    budget, the batch (max_batch_size requests) and the pool have room, reusing the KV blocks of a prefix already
+    cached, and start reading their prompts in the same step. A request that needs a KV block when none is free
+    preempts the most recently admitted one, whose blocks are freed and which is computed again (prompt and tokens
+    so far) when it is admitted again. stats: the engine's counters."""
 
-    def __init__(self, pool: BlockPool, max_batch_size: int, prefill_chunk: int, stats: dict):
-        self.pool, self.max_batch_size, self.prefill_chunk, self.stats = pool, max_batch_size, prefill_chunk, stats
+    def __init__(self, pool: BlockPool, max_batch_size: int, max_tokens: int, prefill_chunk: int, stats: dict):
+        self.pool, self.max_batch_size, self.stats = pool, max_batch_size, stats
+        self.max_tokens, self.prefill_chunk = max_tokens, prefill_chunk
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []  # in the order they were admitted
 
-    def decode_rows(self) -> list[Request]:
-        """Admit what fits, then the running requests that decode one token this step, each with a block for it."""
-        self.admit()
-        return self.reserve([r for r in self.running if r.n_pending == 1], 1)
+    def schedule(self) -> list[tuple[Request, int]]:
+        """This step's rows: (request, how many of its pending tokens it computes), each with the KV blocks for
+        them; the one-token rows first (the model runner's layout)."""
+        budget, rows = self.max_tokens, []
+        for r in sorted(self.running, key=lambda r: r.n_pending > 1):  # decoding rows first: clients wait on them
+            n = min(r.n_pending, self.prefill_chunk, budget)
+            if n and self.reserve(r, n):
+                rows.append((r, n))
+                budget -= n
+        rows = [(r, n) for r, n in rows if r in self.running]  # a later row's blocks may have preempted it
+        while budget and (r := self.admit()):
+            n = min(r.n_pending, self.prefill_chunk, budget)
+            if not self.reserve(r, n):  # its prefix's cached blocks left too few free: it waits for the next step
+                break
+            rows.append((r, n))
+            budget -= n
+        for i, (r, n) in enumerate(rows):  # what is left of the budget: drafts of speculating requests
+            if r.lookup and n == r.n_pending == 1 and budget:
+                r.draft = self.draft(r, budget)
+                rows[i] = (r, 1 + len(r.draft))
+                budget -= len(r.draft)
+        return sorted(rows, key=lambda row: row[1] > 1)
 
-    def prefill_chunk_rows(self) -> tuple[list[Request], int] | None:
-        """The request still reading its prompt and how many of its tokens this step computes ([] if making room
-        for them preempted it); None when no request is reading a prompt."""
-        r = next((r for r in self.running if r.n_pending > 1), None)
-        if r is None:
+    def draft(self, r: Request, budget: int) -> list[int]:
+        """The tokens prompt lookup proposes to follow a speculating request's next one, at most budget and only
+        with free blocks for them (a proposal never preempts anybody)."""
+        k = min(r.speculation[1], budget, r.max_tokens - len(r.output) - 1)
+        draft = r.lookup.follow(k) if k > 0 else None
+        bs = self.pool.block_size
+        if not draft or -(-(r.n_computed + 1 + len(draft)) // bs) - len(r.blocks) > self.pool.n_free:
+            return []
+        self.reserve(r, 1 + len(draft))
+        return draft
+
+    def admit(self) -> Request | None:
+        """The first waiting request, now running, if the batch has room and (when others run) the pool has the
+        blocks for its first chunk."""
+        if not self.waiting or len(self.running) >= self.max_batch_size:
             return None
-        n = min(r.n_pending, self.prefill_chunk)
-        return self.reserve([r], n), n
-
-    def admit(self):
-        """Waiting requests join the batch while there is room and no other request is still reading its prompt."""
         bs = self.pool.block_size
-        while self.waiting and len(self.running) < self.max_batch_size:
-            if any(r.n_pending > 1 for r in self.running):
-                return
-            r = self.waiting[0]
-            first_chunk = -(-min(len(r.tokens), self.prefill_chunk) // bs)
-            if self.running and self.pool.n_free < first_chunk:
-                return
-            self.waiting.popleft()
-            r.blocks, r.digests = self.pool.match(r.tokens[:-1])  # the last token is computed: it gives the logits
-            r.n_computed = len(r.blocks) * bs
-            if r.first_token_time is None:
-                r.cached_tokens = r.n_computed
-            self.stats["prefix_cache_hit_tokens"] += r.n_computed
-            self.running.append(r)
+        r = self.waiting[0]
+        first_chunk = -(-min(len(r.tokens), self.prefill_chunk) // bs)
+        if self.running and self.pool.n_free < first_chunk:
+            return None
+        self.waiting.popleft()
+        r.blocks, r.digests = self.pool.match(r.tokens[:-1])  # the last token is computed: it gives the logits
+        r.n_computed = len(r.blocks) * bs
+        if r.first_token_time is None:
+            r.cached_tokens = r.n_computed
+        self.stats["prefix_cache_hit_tokens"] += r.n_computed
+        self.running.append(r)
+        return r
 
-    def reserve(self, rows: list[Request], n: int) -> list[Request]:
-        """Blocks for n more tokens of each row, preempting the most recently admitted requests while the pool is
-        empty. Returns the rows still running."""
+    def reserve(self, r: Request, n: int) -> bool:
+        """Blocks for n more tokens of r, preempting the most recently admitted requests while the pool is empty.
+        Whether r still runs (it may have been the one preempted)."""
         bs = self.pool.block_size
-        for r in rows:
-            while r in self.running and len(r.blocks) * bs < r.n_computed + n:
-                block = self.pool.allocate()
-                if block is None:
-                    self.preempt(self.running[-1])
-                else:
-                    r.blocks.append(block)
-        return [r for r in rows if r in self.running]
+        while r in self.running and len(r.blocks) * bs < r.n_computed + n:
+            block = self.pool.allocate()
+            if block is None:
+                self.preempt(self.running[-1])
+            else:
+                r.blocks.append(block)
+        return r in self.running
 
     def preempt(self, r: Request):
         self.pool.release(r.blocks)
@@ -70,13 +94,14 @@ class Scheduler:
         self.waiting.appendleft(r)
         self.stats["preemptions"] += 1
 
-    def computed(self, rows: list[Request], n: int):
-        """n more tokens of each row are in the cache: full blocks become reusable by a later prompt."""
+    def computed(self, rows: list[tuple[Request, int]]):
+        """n more tokens of each (row, n) are in the cache: full blocks become reusable by a later prompt."""
         bs = self.pool.block_size
-        for r in rows:
+        for r, n in rows:
             r.n_computed += n
+            tokens = r.tokens + r.draft if r.draft else r.tokens  # a verified draft's tokens are not appended yet
             for i in range(len(r.digests), r.n_computed // bs):
-                digest = block_digest(r.digests[-1] if r.digests else b"", r.tokens[i * bs:(i + 1) * bs])
+                digest = block_digest(r.digests[-1] if r.digests else b"", tokens[i * bs:(i + 1) * bs])
                 self.pool.register(r.blocks[i], digest)
                 r.digests.append(digest)
 
