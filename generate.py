@@ -17,6 +17,7 @@ import torch
 from decoding import compile_cache_counts, generate, make_steps, peak_memory_bytes, weight_bytes
 from llama_fast.checkpoint import atomic_save, check_vocab, load_model, tokenizer_file, write_json
 from llama_fast.cpu.choice import metrics as cpu_kernel_metrics
+from llama_fast.quant.kv_cache import use_int8_kv_cache
 from llama_fast.speculate.lookahead import LookaheadConfig, lookahead_config, lookahead_generate, lookahead_stats
 from llama_fast.speculate.speculative import (DraftModel, PromptLookup, acceptance_stats, check_speculation,
                                               speculative_generate)
@@ -48,6 +49,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ignore_eos", action="store_true", help="always generate max_new_tokens (benchmarks)")
     p.add_argument("--compile", action="store_true", help="torch.compile the decode step")
     p.add_argument("--compile_prefill", action="store_true", help="also compile prefill, with dynamic shapes")
+    p.add_argument("--kv_cache_dtype", choices=["auto", "int8"], default="auto", help="how the KV cache stores keys "
+                   "and values: auto, the model's dtype; int8, one byte each and a scale per vector")
     p.add_argument("--draft_checkpoint_path", type=Path, help="speculative decoding with this draft model (same "
                    "tokenizer: a smaller model or a quantized copy of the target)")
     p.add_argument("--prompt_lookup", type=int, metavar="N", help="speculative decoding without a draft model: "
@@ -140,6 +143,8 @@ def load(args, texts: list, k: int):
     precision = PRECISIONS[args.precision]
     model = load_model(args.checkpoint_path, args.device, precision, tensor_parallel, args.cpu_kernels, args.compile,
                        args.cpu_gemm)
+    if args.kv_cache_dtype == "int8":  # the target's cache; a draft model keeps its own dtype
+        use_int8_kv_cache(model)
     proposer = PromptLookup(args.prompt_lookup) if k and args.prompt_lookup else None
     if args.draft_checkpoint_path:  # under torchrun the draft is sharded like the target: each rank streams half
         proposer = DraftModel(load_model(args.draft_checkpoint_path, args.device, precision, tensor_parallel,

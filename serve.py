@@ -52,6 +52,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--kv_cache_tokens", type=int, default=0, help="KV-cache pool size in tokens (default: "
                    "max_batch_size full contexts, or half the free memory if smaller)")
     p.add_argument("--kv_cache_gb", type=float, default=0.0, help="KV-cache pool size in GiB instead")
+    p.add_argument("--kv_cache_dtype", choices=["auto", "int8"], default="auto", help="how the KV cache stores keys "
+                   "and values: auto, the model's dtype; int8, one byte each and a scale per vector (1.9x the tokens)")
     p.add_argument("--max_num_batched_tokens", type=int, default=EngineConfig.max_num_batched_tokens,
                    help="tokens one step computes, every request's together (decoding rows and prompt chunks)")
     p.add_argument("--prefill_chunk", type=int, default=EngineConfig.prefill_chunk,
@@ -293,7 +295,8 @@ def start(args):
     config = EngineConfig(max_batch_size=args.max_batch_size, block_size=args.block_size,
                           kv_cache_tokens=args.kv_cache_tokens, kv_cache_gb=args.kv_cache_gb,
                           max_num_batched_tokens=args.max_num_batched_tokens, prefill_chunk=args.prefill_chunk,
-                          prefix_caching=not args.no_prefix_caching, prompt_lookup=args.prompt_lookup,
+                          prefix_caching=not args.no_prefix_caching, kv_cache_dtype=args.kv_cache_dtype,
+                          prompt_lookup=args.prompt_lookup,
                           speculate_k=args.speculate_k, compile=args.compile)
     engine = Engine(model, tokenizer, config)
     if args.compile:  # every kind of step compiled before the first client, not in the middle of live traffic
@@ -301,8 +304,12 @@ def start(args):
         engine.warm_up()
         print(f"Compiled the forward pass for every kind of step in {time.perf_counter() - t1:.1f}s",
               file=sys.stderr)
-    print(f"Loaded {args.checkpoint_path} in {time.perf_counter() - t0:.1f}s: KV cache of "
-          f"{engine.scheduler.pool.n_blocks - 1} blocks x {args.block_size} tokens", file=sys.stderr)
+    pool = engine.scheduler.pool
+    layer = model.layers[0].attention
+    gb = (pool.n_blocks * pool.block_size * len(model.layers) * type(layer.kv_cache).slot_bytes(
+        layer.n_kv_heads, layer.head_dim, model.cache_dtype()) / 2**30)
+    print(f"Loaded {args.checkpoint_path} in {time.perf_counter() - t0:.1f}s: KV cache of {pool.n_blocks - 1} blocks "
+          f"x {args.block_size} tokens ({args.kv_cache_dtype}, {gb:.2f} GiB)", file=sys.stderr)
     return model, tokenizer, engine
 
 

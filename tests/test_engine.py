@@ -11,7 +11,8 @@ from conftest import hf_greedy
 
 from decoding import generate
 from llama_fast.serving.engine import LOOKUP_WINDOW, Engine, EngineConfig, EngineFailure
-from llama_fast.serving.paged_cache import BlockPool
+from llama_fast.quant.kv_cache import Int8PagedKVCache
+from llama_fast.serving.paged_cache import BlockPool, PagedKVCache
 from llama_fast.serving.request import Request
 from llama_fast.serving.sampler import sample_rows
 from sampling import SamplingConfig, apply_penalties, draw, logits_to_probs
@@ -198,6 +199,32 @@ def test_a_request_whose_drafts_miss_stops_proposing(hf_checkpoint, load_ours, p
     assert engine.stats["accepted_draft_tokens"] == 0 and len(r.output) == 30
 
 
+def test_int8_kv_cache_holds_twice_the_tokens_and_serves_like_itself_alone(hf_checkpoint, load_ours, prompt_ids):
+    """--kv_cache_dtype int8: the same memory holds 1.94x the tokens (head_dim 64: 66 bytes a vector against 128 in
+    bf16); under load (preemption, prefix caching, prompt chunks beside decoding rows) each response is token for
+    token what the int8 engine gives the request alone; the greedy tokens agree with the float cache's for most
+    requests (their share is printed)."""
+    bf16 = PagedKVCache.slot_bytes(8, 64, torch.bfloat16)
+    assert bf16 / Int8PagedKVCache.slot_bytes(8, 64, torch.bfloat16) >= 1.9
+    _, d = hf_checkpoint("gqa")
+    model = load_ours(d)
+    reference, floats = copy.deepcopy(model), copy.deepcopy(model)
+    config = EngineConfig(max_batch_size=8, block_size=8, kv_cache_tokens=112, max_num_batched_tokens=24,
+                          kv_cache_dtype="int8")
+    engine = Engine(model, None, config)
+    requests = [Request(p, n) for p, n in workload(prompt_ids, 16, seed=2)]
+    run_arriving(engine, requests)
+    assert engine.stats["preemptions"] > 0 and engine.stats["prefix_cache_hit_tokens"] > 0
+    alone_int8 = Engine(reference, None, EngineConfig(max_batch_size=1, block_size=8, kv_cache_dtype="int8"))
+    float_cache = Engine(floats, None, EngineConfig(max_batch_size=1, block_size=8))
+    agree = 0
+    for r in requests:
+        assert r.output == alone_int8.generate([r.prompt], r.max_tokens)[0].output
+        agree += r.output == float_cache.generate([r.prompt], r.max_tokens)[0].output
+    print(f"int8 KV: {agree} of {len(requests)} greedy responses equal to the float cache's")
+    assert agree >= len(requests) // 2
+
+
 def test_a_shared_prefix_is_computed_once(hf_checkpoint, load_ours, prompt_ids):
     _, d = hf_checkpoint("gqa")
     model = load_ours(d)
@@ -342,19 +369,31 @@ def test_compiled_engine_matches_eager(kind, hf_checkpoint, load_ours, prompt_id
     counts on CUDA."""
     _, d = hf_checkpoint(kind)
     model = load_ours(d)
-    check_compiled_engine(model, copy.deepcopy(model), workload(prompt_ids, 7, seed=2), max_batch_size=6, every=3)
+    reference = copy.deepcopy(model)
+    check_compiled_engine(model, lambda prompt, n: alone(reference, prompt, n), workload(prompt_ids, 7, seed=2),
+                          max_batch_size=6, every=3)
 
 
-def check_compiled_engine(model, reference, workload: list, max_batch_size: int, every: int):
-    """The compiled engine serving the workload's requests as they arrive gives each what `reference` gives it
-    alone."""
+def test_compiled_int8_kv_cache_matches_eager(hf_checkpoint, load_ours, prompt_ids, device):
+    """--compile --kv_cache_dtype int8: the decode step's attention scales the int8 keys inside its fused sums
+    (CPU); each response is what the eager int8 engine gives the request alone."""
+    _, d = hf_checkpoint("gqa")
+    model = load_ours(d)
+    eager = Engine(copy.deepcopy(model), None, EngineConfig(max_batch_size=1, block_size=8, kv_cache_dtype="int8"))
+    check_compiled_engine(model, lambda prompt, n: eager.generate([prompt], n)[0].output,
+                          workload(prompt_ids, 7, seed=3), max_batch_size=6, every=3, kv_cache_dtype="int8")
+
+
+def check_compiled_engine(model, reference, workload: list, max_batch_size: int, every: int, **config):
+    """The compiled engine serving the workload's requests as they arrive gives each what reference(prompt,
+    max_tokens) gives it alone."""
     torch._dynamo.reset()
-    config = EngineConfig(max_batch_size=max_batch_size, block_size=8, prefill_chunk=24, compile=True)
+    config = EngineConfig(max_batch_size=max_batch_size, block_size=8, prefill_chunk=24, compile=True, **config)
     engine = Engine(model, None, config)
     requests = [Request(p, n) for p, n in workload]
     run_arriving(engine, requests, every=every)
     for r in requests:
-        assert r.output == alone(reference, r.prompt, r.max_tokens)
+        assert r.output == reference(r.prompt, r.max_tokens)
     torch._dynamo.reset()
 
 
@@ -392,7 +431,8 @@ def test_w8a8_int8_checkpoint_compiled(hf_checkpoint, load_cpu, prompt_ids, devi
         pytest.skip("neither oneDNN's u8s8 linear nor FBGEMM's is exact on this CPU")
     path = quantized_checkpoint("int8", hf_checkpoint, load_cpu, tmp_path)
     model, reference = (checkpoint.load_model(path, "cpu", torch.float32, cpu_kernels="w8a8") for _ in range(2))
-    check_compiled_engine(model, reference, workload(prompt_ids, 6, seed=4), max_batch_size=4, every=2)
+    check_compiled_engine(model, lambda prompt, n: alone(reference, prompt, n), workload(prompt_ids, 6, seed=4),
+                          max_batch_size=4, every=2)
 
 
 def test_an_engine_whose_model_cache_was_replaced_says_so(hf_checkpoint, load_ours, prompt_ids):

@@ -1,6 +1,7 @@
 """serve.py end to end: a server subprocess on a free local port, driven by the real `openai` client (and plain HTTP
 for what the client hides), answers compared with decoding.generate() of the same prompt in this process. CPU,
 float32, greedy unless a test says otherwise."""
+import copy
 import json
 import os
 import signal
@@ -39,10 +40,12 @@ class ServerProcess:
         text = httpx.get(self.url + "/metrics").text
         return {line.split()[0]: float(line.split()[1]) for line in text.splitlines() if line.startswith("llama_fast")}
 
-    def stop(self):
+    def stop(self) -> str:
+        """SIGTERM, and what the server wrote to stderr ("" if it had already stopped)."""
         if self.proc.poll() is None:
             self.proc.send_signal(signal.SIGTERM)
-            self.proc.communicate(timeout=60)
+            return self.proc.communicate(timeout=60)[1]
+        return ""
 
 
 @pytest.fixture(scope="module")
@@ -238,6 +241,22 @@ def test_busy_server_503_and_sigterm_finishes_running_requests(hf_checkpoint):
         assert s.proc.returncode == 0, err
         assert [r.status_code for r in results] == [200, 200]
         assert all(r.json()["usage"]["completion_tokens"] == 200 for r in results)
+    finally:
+        s.stop()
+
+
+def test_an_int8_kv_cache_server_answers_what_the_int8_engine_computes(checkpoint, sp_tokenizer):
+    """serve.py --kv_cache_dtype int8 reports the pool it allocated and answers greedy requests with what an
+    Engine with an int8 pool computes in this process."""
+    from llama_fast.serving.engine import Engine, EngineConfig
+    s = ServerProcess(checkpoint[0], "--model_name", "tiny", "--kv_cache_dtype", "int8", "--kv_cache_tokens", "512")
+    try:
+        ids = sp_tokenizer.encode("The old king walks to the city")
+        r = httpx.post(s.url + "/v1/completions", json={"model": "tiny", "prompt": ids, "max_tokens": 24,
+                                                        "temperature": 0, "ignore_eos": True}, timeout=60)
+        engine = Engine(copy.deepcopy(checkpoint[1]), None, EngineConfig(block_size=8, kv_cache_dtype="int8"))
+        assert r.json()["choices"][0]["text"] == sp_tokenizer.decode(engine.generate([ids], 24)[0].output)
+        assert "KV cache of 64 blocks x 8 tokens (int8, " in s.stop()
     finally:
         s.stop()
 

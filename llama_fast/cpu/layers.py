@@ -40,15 +40,22 @@ class CpuKVCache(KVCache):
         return super().attend(q, k, v, input_pos, mask)
 
 
-def attend_one(q: Tensor, keys: Tensor, values: Tensor, mask: Tensor) -> Tensor:
+def attend_one(q: Tensor, keys: Tensor, values: Tensor, mask: Tensor, key_scale: Tensor | None = None,
+               value_scale: Tensor | None = None) -> Tensor:
     """Attention of one new token per row, for compiled CPU graphs: q (B, n_kv_heads, n_rep, head_dim), keys and
     values (B, S, n_kv_heads, head_dim) (views: a static cache transposed, or a paged pool indexed), mask (B, S).
     Written as products and sums, which inductor fuses into a few reductions with float32 accumulation. ATen's
     flash-attention kernel pays a fixed cost per (row, head), so with one query row per KV head (n_rep = 1: Llama-2,
     stories) this is 2-7x faster on a 2-core CPU (llama-2-7b's 32 heads x 1024 keys: 1.1 ms a layer against 4.2);
     with n_rep >= 2 they are even and with 8 SDPA wins (scripts/bench_attention.py). Eager, it would materialise
-    every product: the eager path is SDPA."""
+    every product: the eager path is SDPA. Keys and values stored as integers (an int8 KV cache) come with a scale
+    per vector, key_scale and value_scale (B, S, n_kv_heads), applied outside the sums over head_dim: once per
+    (key, query head), not once per number."""
     scores = (q[:, None] * keys[:, :, :, None]).sum(-1, dtype=torch.float32) * q.shape[-1] ** -0.5
+    if key_scale is not None:
+        scores = scores * key_scale[..., None].float()
     probs = scores.masked_fill(~mask[:, :, None, None], float("-inf")).softmax(1)  # (B, S, n_kv_heads, n_rep)
+    if value_scale is not None:
+        probs = probs * value_scale[..., None].float()
     return (probs[..., None] * values[:, :, :, None].float()).sum(1).to(q.dtype)
 

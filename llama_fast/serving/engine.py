@@ -22,7 +22,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from llama_fast.serving.paged_cache import BlockPool
+from llama_fast.quant.kv_cache import Int8PagedKVCache
+from llama_fast.serving.paged_cache import BlockPool, PagedKVCache
 from llama_fast.serving.request import GREEDY, Request
 from llama_fast.serving.runner import ModelRunner, pool_tokens
 from llama_fast.serving.sampler import sample_rows
@@ -34,6 +35,7 @@ from tokenizer import StreamDecoder
 
 SEED_RANGE = (-2**63, 2**64 - 1)  # what torch.Generator.manual_seed takes
 MAX_LOOKUP = 16  # the longest prompt-lookup n-gram and proposal
+KV_CACHE_CLASSES = {"auto": PagedKVCache, "int8": Int8PagedKVCache}
 # A speculating request whose last LOOKUP_WINDOW verifications accepted fewer than LOOKUP_MIN_ACCEPTED tokens each on
 # average stops proposing: each proposed token costs about a prompt token's compute, which a miss wastes
 LOOKUP_WINDOW, LOOKUP_MIN_ACCEPTED = 8, 0.5
@@ -54,6 +56,7 @@ class EngineConfig:
     max_num_batched_tokens: int = 128
     prefill_chunk: int = 0  # the most prompt tokens of one request one step computes; 0: the whole budget
     prefix_caching: bool = True
+    kv_cache_dtype: str = "auto"  # "auto": the model's activations' dtype; "int8": int8 with a scale per vector
     prompt_lookup: int = 0  # requests speculate by prompt lookup with n-grams of this length unless they say (0: off)
     speculate_k: int = 5  # tokens prompt lookup proposes per step
     compile: bool = False  # torch.compile the forward pass (on CUDA, batch and block counts padded to powers of two)
@@ -67,6 +70,8 @@ class EngineConfig:
         if self.max_num_batched_tokens < self.max_batch_size:  # every running request decodes in every step
             raise ValueError(f"max_num_batched_tokens ({self.max_num_batched_tokens}) must be at least "
                              f"max_batch_size ({self.max_batch_size})")
+        if self.kv_cache_dtype not in KV_CACHE_CLASSES:
+            raise ValueError(f"kv_cache_dtype must be one of {', '.join(KV_CACHE_CLASSES)}, not {self.kv_cache_dtype!r}")
         if self.kv_cache_tokens < 0 or not self.kv_cache_gb >= 0:
             raise ValueError("kv_cache_tokens and kv_cache_gb must be >= 0")
 
@@ -75,8 +80,10 @@ class Engine:
     def __init__(self, model: Transformer, tokenizer=None, config: EngineConfig = EngineConfig()):
         self.model, self.tokenizer, self.config = model, tokenizer, config
         self.context = model.config.max_seq_len
-        pool_size = pool_tokens(model, config.max_batch_size, config.kv_cache_tokens, config.kv_cache_gb)
-        self.runner = ModelRunner(model, config.block_size, pool_size, config.max_batch_size, config.compile)
+        cache_class = KV_CACHE_CLASSES[config.kv_cache_dtype]
+        pool_size = pool_tokens(model, config.max_batch_size, config.kv_cache_tokens, config.kv_cache_gb, cache_class)
+        self.runner = ModelRunner(model, config.block_size, pool_size, config.max_batch_size, config.compile,
+                                  cache_class)
         self.device = self.runner.device
         self.stats = dict(requests_finished=0, requests_failed=0, preemptions=0, prefix_cache_hit_tokens=0,
                           prefill_tokens=0, generation_tokens=0, draft_tokens=0, accepted_draft_tokens=0, steps=0)

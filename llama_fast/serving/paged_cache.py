@@ -35,7 +35,8 @@ class PagedIndex(NamedTuple):
 
 class PagedKVCache(nn.Module):
     """Keys and values of many sequences in one pool of fixed-size blocks, as vLLM's PagedAttention keeps them:
-    (n_slots, n_kv_heads, head_dim), slot = block * block_size + offset."""
+    (n_slots, n_kv_heads, head_dim), slot = block * block_size + offset. A pool stored another way (int8:
+    llama_fast/quant/kv_cache.py) overrides write, read, read_stored and slot_bytes."""
 
     def __init__(self, n_slots, n_kv_heads, head_dim, dtype, device=None):
         super().__init__()
@@ -43,10 +44,23 @@ class PagedKVCache(nn.Module):
         self.register_buffer("k_pool", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
         self.register_buffer("v_pool", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
 
+    @staticmethod
+    def slot_bytes(n_kv_heads: int, head_dim: int, dtype: torch.dtype) -> int:
+        """The memory one slot (one token of one layer) takes, keys and values."""
+        return 2 * n_kv_heads * head_dim * dtype.itemsize
+
     def write(self, slots: Tensor, k: Tensor, v: Tensor):
         B, H, T, D = k.shape  # (B, n_kv_heads, T, head_dim) to slots (B, T)
         self.k_pool[slots.flatten()] = k.transpose(1, 2).reshape(B * T, H, D)
         self.v_pool[slots.flatten()] = v.transpose(1, 2).reshape(B * T, H, D)
+
+    def read(self, slots: Tensor) -> tuple[Tensor, Tensor]:
+        """The keys and values at slots (any shape): (*slots.shape, n_kv_heads, head_dim) each."""
+        return take(self.k_pool, slots), take(self.v_pool, slots)
+
+    def read_stored(self, slots: Tensor) -> tuple[Tensor, Tensor, Tensor | None, Tensor | None]:
+        """The keys and values at slots as stored, and their scales if they are stored scaled (else None)."""
+        return *self.read(slots), None, None
 
     def attend(self, q: Tensor, k: Tensor, v: Tensor, index: PagedIndex, mask: Tensor) -> Tensor:
         """k, v (1, n_kv_heads, N, head_dim) written to their slots, then each new token's attention over its own
@@ -65,15 +79,14 @@ class PagedKVCache(nn.Module):
     def attend_decode(self, q: Tensor, key_slots: Tensor, mask: Tensor) -> Tensor:
         """q (n_kv_heads, n_rep, B, head_dim), one token per row, over its row's keys at key_slots (B, S). A
         compiled CPU step reads the keys where they lie (attend_one: inductor fuses the indexing into the
-        reductions; 2-core CPU, B=16 x 512 keys: 2.3 ms a layer against 18 for gather + SDPA). Otherwise each row's
-        keys and values are gathered (index_select copies whole slots, 4x faster than indexing) for SDPA."""
+        reductions, which an int8 pool's scales multiply outside the sums over head_dim; 2-core CPU, B=16 x 512 keys: 2.3 ms a layer against 18 for gather +
+        SDPA). Otherwise each row's keys and values are gathered for SDPA."""
         q = q.permute(2, 0, 1, 3)  # (B, n_kv_heads, n_rep, head_dim)
         if q.is_cpu and torch.compiler.is_compiling():
-            y = attend_one(q, self.k_pool[key_slots], self.v_pool[key_slots], mask)
+            keys, values, key_scale, value_scale = self.read_stored(key_slots)
+            y = attend_one(q, keys, values, mask, key_scale, value_scale)
         else:
-            B, S = key_slots.shape
-            keys, values = (pool.index_select(0, key_slots.flatten()).view(B, S, *pool.shape[1:]).transpose(1, 2)
-                            for pool in (self.k_pool, self.v_pool))
+            keys, values = (x.transpose(1, 2) for x in self.read(key_slots))
             y = attention(q, keys, values, mask[:, None, None])
         return y.permute(1, 2, 0, 3)
 
@@ -81,18 +94,26 @@ class PagedKVCache(nn.Module):
         """q (n_kv_heads, n_rep, T, head_dim), the chunks' tokens, over the keys at key_slots (S,) that mask
         (T, S) lets each see: one SDPA call for every chunk of the step (a step has few)."""
         Hkv, n_rep, T, D = q.shape
-        keys, values = (pool.index_select(0, key_slots).transpose(0, 1)[None] for pool in (self.k_pool, self.v_pool))
+        keys, values = (x.transpose(0, 1)[None] for x in self.read(key_slots))
         y = attention(q.reshape(1, Hkv, n_rep * T, D), keys, values, mask[None, None])
         return y.view(Hkv, n_rep, T, D)
 
 
-def setup_paged_cache(model: Transformer, n_blocks: int, block_size: int):
-    """Give every layer a pool of n_blocks KV blocks of block_size tokens instead of the static cache (forward then
-    takes a PagedIndex as cache_index: paged_forward)."""
+def take(pool: Tensor, slots: Tensor) -> Tensor:
+    """pool's rows at slots (any shape): compiled, an index that inductor fuses into whatever reads it; eager,
+    index_select, which copies whole rows (4x faster than indexing)."""
+    if torch.compiler.is_compiling():
+        return pool[slots]
+    return pool.index_select(0, slots.flatten()).view(*slots.shape, *pool.shape[1:])
+
+
+def setup_paged_cache(model: Transformer, n_blocks: int, block_size: int, cache_class=PagedKVCache):
+    """Give every layer a pool of n_blocks KV blocks of block_size tokens (a cache_class) instead of the static
+    cache (forward then takes a PagedIndex as cache_index: paged_forward)."""
     dtype, device = model.cache_dtype(), model.tok_embeddings.weight.device
     for layer in model.layers:
-        layer.attention.kv_cache = PagedKVCache(n_blocks * block_size, layer.attention.n_kv_heads,
-                                                model.config.head_dim, dtype, device)
+        layer.attention.kv_cache = cache_class(n_blocks * block_size, layer.attention.n_kv_heads,
+                                               model.config.head_dim, dtype, device)
     model.freqs_cis = precompute_freqs_cis(model.config.max_seq_len, model.config, device)
     model.max_batch_size = model.cache_len = 0  # a later setup_caches() allocates a static cache again
 

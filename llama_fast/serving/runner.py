@@ -7,7 +7,7 @@ import torch
 from torch import Tensor
 
 from decoding import compile_dynamic, cpu_inductor, specialize_floats
-from llama_fast.serving.paged_cache import paged_forward, setup_paged_cache
+from llama_fast.serving.paged_cache import PagedKVCache, paged_forward, setup_paged_cache
 from llama_fast.serving.request import Request
 from model import Transformer
 import tp
@@ -16,14 +16,15 @@ WORKER_PING_S = 60  # an idle server tells its other ranks it is alive well with
 
 
 class ModelRunner:
-    """Allocates a pool of n_blocks KV blocks of block_size tokens in the model (pool_tokens) and runs forward
-    passes over it. compile: torch.compile the forward (on CUDA, batch and block counts padded to powers of two)."""
+    """Allocates a pool of n_blocks KV blocks of block_size tokens in the model (pool_tokens; a cache_class) and
+    runs forward passes over it. compile: torch.compile the forward (on CUDA, batch and block counts padded to powers of two)."""
 
-    def __init__(self, model: Transformer, block_size: int, pool_size: int, max_batch_size: int, compile: bool):
+    def __init__(self, model: Transformer, block_size: int, pool_size: int, max_batch_size: int, compile: bool,
+                 cache_class=PagedKVCache):
         self.model, self.block_size, self.max_batch_size = model, block_size, max_batch_size
         self.max_blocks = -(-model.config.max_seq_len // block_size)  # per sequence
         self.n_blocks = -(-pool_size // block_size) + 1
-        setup_paged_cache(model, self.n_blocks, block_size)
+        setup_paged_cache(model, self.n_blocks, block_size, cache_class)
         self.cache = model.layers[0].attention.kv_cache  # check_cache() sees whether anybody replaced it
         self.device = model.freqs_cis.device
         self.padded = compile and self.device.type == "cuda"
@@ -93,14 +94,14 @@ class ModelRunner:
                 as_tensor(key_positions), as_tensor(key_rows), as_tensor(chunk_rows), as_tensor(logits_at))
 
 
-def pool_tokens(model: Transformer, max_batch_size: int, kv_cache_tokens: int = 0, kv_cache_gb: float = 0.0) -> int:
+def pool_tokens(model: Transformer, max_batch_size: int, kv_cache_tokens: int = 0, kv_cache_gb: float = 0.0,
+                cache_class=PagedKVCache) -> int:
     """The KV pool's size in tokens: kv_cache_tokens, or kv_cache_gb of memory, else max_batch_size full contexts or
     half the memory that is free now (CPU: MemAvailable; CUDA: the device's free memory), whichever is smaller."""
     if kv_cache_tokens:
         return kv_cache_tokens
     layer = model.layers[0].attention
-    dtype = model.tok_embeddings.weight.dtype
-    per_token = 2 * len(model.layers) * layer.n_kv_heads * layer.head_dim * dtype.itemsize  # K and V
+    per_token = len(model.layers) * cache_class.slot_bytes(layer.n_kv_heads, layer.head_dim, model.cache_dtype())
     if kv_cache_gb:
         return int(kv_cache_gb * 2**30 // per_token)
     device = model.tok_embeddings.weight.device

@@ -173,11 +173,11 @@ def tree_mask(model: Transformer, tree: Tensor, offsets: Tensor, start: Tensor) 
 
 
 def copy_cache_slots(model: Transformer, src: Tensor, dst: Tensor):
-    """Every layer's keys and values at static-cache slots src copied to slots dst (an accepted guess's)."""
+    """Every layer's keys and values at static-cache slots src copied to slots dst (an accepted guess's): every
+    buffer of the cache, which holds slots at dim 2 (keys and values, and an int8 cache's scales)."""
     for layer in model.layers:
-        cache = layer.attention.kv_cache
-        cache.k_cache[:, :, dst] = cache.k_cache[:, :, src]
-        cache.v_cache[:, :, dst] = cache.v_cache[:, :, src]
+        for buffer in layer.attention.kv_cache.buffers():
+            buffer[:, :, dst] = buffer[:, :, src]
 
 
 class Lookahead:
