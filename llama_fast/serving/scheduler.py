@@ -25,14 +25,15 @@ class Scheduler:
     def schedule(self) -> list[tuple[Request, int]]:
         """This step's rows: (request, how many of its pending tokens it computes), each with the KV blocks for
         them; the one-token rows first (the model runner's layout)."""
-        budget, rows = self.max_tokens, []
+        budget, rows, preemptions = self.max_tokens, [], self.stats["preemptions"]
         for r in sorted(self.running, key=lambda r: r.n_pending > 1):  # decoding rows first: clients wait on them
             n = min(r.n_pending, self.prefill_chunk, budget)
             if n and self.reserve(r, n):
                 rows.append((r, n))
                 budget -= n
         rows = [(r, n) for r, n in rows if r in self.running]  # a later row's blocks may have preempted it
-        while budget and (r := self.admit()):
+        # no admission in a step that had to preempt: the pool is full, and whoever is let in would be next out
+        while budget and self.stats["preemptions"] == preemptions and (r := self.admit()):
             n = min(r.n_pending, self.prefill_chunk, budget)
             if not self.reserve(r, n):  # its prefix's cached blocks left too few free: it waits for the next step
                 break
