@@ -21,15 +21,23 @@ import torch
 from lm_eval.api.model import TemplateLM
 from lm_eval.models.utils import normalize_gen_kwargs
 from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
+from torch import Tensor
 from tqdm import tqdm
 
 from decoding import compile_dynamic, generate, make_steps
 from llama_fast.checkpoint import check_is_file, check_vocab, load_model, tokenizer_file, write_json
+from llama_fast.quant.kv_cache import use_int8_kv_cache
 from sampling import SamplingConfig
 from tokenizer import StreamDecoder, load_tokenizer
 import tp
 
 DEFAULT_MAX_LENGTH = 2048  # scoring windows default to this or the model's context, whichever is shorter
+
+
+def score_through_cache(model, tokens: Tensor) -> Tensor:
+    """The logits of tokens (B, T) computed through the model's KV cache from position 0 (every key and value
+    written to it, then read back from it), not by a cacheless forward."""
+    return model(tokens, torch.arange(tokens.shape[1], device=tokens.device))
 
 
 def load(checkpoint_path: Path, tokenizer_path: Path | None = None, device="cpu", precision=torch.bfloat16,
@@ -47,7 +55,7 @@ class LlamaFastLM(TemplateLM):
     context's tokens (TemplateLM._encode_pair), and the empty context is BOS alone."""
 
     def __init__(self, model, tokenizer, batch_size: int = 1, max_length: int = 0, compile: bool = False,
-                 max_gen_toks: int = 256, rank: int = 0):
+                 max_gen_toks: int = 256, rank: int = 0, kv_cache_dtype: str = "auto"):
         super().__init__()
         self.model, self.tok = model, tokenizer
         # lm-eval's own rank stays 0: under tensor parallelism every process runs every request
@@ -59,9 +67,17 @@ class LlamaFastLM(TemplateLM):
         self._device = model.output.weight.device
         # Scoring sees every sequence length; generation decodes over a KV cache of one fixed length when compiled.
         self.score = compile_dynamic(model) if compile else model
+        if kv_cache_dtype == "int8":  # scored through the int8 cache: keys and values as it stores and reads them
+            use_int8_kv_cache(model)
+            self.through_cache = compile_dynamic(score_through_cache) if compile else score_through_cache
+            self.score = self.score_through_cache
         self.steps = make_steps(self.device.type, compile)
         # compiled decoding keeps one KV cache length, so that the decode step is one graph
         self.cache_len = self.max_length if compile else 0
+
+    def score_through_cache(self, tokens: Tensor) -> Tensor:
+        self.model.setup_caches(self.batch_size, self.max_length)  # generation may have sized it otherwise
+        return self.through_cache(self.model, tokens)
 
     @property
     def eot_token_id(self) -> int:
@@ -217,6 +233,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help=f"scoring window and generation context (default: the model's context, at most "
                         f"{DEFAULT_MAX_LENGTH})")
     p.add_argument("--compile", action="store_true", help="torch.compile scoring (dynamic shapes) and decoding")
+    p.add_argument("--kv_cache_dtype", choices=["auto", "int8"], default="auto", help="int8: score and generate "
+                   "through an int8 KV cache (what generate.py --kv_cache_dtype int8 decodes with), to measure it")
     p.add_argument("--output_path", type=Path, help="write the results here as JSON")
     return p
 
@@ -273,7 +291,8 @@ def run(args) -> int:
         torch.manual_seed(tp.shared_seed())
     model, tokenizer = load(args.checkpoint_path, args.tokenizer_path, args.device, PRECISIONS[args.precision],
                             tensor_parallel=tp.world_size() > 1, cpu_kernels=args.cpu_kernels, cpu_gemm=args.cpu_gemm)
-    lm = LlamaFastLM(model, tokenizer, args.batch_size, args.max_seq_length, args.compile, rank=rank)
+    lm = LlamaFastLM(model, tokenizer, args.batch_size, args.max_seq_length, args.compile, rank=rank,
+                     kv_cache_dtype=args.kv_cache_dtype)
     out = {}
     if args.tasks:
         import lm_eval
@@ -298,7 +317,8 @@ def run(args) -> int:
         quantization = getattr(model, "quantization", None) or {}
         out["llama_fast"] = {"checkpoint_path": str(args.checkpoint_path), "precision": args.precision,
                              "device": args.device, "quantization": quantization.get("mode"),
-                             "max_length": lm.max_length, "batch_size": args.batch_size, "compile": args.compile}
+                             "max_length": lm.max_length, "batch_size": args.batch_size, "compile": args.compile,
+                             "kv_cache_dtype": args.kv_cache_dtype}
         write_json(args.output_path, out)
     return 0
 

@@ -181,6 +181,36 @@ def test_generative_task_through_lm_eval(setup, ours):
     assert result["results"]["local_qa"]["exact_match,none"] == 0.0  # random weights answer nothing right
 
 
+def test_scoring_through_an_int8_kv_cache(setup, load_ours, tmp_path):
+    """--kv_cache_dtype int8 scores through the int8 cache: each window's log-likelihood is what transformers'
+    model gives with its keys (after RoPE) and values rounded as the cache stores them (an attention function of
+    ours registered in transformers' AttentionInterface), not what the float cache gives."""
+    from transformers import AttentionInterface, LlamaForCausalLM
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    from llama_fast.quant.kv_cache import dequantize, quantize
+    d = setup[0]
+    lm = llama_eval.LlamaFastLM(load_ours(d), load_tokenizer(d / "tokenizer.model"), batch_size=2,
+                                max_length=MAX_LENGTH, kv_cache_dtype="int8")
+    requests = [(None, lm.tok_encode(text), lm.tok_encode(text, add_special_tokens=False)[:5])
+                for text in english_ish(3, seed=8)]
+
+    def rounded(module, query, key, value, *args, **kwargs):
+        key, value = (dequantize(*quantize(x), x.dtype) for x in (key, value))
+        return sdpa_attention_forward(module, query, key, value, *args, **kwargs)
+    AttentionInterface.register("int8_kv", rounded)
+    hf_model = LlamaForCausalLM.from_pretrained(d, dtype=torch.float32, attn_implementation="int8_kv").eval()
+    plain = LlamaForCausalLM.from_pretrained(d, dtype=torch.float32).eval()
+    got = lm._loglikelihood_tokens(requests)
+    for (_, context, continuation), (logprob, _) in zip(requests, got):
+        ids = torch.tensor([context + continuation])
+        with torch.no_grad():
+            want, float_cache = (m(ids[:, :-1]).logits[0, -len(continuation):].log_softmax(-1)
+                                 .gather(-1, ids[0, -len(continuation):, None]).sum().item()
+                                 for m in (hf_model, plain))
+        assert logprob == pytest.approx(want, rel=1e-4, abs=1e-4) and logprob != pytest.approx(float_cache, rel=1e-7)
+
+
 def test_text_perplexity(setup, ours, tmp_path):
     d = setup[0]
     long_text = "\n".join(english_ish(12, seed=5))
