@@ -147,6 +147,22 @@ def test_cli_lookahead_under_torchrun(checkpoints, tmp_path):
     assert json.loads(metrics.read_text())["samples"][0]["accepted"] == single.accepted
 
 
+def test_cli_int8_kv_cache_under_torchrun(checkpoints):
+    """--kv_cache_dtype int8 with the model sharded, speculating by prompt lookup: each rank keeps its half of the
+    KV heads in int8 (one scale per token and head, so sharding changes no number) and the output is what one
+    process decodes with the int8 cache."""
+    from llama_fast.quant.kv_cache import use_int8_kv_cache
+    path = checkpoints["float32"]
+    model = use_int8_kv_cache(checkpoint.load_model(path, "cpu", torch.float32))
+    tok = load_tokenizer(path.parent / "tokenizer.model")
+    row = decoding.generate(model, [tok.encode(PROMPT)], N_NEW, SamplingConfig(temperature=0), tok.eos_ids).tokens[0]
+    proc = torchrun("generate.py", "--checkpoint_path", path, "--kv_cache_dtype", "int8", "--prompt_lookup", 2,
+                    "--prompt", PROMPT, "--max_new_tokens", N_NEW, "--num_samples", 1, "--temperature", 0,
+                    "--precision", "float32", "--device", "cpu")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout == PROMPT + tok.decode([t for t in row if t not in tok.eos_ids]) + "\n"
+
+
 def test_eval_under_torchrun(checkpoints, tmp_path):
     """eval.py shards the same way: the perplexity of a text file from 2 processes (an int8 checkpoint, so the
     quantized sharding is covered too) is the one-process number, and rank 0 alone prints and writes."""
