@@ -10,7 +10,8 @@ TaskManager knows runs, plus local task YAMLs (--include_path). Datasets come fr
 HF_DATASETS_OFFLINE=1 uses it without the network.
 """
 # first, before torch: cli's Ctrl-C handler must be in place while the libraries load (see cli.py)
-from llama_fast.cli import PRECISIONS, add_model_args, check_at_least, check_device, check_output_path, cli_main
+from llama_fast.cli import (PRECISIONS, add_kv_cache_arg, add_model_args, check_at_least, check_device,
+                            check_output_path, cli_main)
 import argparse
 import difflib
 import json
@@ -233,8 +234,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help=f"scoring window and generation context (default: the model's context, at most "
                         f"{DEFAULT_MAX_LENGTH})")
     p.add_argument("--compile", action="store_true", help="torch.compile scoring (dynamic shapes) and decoding")
-    p.add_argument("--kv_cache_dtype", choices=["auto", "int8"], default="auto", help="int8: score and generate "
-                   "through an int8 KV cache (what generate.py --kv_cache_dtype int8 decodes with), to measure it")
+    add_kv_cache_arg(p, "; scoring and generation go through it, to measure what it costs")
     p.add_argument("--output_path", type=Path, help="write the results here as JSON")
     return p
 

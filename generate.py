@@ -3,7 +3,7 @@ decoding, or an interactive chat; under torchrun, tensor-parallel.
 
     python generate.py --compile --checkpoint_path checkpoints/<repo>/model.pth --prompt "Hello, my name is"
 """
-from llama_fast.cli import (PRECISIONS, add_model_args,  # first, before torch: its Ctrl-C handler (see cli.py)
+from llama_fast.cli import (PRECISIONS, add_kv_cache_arg, add_model_args,  # first, before torch: see cli.py
                             check_at_least, check_device, check_output_path, check_text, cli_main, read_text_file)
 import argparse
 import contextlib
@@ -49,8 +49,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ignore_eos", action="store_true", help="always generate max_new_tokens (benchmarks)")
     p.add_argument("--compile", action="store_true", help="torch.compile the decode step")
     p.add_argument("--compile_prefill", action="store_true", help="also compile prefill, with dynamic shapes")
-    p.add_argument("--kv_cache_dtype", choices=["auto", "int8"], default="auto", help="how the KV cache stores keys "
-                   "and values: auto, the model's dtype; int8, one byte each and a scale per vector")
+    add_kv_cache_arg(p)
     p.add_argument("--draft_checkpoint_path", type=Path, help="speculative decoding with this draft model (same "
                    "tokenizer: a smaller model or a quantized copy of the target)")
     p.add_argument("--prompt_lookup", type=int, metavar="N", help="speculative decoding without a draft model: "

@@ -133,11 +133,12 @@ def rope_positions(pos: Tensor, B: int, T: int, left_pad: Tensor | None) -> Tens
     return pos if left_pad is None else (pos - left_pad[:, None]).clamp(min=0)
 
 
-def causal_mask(n_keys: int, pos: Tensor, config: ModelArgs, left_pad: Tensor | None = None) -> Tensor:
+def causal_mask(keys: int | Tensor, pos: Tensor, config: ModelArgs, left_pad: Tensor | None = None) -> Tensor:
     """(T or B, T, n_keys) bool: each token at pos ((T,) or (B, T)) sees the keys at slots up to
     its own position (slot = position), within the last sliding_window ones if the model has one; with left_pad,
-    not a row's padding (a padding token sees itself, so its softmax stays finite: no NaN in the cache)."""
-    key = torch.arange(n_keys, device=pos.device)
+    not a row's padding (a padding token sees itself, so its softmax stays finite: no NaN in the cache).
+    keys: how many (key j at position j), or the keys' positions (n_keys,) where they are in another order."""
+    key = keys if isinstance(keys, Tensor) else torch.arange(keys, device=pos.device)
     mask = key <= pos[..., None]
     if config.sliding_window:
         mask = mask & (key > pos[..., None] - config.sliding_window)

@@ -7,8 +7,8 @@ GET /health, GET /metrics (Prometheus). FastAPI + uvicorn carry the HTTP on a th
 the main thread and hands each request's text to the event loop as it is produced. Binds 127.0.0.1 unless --host
 says otherwise.
 """
-from llama_fast.cli import (PRECISIONS, add_model_args, check_at_least, check_device,  # first, before torch (cli.py)
-                            cli_main)
+from llama_fast.cli import (PRECISIONS, add_kv_cache_arg, add_model_args, check_at_least,  # first, before torch
+                            check_device, cli_main)
 import argparse
 import asyncio
 import json
@@ -52,8 +52,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--kv_cache_tokens", type=int, default=0, help="KV-cache pool size in tokens (default: "
                    "max_batch_size full contexts, or half the free memory if smaller)")
     p.add_argument("--kv_cache_gb", type=float, default=0.0, help="KV-cache pool size in GiB instead")
-    p.add_argument("--kv_cache_dtype", choices=["auto", "int8"], default="auto", help="how the KV cache stores keys "
-                   "and values: auto, the model's dtype; int8, one byte each and a scale per vector (1.9x the tokens)")
+    add_kv_cache_arg(p)
     p.add_argument("--max_num_batched_tokens", type=int, default=EngineConfig.max_num_batched_tokens,
                    help="tokens one step computes, every request's together (decoding rows and prompt chunks)")
     p.add_argument("--prefill_chunk", type=int, default=EngineConfig.prefill_chunk,
@@ -304,12 +303,9 @@ def start(args):
         engine.warm_up()
         print(f"Compiled the forward pass for every kind of step in {time.perf_counter() - t1:.1f}s",
               file=sys.stderr)
-    pool = engine.scheduler.pool
-    layer = model.layers[0].attention
-    gb = (pool.n_blocks * pool.block_size * len(model.layers) * type(layer.kv_cache).slot_bytes(
-        layer.n_kv_heads, layer.head_dim, model.cache_dtype()) / 2**30)
-    print(f"Loaded {args.checkpoint_path} in {time.perf_counter() - t0:.1f}s: KV cache of {pool.n_blocks - 1} blocks "
-          f"x {args.block_size} tokens ({args.kv_cache_dtype}, {gb:.2f} GiB)", file=sys.stderr)
+    print(f"Loaded {args.checkpoint_path} in {time.perf_counter() - t0:.1f}s: KV cache of "
+          f"{engine.runner.n_blocks - 1} blocks x {args.block_size} tokens ({args.kv_cache_dtype}, "
+          f"{engine.runner.pool_bytes / 2**30:.2f} GiB)", file=sys.stderr)
     return model, tokenizer, engine
 
 

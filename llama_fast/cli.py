@@ -77,6 +77,13 @@ def add_model_args(p: argparse.ArgumentParser):
     p.add_argument("--cpu_gemm", choices=CPU_GEMM_CHOICES, default="auto", help=CPU_GEMM_HELP)
 
 
+def add_kv_cache_arg(p: argparse.ArgumentParser, what: str = ""):
+    """--kv_cache_dtype, the same in every command with a KV cache (generate.py, serve.py, eval.py)."""
+    p.add_argument("--kv_cache_dtype", choices=["auto", "int8"], default="auto", help="how the KV cache stores keys "
+                   "and values: auto, the model's dtype; int8, one byte each and a float16 scale per vector (1.9x "
+                   f"the tokens in the same memory){what}")
+
+
 def check_device(device: str):
     """cpu, cuda[:N] when CUDA is there and N exists, mps when present; anything else is one line."""
     try:

@@ -1,6 +1,6 @@
-"""llama_fast/serving (engine, scheduler, runner, sampler, paged_cache): continuous batching over the paged KV cache, checked against decoding.generate()
-of each prompt alone (the reference: the static-cache path, itself checked against HF transformers in
-test_generate.py), in float32 on --device."""
+"""llama_fast/serving (engine, scheduler, runner, sampler, paged_cache): continuous batching over the paged KV
+cache, checked against decoding.generate() of each prompt alone (the reference: the static-cache path, itself
+checked against HF transformers in test_generate.py), in float32 on --device."""
 import copy
 import random
 from pathlib import Path

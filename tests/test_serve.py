@@ -330,7 +330,7 @@ def test_bench_serve_measures_a_workload(server, tmp_path):
     out = tmp_path / "bench.json"
     proc = subprocess.run([sys.executable, "scripts/bench_serve.py", "--url", server.url + "/v1", "--api_key", KEY,
                            "--num_requests", "6", "--prompt_tokens", "5", "20", "--output_tokens", "4", "12",
-                           "--concurrency", "3", "--vocab", "3", "399", "--json", str(out)],
+                           "--concurrency", "3", "--vocab", "3", "399", "--speculation", "2", "3", "--json", str(out)],
                           cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr
     result = json.loads(out.read_text())

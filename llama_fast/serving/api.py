@@ -9,6 +9,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from llama_fast.serving.engine import MAX_LOOKUP, EngineConfig
 from sampling import SamplingConfig
 
 COMPLETIONS_DEFAULT_MAX_TOKENS = 16  # OpenAI's legacy completions default; chat defaults to the rest of the context
@@ -22,8 +23,8 @@ class Speculation(BaseModel):
     """The extension field "speculation": prompt lookup for this request (greedy requests without penalties; the
     output is what plain decoding gives). prompt_lookup 0: off."""
     model_config = ConfigDict(strict=True, extra="forbid")
-    prompt_lookup: int = Field(ge=0, le=16)
-    k: int = Field(5, ge=1, le=16)
+    prompt_lookup: int = Field(ge=0, le=MAX_LOOKUP)
+    k: int = Field(EngineConfig.speculate_k, ge=1, le=MAX_LOOKUP)
 
 
 class Sampled(BaseModel):

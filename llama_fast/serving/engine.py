@@ -12,6 +12,7 @@ stop strings, finishing. Each step() is one forward pass over a ragged batch: th
 request whose next token is known, and chunks of the prompts being read, within a budget of tokens per step.
 """
 import contextlib
+import itertools
 import random
 import sys
 import threading
@@ -45,6 +46,13 @@ class EngineFailure(RuntimeError):
     """The engine cannot go on (the device or the model fails whatever it computes): its server should exit."""
 
 
+def check_lookup(n_gram: int, k: int):
+    """Prompt lookup's settings: n-grams of 0 (off) to MAX_LOOKUP tokens, 1 to MAX_LOOKUP tokens proposed."""
+    if not (0 <= n_gram <= MAX_LOOKUP and 1 <= k <= MAX_LOOKUP):
+        raise ValueError(f"prompt lookup: the n-gram length must be in [0, {MAX_LOOKUP}] and the tokens proposed "
+                         f"per step in [1, {MAX_LOOKUP}], not {n_gram} and {k}")
+
+
 @dataclass
 class EngineConfig:
     max_batch_size: int = 16  # requests decoded together
@@ -65,13 +73,13 @@ class EngineConfig:
         for name in ("max_batch_size", "block_size", "max_num_batched_tokens", "prefill_chunk"):
             if not isinstance(getattr(self, name), int) or getattr(self, name) < (name != "prefill_chunk"):
                 raise ValueError(f"{name} must be a positive integer, not {getattr(self, name)!r}")
-        if not 0 <= self.prompt_lookup <= MAX_LOOKUP or not 1 <= self.speculate_k <= MAX_LOOKUP:
-            raise ValueError(f"prompt_lookup must be in [0, {MAX_LOOKUP}] and speculate_k in [1, {MAX_LOOKUP}]")
+        check_lookup(self.prompt_lookup, self.speculate_k)
         if self.max_num_batched_tokens < self.max_batch_size:  # every running request decodes in every step
             raise ValueError(f"max_num_batched_tokens ({self.max_num_batched_tokens}) must be at least "
                              f"max_batch_size ({self.max_batch_size})")
         if self.kv_cache_dtype not in KV_CACHE_CLASSES:
-            raise ValueError(f"kv_cache_dtype must be one of {', '.join(KV_CACHE_CLASSES)}, not {self.kv_cache_dtype!r}")
+            raise ValueError(f"kv_cache_dtype must be one of {', '.join(KV_CACHE_CLASSES)}, not "
+                             f"{self.kv_cache_dtype!r}")
         if self.kv_cache_tokens < 0 or not self.kv_cache_gb >= 0:
             raise ValueError("kv_cache_tokens and kv_cache_gb must be >= 0")
 
@@ -115,9 +123,8 @@ class Engine:
                              f"{(self.scheduler.pool.n_blocks - 1) * self.scheduler.pool.block_size}")
         if r.stop and self.tokenizer is None:
             raise ValueError("stop strings need a tokenizer")
-        n_gram, k = r.speculation or (0, 1)
-        if not (0 <= n_gram <= MAX_LOOKUP and 1 <= k <= MAX_LOOKUP):
-            raise ValueError(f"speculation: prompt_lookup must be in [0, {MAX_LOOKUP}] and k in [1, {MAX_LOOKUP}]")
+        if r.speculation is not None:
+            check_lookup(*r.speculation)
         if r.seed is not None and not SEED_RANGE[0] <= r.seed <= SEED_RANGE[1]:  # the engine's thread would fail
             raise ValueError(f"seed must be in [{SEED_RANGE[0]}, {SEED_RANGE[1]}] (64 bits), not {r.seed}")
 
@@ -231,44 +238,41 @@ class Engine:
             rows, logits = [row for row, _ in ok], torch.cat([x for _, x in ok])
         self.stats["prefill_tokens"] += sum(min(n, len(r.prompt) - r.n_computed) for r, n in rows
                                             if r.n_computed < len(r.prompt))
-        if any(r.draft for r, _ in rows):
-            return self.verify(rows, logits)
-        self.scheduler.computed(rows)
-        ready = [i for i, (r, _) in enumerate(rows) if r.n_pending == 0]
-        if ready:
-            self.sample(logits if len(ready) == len(rows) else logits[ready], [rows[i][0] for i in ready])
+        self.take_tokens(rows, logits)
 
-    def verify(self, rows: list[tuple[Request, int]], logits: Tensor):
-        """compute() for a step in which some rows verify drafts: such a row keeps the longest run of its draft
-        that greedy decoding would have produced, and the token after it (one host sync for all of them); its
-        keys beyond are overwritten later. The other rows as compute() does."""
-        counts = [n if r.draft else 1 for r, n in rows]
-        last = torch.tensor(counts, device=logits.device).cumsum(0) - 1
-        greedy = logits.argmax(-1).tolist()
-        done, new = [], {}
-        for (r, n), end in zip(rows, last.tolist()):
-            if not r.draft:
-                done.append((r, n))
-                continue
-            predicted = greedy[end + 1 - n:end + 1]
-            j = next((i for i, (d, p) in enumerate(zip(r.draft, predicted)) if d != p), len(r.draft))
-            new[r] = r.draft[:j] + [predicted[j]]
-            done.append((r, 1 + j))
-            self.stats["draft_tokens"] += len(r.draft)
-            self.stats["accepted_draft_tokens"] += j
-            r.verified = [*r.verified[-LOOKUP_WINDOW + 1:], j]
-            if len(r.verified) == LOOKUP_WINDOW and sum(r.verified) < LOOKUP_MIN_ACCEPTED * LOOKUP_WINDOW:
-                r.lookup = None  # below break-even: it decodes plainly from now on
+    def take_tokens(self, rows: list[tuple[Request, int]], logits: Tensor):
+        """After the pass (logits: each row's last computed token's, every one of a row verifying a draft): a row
+        verifying a draft keeps what verify() accepts; a row whose prompt is then read samples its next token."""
+        ends = list(itertools.accumulate(n if r.draft else 1 for r, n in rows))  # each row's logits end there
+        greedy = logits.argmax(-1).tolist() if any(r.draft for r, _ in rows) else None  # one host sync for drafts
+        done, accepted = [], {}
+        for (r, n), end in zip(rows, ends):
+            if r.draft:
+                accepted[r] = self.verify(r, greedy[end - n:end])
+            done.append((r, len(accepted[r]) if r.draft else n))  # a draft's accepted tokens and the one before
         self.scheduler.computed(done)
-        for r in new:
+        for r in accepted:
             r.draft = []
-        ready = [i for i, (r, _) in enumerate(done) if r.n_pending == 0 and r not in new]
+        ready = [i for i, (r, _) in enumerate(rows) if r.n_pending == 0 and r not in accepted]
         if ready:
-            self.sample(logits[last[ready]], [done[i][0] for i in ready])
-        for r, tokens in new.items():
+            last = [ends[i] - 1 for i in ready]
+            self.sample(logits if last == list(range(len(logits))) else logits[last], [rows[i][0] for i in ready])
+        for r, tokens in accepted.items():
             for token in tokens:
                 if r.finish_reason is None:
                     self.append(r, token)
+
+    def verify(self, r: Request, predicted: list[int]) -> list[int]:
+        """The tokens a row verifying its draft adds, given what greedy decoding predicts after its next token and
+        after each drafted one: the longest run of the draft greedy decoding would have produced, and the token
+        after it (its keys beyond are overwritten later). A request accepting too little stops drafting."""
+        j = next((i for i, (d, p) in enumerate(zip(r.draft, predicted)) if d != p), len(r.draft))
+        self.stats["draft_tokens"] += len(r.draft)
+        self.stats["accepted_draft_tokens"] += j
+        r.verified = [*r.verified[-LOOKUP_WINDOW + 1:], j]
+        if len(r.verified) == LOOKUP_WINDOW and sum(r.verified) < LOOKUP_MIN_ACCEPTED * LOOKUP_WINDOW:
+            r.lookup = None  # below break-even: it decodes plainly from now on
+        return r.draft[:j] + [predicted[j]]
 
     def sample(self, logits: Tensor, rows: list[Request]):
         """Each row's next token (a row whose settings cannot be sampled fails alone) and what it adds."""

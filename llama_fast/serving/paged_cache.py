@@ -79,8 +79,9 @@ class PagedKVCache(nn.Module):
     def attend_decode(self, q: Tensor, key_slots: Tensor, mask: Tensor) -> Tensor:
         """q (n_kv_heads, n_rep, B, head_dim), one token per row, over its row's keys at key_slots (B, S). A
         compiled CPU step reads the keys where they lie (attend_one: inductor fuses the indexing into the
-        reductions, which an int8 pool's scales multiply outside the sums over head_dim; 2-core CPU, B=16 x 512 keys: 2.3 ms a layer against 18 for gather +
-        SDPA). Otherwise each row's keys and values are gathered for SDPA."""
+        reductions, which an int8 pool's scales multiply outside the sums over head_dim; 2-core CPU, B=16 x 512
+        keys: 2.3 ms a layer against 18 for gather + SDPA). Otherwise each row's keys and values are gathered for
+        SDPA."""
         q = q.permute(2, 0, 1, 3)  # (B, n_kv_heads, n_rep, head_dim)
         if q.is_cpu and torch.compiler.is_compiling():
             keys, values, key_scale, value_scale = self.read_stored(key_slots)
@@ -129,19 +130,11 @@ def paged_forward(model: Transformer, tokens: Tensor, positions: Tensor, slots: 
     pos = positions[0]
     Bd = decode_keys.shape[0]
     decode_mask = causal_mask(decode_keys.shape[1], pos[:Bd], model.config)
-    prefill_mask = sees(prefill_key_positions, pos[Bd:], model.config) & (prefill_key_rows == prefill_rows[:, None])
+    prefill_mask = causal_mask(prefill_key_positions, pos[Bd:], model.config) & \
+        (prefill_key_rows == prefill_rows[:, None])
     index = PagedIndex(slots, decode_keys, decode_mask, prefill_keys, prefill_mask)
     no_mask = decode_mask.new_ones(1, 1, 0)  # the masks travel in index: a ragged batch has two
     return model(tokens, positions, mask=no_mask, cache_index=index, logits_at=logits_at)[0]
-
-
-def sees(key_positions: Tensor, positions: Tensor, config) -> Tensor:
-    """(T, S): whether the token at positions[t] sees the key at key_positions[s]: causally, and within the
-    sliding window if the model has one (model.causal_mask, for keys that are not in position order)."""
-    mask = key_positions <= positions[:, None]
-    if config.sliding_window:
-        mask = mask & (key_positions > positions[:, None] - config.sliding_window)
-    return mask
 
 
 def block_digest(parent: bytes, tokens) -> bytes:

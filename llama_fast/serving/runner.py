@@ -16,8 +16,9 @@ WORKER_PING_S = 60  # an idle server tells its other ranks it is alive well with
 
 
 class ModelRunner:
-    """Allocates a pool of n_blocks KV blocks of block_size tokens in the model (pool_tokens; a cache_class) and
-    runs forward passes over it. compile: torch.compile the forward (on CUDA, batch and block counts padded to powers of two)."""
+    """Allocates a pool of n_blocks KV blocks of block_size tokens in the model (pool_tokens; a cache_class, of
+    pool_bytes in all) and runs forward passes over it. compile: torch.compile the forward (on CUDA, batch and block
+    counts padded to powers of two)."""
 
     def __init__(self, model: Transformer, block_size: int, pool_size: int, max_batch_size: int, compile: bool,
                  cache_class=PagedKVCache):
@@ -25,6 +26,7 @@ class ModelRunner:
         self.max_blocks = -(-model.config.max_seq_len // block_size)  # per sequence
         self.n_blocks = -(-pool_size // block_size) + 1
         setup_paged_cache(model, self.n_blocks, block_size, cache_class)
+        self.pool_bytes = self.n_blocks * block_size * token_bytes(model, cache_class)
         self.cache = model.layers[0].attention.kv_cache  # check_cache() sees whether anybody replaced it
         self.device = model.freqs_cis.device
         self.padded = compile and self.device.type == "cuda"
@@ -100,8 +102,7 @@ def pool_tokens(model: Transformer, max_batch_size: int, kv_cache_tokens: int = 
     half the memory that is free now (CPU: MemAvailable; CUDA: the device's free memory), whichever is smaller."""
     if kv_cache_tokens:
         return kv_cache_tokens
-    layer = model.layers[0].attention
-    per_token = len(model.layers) * cache_class.slot_bytes(layer.n_kv_heads, layer.head_dim, model.cache_dtype())
+    per_token = token_bytes(model, cache_class)
     if kv_cache_gb:
         return int(kv_cache_gb * 2**30 // per_token)
     device = model.tok_embeddings.weight.device
@@ -111,6 +112,13 @@ def pool_tokens(model: Transformer, max_batch_size: int, kv_cache_tokens: int = 
         with open("/proc/meminfo") as f:
             free = next(int(line.split()[1]) * 1024 for line in f if line.startswith("MemAvailable"))
     return max(min(max_batch_size * model.config.max_seq_len, free // 2 // per_token), model.config.max_seq_len)
+
+
+def token_bytes(model: Transformer, cache_class=PagedKVCache) -> int:
+    """The KV-cache memory one token takes, every layer's keys and values (the layer's own head count: under tensor
+    parallelism, this rank's)."""
+    layer = model.layers[0].attention
+    return len(model.layers) * cache_class.slot_bytes(layer.n_kv_heads, layer.head_dim, model.cache_dtype())
 
 
 def next_power_of_two(n: int) -> int:
