@@ -7,6 +7,7 @@ here.
 
 A step function is what runs once per forward pass; `Steps` names them all, and make_steps() compiles them (lazily:
 a step is compiled on its first call). A new decoding method adds its step here, to Steps and make_steps.
+StreamDecoder turns the ids into text as they come, for printing (and serving) a reply live.
 """
 import functools
 import resource
@@ -290,3 +291,45 @@ def compile_cache_counts() -> dict:
     inductor = counters["inductor"]
     return {"graphs_from_cache": inductor["fxgraph_cache_hit"],
             "graphs_compiled": inductor["fxgraph_cache_miss"] + inductor["fxgraph_cache_bypass"]}
+
+
+class StreamDecoder:
+    """Turns ids into text as they are generated, for printing a reply live.
+
+    Everything push() returns, plus flush(), concatenates to exactly
+    tokenizer.decode(all ids). Like vLLM's incremental detokenizer it decodes a
+    short window of recent ids with and without the text already emitted, and
+    emits the difference -- unless that ends in U+FFFD, meaning a multi-byte
+    character is still incomplete. Each push costs O(window), not O(total); the
+    window only grows while text is held back (an unfinished character) or while
+    ids produce no text at all (eos/bos).
+    """
+
+    def __init__(self, tokenizer):  # any of tokenizer.py's
+        self.tokenizer = tokenizer
+        self._ids = []  # the window: ids before it have been emitted and dropped
+        self._read = 0  # ids in the window before this index have been emitted
+
+    def push(self, ids: list[int]) -> str:
+        self._ids += ids
+        done = self.tokenizer.decode(self._ids[:self._read])
+        text = self.tokenizer.decode(self._ids)
+        if text.endswith("\ufffd"):
+            return ""  # wait for the rest of the character
+        new = text[len(done):]
+        if new:
+            # Keep the ids just emitted as context. They produced text, so
+            # SentencePiece's "strip the leading space of the first piece" rule
+            # acts inside them, on text already emitted, never on new text.
+            # (Ids that produced nothing, like eos, don't count as context.)
+            self._ids = self._ids[self._read:]
+        self._read = len(self._ids)
+        return new
+
+    def flush(self) -> str:
+        """Return the remaining text (e.g. a dangling partial character as U+FFFD)
+        and start over, ready for a new stream."""
+        done = self.tokenizer.decode(self._ids[:self._read])
+        rest = self.tokenizer.decode(self._ids)[len(done):]
+        self._ids, self._read = [], 0
+        return rest

@@ -10,8 +10,9 @@ TaskManager knows runs, plus local task YAMLs (--include_path). Datasets come fr
 HF_DATASETS_OFFLINE=1 uses it without the network.
 """
 # first, before torch: cli's Ctrl-C handler must be in place while the libraries load (see cli.py)
-from llama_fast.cli import (PRECISIONS, add_kv_cache_arg, add_model_args, check_at_least, check_device,
-                            check_output_path, cli_main)
+from llama_fast.cli import (MODEL_FLAG_RULES, PRECISIONS, add_kv_cache_arg, add_model_args, check_at_least,
+                            check_device, check_flag_rules, check_memory, check_output_path, check_outputs, cli_main,
+                            parse, read_text_file)
 import argparse
 import difflib
 import json
@@ -25,11 +26,12 @@ from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
 from torch import Tensor
 from tqdm import tqdm
 
-from decoding import compile_dynamic, generate, make_steps
-from llama_fast.checkpoint import check_is_file, check_vocab, load_model, tokenizer_file, write_json
+from decoding import StreamDecoder, compile_dynamic, generate, make_steps
+from llama_fast.checkpoint import (check_is_file, check_vocab, device_bytes, files_read, load_model, read_config,
+                                   tokenizer_file, write_json)
 from llama_fast.quant.kv_cache import use_int8_kv_cache
 from sampling import SamplingConfig
-from tokenizer import StreamDecoder, load_tokenizer
+from tokenizer import load_tokenizer
 import tp
 
 DEFAULT_MAX_LENGTH = 2048  # scoring windows default to this or the model's context, whichever is shorter
@@ -206,19 +208,25 @@ class LlamaFastLM(TemplateLM):
 
 # ------------------------------------------------------------------------------------------------------- CLI
 
-def text_perplexity(lm: LlamaFastLM, path: Path) -> dict:
-    """Token-, word- and byte-level perplexity of a whole text file, scored as one document."""
-    if not path.is_file():
-        raise FileNotFoundError(f"text file not found: {path}")
-    text = path.read_text(encoding="utf-8", errors="replace")
+def text_perplexity(lm: LlamaFastLM, path: Path, text: str | None = None) -> dict:
+    """Token-, word- and byte-level perplexity of a whole text file (or of its `text`, read before the scoring),
+    scored as one document. A perplexity past a float's range (word perplexity of text with few spaces: Chinese,
+    minified code) is left out with a note: the scoring's other results are kept."""
+    text = read_text_file(path, "text file") if text is None else text
     tokens = lm.tok_encode(text, add_special_tokens=False)
     if not tokens:
         raise ValueError(f"{path} is empty")
     nll = -lm.score_documents([tokens])[0]
     n_words, n_bytes = len(text.split()), len(text.encode("utf-8"))
-    return {"file": str(path), "tokens": len(tokens), "words": n_words, "bytes": n_bytes,
-            "token_perplexity": math.exp(nll / len(tokens)), "word_perplexity": math.exp(nll / max(n_words, 1)),
-            "byte_perplexity": math.exp(nll / n_bytes), "bits_per_byte": nll / n_bytes / math.log(2)}
+    out = {"file": str(path), "tokens": len(tokens), "words": n_words, "bytes": n_bytes}
+    for unit, n in (("token", len(tokens)), ("word", max(n_words, 1)), ("byte", n_bytes)):
+        try:
+            out[f"{unit}_perplexity"] = math.exp(nll / n)
+        except OverflowError:
+            out[f"{unit}_perplexity"] = None
+            out.setdefault("notes", []).append(f"{unit}_perplexity left out: exp({nll / n:.0f}) is past a float's "
+                                               f"range ({n} {unit}s for {len(tokens)} tokens)")
+    return out | {"bits_per_byte": nll / n_bytes / math.log(2)}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -273,17 +281,46 @@ def check_tasks(args):
     return manager
 
 
-def run(args) -> int:
+FLAG_RULES = [*MODEL_FLAG_RULES,  # (flag, what it needs, whether args have it): see cli.check_flag_rules
+              *[(flag, "is for --tasks (a --text_file is scored whole)", lambda a: a.tasks)
+                for flag in ("limit", "num_fewshot", "include_path")]]
+
+
+def check_args(args):
+    """Every flag acts or is refused, every number is in range, the inputs are readable and the output is no
+    input: before the model loads and hours of scoring."""
     if not args.tasks and not args.text_file:
         raise ValueError("nothing to evaluate: pass --tasks and/or --text_file")
+    check_flag_rules(args, FLAG_RULES)
     if args.limit is not None and (args.limit <= 0 or (args.limit >= 1 and args.limit != int(args.limit))):
         raise ValueError("--limit must be a whole number of documents or a fraction in (0, 1)")
-    check_at_least(args, batch_size=1, max_seq_length=0)
+    check_at_least(args, batch_size=1, max_seq_length=0, num_fewshot=0)
     check_device(args.device)
     check_is_file(args.checkpoint_path, "checkpoint")
-    if args.text_file and not args.text_file.is_file():
-        raise FileNotFoundError(f"text file not found: {args.text_file}")
-    check_output_path(args.output_path, "--output_path")  # before hours of scoring, not after
+    check_output_path(args.output_path, "--output_path")
+    text = read_text_file(args.text_file, "text file") if args.text_file else None  # UTF-8, or refused now
+    check_outputs({"--output_path": args.output_path}, {**files_read(args.checkpoint_path, args.tokenizer_path),
+                                                         "--text_file": args.text_file})
+    return text
+
+
+def check_fits(args):
+    """A batch of scoring windows fits memory before the model loads: per token of a window the logits (in the
+    model's dtype, and a float32 log-softmax), one layer's attention scores and FFN activations, and its KV cache;
+    on a GPU the weights too."""
+    config = read_config(args.checkpoint_path)
+    length = args.max_seq_length or min(DEFAULT_MAX_LENGTH, config.max_seq_len)
+    itemsize = PRECISIONS[args.precision].itemsize
+    per_token = config.vocab_size * (itemsize + 4) + 4 * (config.n_heads * length + 3 * config.intermediate_size) + \
+        2 * config.n_layers * config.n_kv_heads * config.head_dim * itemsize
+    weights = device_bytes([args.checkpoint_path], args.device)
+    check_memory((weights + args.batch_size * length * per_token) // tp.world_size(), args.device,
+                 f"scoring {args.batch_size} windows of {length} tokens", " (lower --batch_size or --max_seq_length)")
+
+
+def run(args) -> int:
+    text = check_args(args)
+    check_fits(args)
     manager = check_tasks(args) if args.tasks else None
     args.device = tp.maybe_init_dist(args.device)  # under torchrun: every rank scores every request on its shard
     rank = tp.rank()
@@ -309,9 +346,12 @@ def run(args) -> int:
                 print(make_table(results, "groups"))
             out = json.loads(json.dumps(results, default=str))  # dtypes, functions in configs: as strings
     if args.text_file:
-        ppl = text_perplexity(lm, args.text_file)
+        ppl = text_perplexity(lm, args.text_file, text)
         if rank == 0:
-            print(" | ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}" for k, v in ppl.items()))
+            print(" | ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}" for k, v in ppl.items()
+                             if k != "notes"))
+            for note in ppl.get("notes", []):
+                print(f"note: {note}")
         out["text_perplexity"] = ppl
     if rank == 0 and args.output_path:
         quantization = getattr(model, "quantization", None) or {}
@@ -324,7 +364,7 @@ def run(args) -> int:
 
 
 def main(argv=None):
-    cli_main(run, build_parser().parse_args(argv))
+    cli_main(run, parse(build_parser(), argv))
 
 
 if __name__ == "__main__":

@@ -3,8 +3,11 @@ decoding, or an interactive chat; under torchrun, tensor-parallel.
 
     python generate.py --compile --checkpoint_path checkpoints/<repo>/model.pth --prompt "Hello, my name is"
 """
-from llama_fast.cli import (PRECISIONS, add_kv_cache_arg, add_model_args,  # first, before torch: see cli.py
-                            check_at_least, check_device, check_output_path, check_text, cli_main, read_text_file)
+# first, before torch: cli's Ctrl-C handler must be in place while the libraries load (see cli.py)
+from llama_fast.cli import (DEVICE_DEFAULT, MODEL_FLAG_RULES, PRECISIONS, SEED_RANGE, add_kv_cache_arg,
+                            add_model_args, check_at_least, check_device, check_flag_rules,
+                            check_memory, check_output_path, check_outputs, check_ranges, check_text, cli_main,
+                            parse, read_text_file)
 import argparse
 import contextlib
 import sys
@@ -14,16 +17,20 @@ from pathlib import Path
 
 import torch
 
-from decoding import compile_cache_counts, generate, make_steps, peak_memory_bytes, weight_bytes
-from llama_fast.checkpoint import atomic_save, check_vocab, load_model, tokenizer_file, write_json
+from decoding import (GenerationResult, StreamDecoder, compile_cache_counts, generate, make_steps, peak_memory_bytes,
+                      weight_bytes)
+from llama_fast.checkpoint import (atomic_save, check_is_file, check_vocab, device_bytes, files_read, load_model,
+                                   read_config, save_trace, tokenizer_file, write_json)
 from llama_fast.cpu.choice import metrics as cpu_kernel_metrics
 from llama_fast.quant.kv_cache import use_int8_kv_cache
 from llama_fast.speculate.lookahead import LookaheadConfig, lookahead_config, lookahead_generate, lookahead_stats
 from llama_fast.speculate.speculative import (DraftModel, PromptLookup, acceptance_stats, check_speculation,
                                               speculative_generate)
 from sampling import SamplingConfig
-from tokenizer import StreamDecoder, load_tokenizer
+from tokenizer import load_tokenizer
 import tp
+
+DEFAULT_BATCH_SIZE = 16  # prompts generated together when --batch_size is not given; a prompt file runs in batches
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -35,7 +42,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--system", help="system prompt for --interactive")
     p.add_argument("--num_samples", type=int, default=5)
     p.add_argument("--max_new_tokens", type=int, default=200)
-    p.add_argument("--batch_size", type=int, help="default: the number of prompts; prompts are repeated to fill it")
+    p.add_argument("--batch_size", type=int, help=f"prompts generated together (default: the number of prompts, at "
+                   f"most {DEFAULT_BATCH_SIZE}); more prompts run in batches of it, fewer are repeated to fill it")
     p.add_argument("--max_seq_length", type=int, default=0, help="KV cache length (default: prompt + new tokens; "
                    "the model's context with --interactive)")
     p.add_argument("--temperature", type=float, default=0.8, help="0 for greedy decoding")
@@ -55,8 +63,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prompt_lookup", type=int, metavar="N", help="speculative decoding without a draft model: "
                    "propose what followed the last earlier occurrence of the last N tokens")
     p.add_argument("--speculate_k", type=int, help="tokens proposed per target forward pass (default 5)")
-    p.add_argument("--lookahead", type=int, nargs="?", const=0, metavar="W", help="lookahead decoding (no draft "
-                   "model) with W Jacobi guesses per level (default for the device: see README)")
+    p.add_argument("--lookahead", type=int, nargs="?", const=DEVICE_DEFAULT, metavar="W", help="lookahead decoding "
+                   "(no draft model) with W Jacobi guesses per level (alone: the device's default, see README)")
     p.add_argument("--lookahead_ngram", type=int, metavar="N", help="lookahead n-gram length N (N - 1 levels)")
     p.add_argument("--lookahead_guesses", type=int, metavar="G", help="lookahead candidates verified per step")
     p.add_argument("--metrics_json", type=Path, help="write per-sample and mean metrics here")
@@ -66,7 +74,33 @@ def build_parser() -> argparse.ArgumentParser:
 
 # --------------------------------------------------------------------------------- checking the arguments
 
-def read_prompts(args) -> list:
+def interactive_excludes(flag: str) -> tuple:
+    return flag, "does not apply to --interactive (a chat reads its turns from the terminal)", \
+        lambda a: not a.interactive
+
+
+FLAG_RULES = [*MODEL_FLAG_RULES,  # (flag, what it needs, whether args have it): see cli.check_flag_rules
+              ("compile_prefill", "needs --compile", lambda a: a.compile),
+              ("system", "is the system prompt of --interactive, which is not given", lambda a: a.interactive),
+              *map(interactive_excludes, ("prompt", "prompt_file", "num_samples", "batch_size", "ignore_eos",
+                                          "metrics_json", "profile")),
+              ("speculate_k", "needs --draft_checkpoint_path or --prompt_lookup",
+               lambda a: a.draft_checkpoint_path or a.prompt_lookup is not None),
+              ("lookahead_ngram", "needs --lookahead", lambda a: a.lookahead is not None),
+              ("lookahead_guesses", "needs --lookahead", lambda a: a.lookahead is not None)]
+
+
+def check_args(args):
+    """Every flag acts or is refused, every number is in range: before anything is read or loaded."""
+    check_flag_rules(args, FLAG_RULES)
+    check_at_least(args, max_new_tokens=1, num_samples=1, batch_size=1, max_seq_length=0, speculate_k=1,
+                   prompt_lookup=1)
+    check_ranges(args, seed=SEED_RANGE)
+
+
+def read_prompts(args) -> tuple[list, int]:
+    """(the prompts, the batch size they run in: fewer prompts than a batch are repeated to fill it, once the
+    memory for it has been checked)."""
     prompts = [check_text(p, "--prompt") for p in args.prompt or []]
     if args.prompt_file:
         lines = [line for line in read_text_file(args.prompt_file, "prompt file").splitlines() if line.strip()]
@@ -74,11 +108,10 @@ def read_prompts(args) -> list:
             raise ValueError(f"prompt file {args.prompt_file} has no non-blank line")
         prompts += lines
     prompts = prompts or ["Hello, my name is"]
-    batch_size = len(prompts) if args.batch_size is None else args.batch_size
-    check_at_least(args, batch_size=1)
-    if batch_size % len(prompts):
+    batch_size = min(len(prompts), DEFAULT_BATCH_SIZE) if args.batch_size is None else args.batch_size
+    if batch_size > len(prompts) and batch_size % len(prompts):
         raise ValueError(f"--batch_size {batch_size} is not a multiple of the {len(prompts)} prompts given")
-    return prompts * (batch_size // len(prompts))
+    return prompts, batch_size  # more prompts than a batch run in batches: one KV cache of batch_size rows
 
 
 def sampling_config(args) -> SamplingConfig:
@@ -89,15 +122,11 @@ def sampling_config(args) -> SamplingConfig:
 def speculate_k(args, sampling: SamplingConfig, batch_size: int) -> int:
     """K for --draft_checkpoint_path / --prompt_lookup (0: plain decoding), checked before anything is loaded."""
     if not args.draft_checkpoint_path and args.prompt_lookup is None:
-        if args.speculate_k is not None:
-            raise ValueError("--speculate_k needs --draft_checkpoint_path or --prompt_lookup")
         return 0
     if args.draft_checkpoint_path and args.prompt_lookup is not None:
         raise ValueError("choose one of --draft_checkpoint_path and --prompt_lookup")
     if args.interactive:
         raise ValueError("speculative decoding does not support --interactive")
-    if args.prompt_lookup is not None and args.prompt_lookup < 1:
-        raise ValueError("--prompt_lookup must be >= 1")
     k = 5 if args.speculate_k is None else args.speculate_k
     check_speculation(batch_size, sampling, k)
     return k
@@ -107,24 +136,45 @@ def lookahead_settings(args, sampling: SamplingConfig, batch_size: int, k: int) 
     """The --lookahead settings (None: not asked for), the device's defaults where not given, checked before
     anything is loaded."""
     if args.lookahead is None:
-        if args.lookahead_ngram is not None or args.lookahead_guesses is not None:
-            raise ValueError("--lookahead_ngram and --lookahead_guesses need --lookahead")
         return None
     if k:
         raise ValueError("choose one of --lookahead, --draft_checkpoint_path and --prompt_lookup")
     if args.interactive:
         raise ValueError("lookahead decoding does not support --interactive")
     check_speculation(batch_size, sampling, 1, "lookahead decoding")
-    # --lookahead alone gives 0: the device's window
-    return lookahead_config(args.device, args.lookahead or None, args.lookahead_ngram, args.lookahead_guesses)
+    window = None if args.lookahead is DEVICE_DEFAULT else args.lookahead  # --lookahead alone: the device's
+    return lookahead_config(args.device, window, args.lookahead_ngram, args.lookahead_guesses)
+
+
+def check_step_fits(k: int, la: LookaheadConfig | None, longest: int, context: int):
+    """A speculative step's K + 1 tokens (lookahead's L) fit the context after the prompt: otherwise every step
+    would quietly be a plain decoding step."""
+    width, flag = (la.length, f"--lookahead {la.window}") if la else (k + 1, f"--speculate_k {k}")
+    if (k or la) and longest + width > context:
+        raise ValueError(f"{flag}: a step's forward of {width} tokens does not fit the model's context of {context} "
+                         f"after the {longest}-token prompt")
+
+
+def memory_needed(config, rows: int, longest: int, cache_len: int, args) -> int:
+    """What generating takes on top of the weights, on this rank: the static KV cache (int8: a float16 scale per
+    vector), and the prefill's largest passing tensors (one layer's attention scores and FFN activations, and the
+    logits, counted in float32)."""
+    heads, kv_heads = (n // tp.world_size() for n in (config.n_heads, config.n_kv_heads))
+    per_vector = config.head_dim + 2 if args.kv_cache_dtype == "int8" else \
+        config.head_dim * PRECISIONS[args.precision].itemsize
+    cache = 2 * config.n_layers * rows * cache_len * kv_heads * per_vector
+    passing = rows * longest * (heads * cache_len + 3 * config.intermediate_size) + rows * config.vocab_size
+    return cache + 4 * passing
 
 
 def start_processes(args):
     """The device this process runs on; under torchrun a process group, and the same seed on every rank."""
-    check_at_least(args, max_new_tokens=1, num_samples=1)
     check_device(args.device)
     check_output_path(args.metrics_json, "--metrics_json")  # before the model loads, not after the run
     check_output_path(args.profile, "--profile")
+    check_outputs({"--metrics_json": args.metrics_json, "--profile": args.profile}, {
+        **files_read(args.checkpoint_path, args.tokenizer_path), "--prompt_file": args.prompt_file,
+        **(files_read(args.draft_checkpoint_path, what="the draft") if args.draft_checkpoint_path else {})})
     args.device = tp.maybe_init_dist(args.device)  # under torchrun: a process group, and this rank's GPU
     if tp.world_size() > 1 and args.interactive:
         raise ValueError("--interactive does not run under torchrun (tensor parallelism): only rank 0 has a terminal")
@@ -136,8 +186,17 @@ def start_processes(args):
 
 # ------------------------------------------------------------------------------------------------ the run
 
-def load(args, texts: list, k: int):
-    """(model, tokenizer, token-id prompts, proposer or None), every file checked."""
+def read_inputs(args, texts: list):
+    """(tokenizer, token-id prompts, the checkpoint's ModelArgs): what the checks before loading the weights need."""
+    check_is_file(args.checkpoint_path, "checkpoint")
+    config = read_config(args.checkpoint_path)
+    tokenizer = load_tokenizer(tokenizer_file(args.checkpoint_path, args.tokenizer_path))
+    check_vocab(tokenizer, config)
+    return tokenizer, [tokenizer.encode(t) for t in texts], config
+
+
+def load(args, k: int):
+    """(model, proposer or None), every file checked."""
     t0, tensor_parallel = time.perf_counter(), tp.world_size() > 1
     precision = PRECISIONS[args.precision]
     model = load_model(args.checkpoint_path, args.device, precision, tensor_parallel, args.cpu_kernels, args.compile,
@@ -149,23 +208,40 @@ def load(args, texts: list, k: int):
         proposer = DraftModel(load_model(args.draft_checkpoint_path, args.device, precision, tensor_parallel,
                                          args.cpu_kernels, args.compile, args.cpu_gemm))
         proposer.check(model)
-    tokenizer = load_tokenizer(tokenizer_file(args.checkpoint_path, args.tokenizer_path))
-    check_vocab(tokenizer, model)
-    prompts = [tokenizer.encode(t) for t in texts]
-    longest = max(map(len, prompts), default=0)
-    if longest >= model.config.max_seq_len:
-        raise ValueError(f"prompt of {longest} tokens does not fit the model's context of {model.config.max_seq_len}")
     print(f"Loaded {args.checkpoint_path} in {time.perf_counter() - t0:.2f}s", file=sys.stderr)
-    return model, tokenizer, prompts, proposer
+    return model, proposer
+
+
+def check_fits(args, config, prompts: list, batch_size: int, k: int, la):
+    """Before the weights load: the longest prompt and a speculative step fit the context, and the KV cache and
+    the activations (on a GPU the weights too) fit memory."""
+    longest, context = max(map(len, prompts), default=0), config.max_seq_len
+    if longest >= context:
+        raise ValueError(f"prompt of {longest} tokens does not fit the model's context of {context}")
+    check_step_fits(k, la, longest, context)
+    extra = la.length if la else k + 1 if k else 0
+    rows, cache_len = (1, args.max_seq_length or context) if args.interactive else \
+        (batch_size, max(args.max_seq_length, longest + args.max_new_tokens + extra))
+    cache_len = min(cache_len, context)
+    weights = device_bytes([args.checkpoint_path, args.draft_checkpoint_path], args.device) // tp.world_size()
+    check_memory(weights + memory_needed(config, rows, longest, cache_len, args), args.device,
+                 f"generating {rows} rows of {cache_len} tokens (the KV cache and the prefill's activations)",
+                 " (lower --batch_size, --max_seq_length or --max_new_tokens, or pass --kv_cache_dtype int8)")
 
 
 def run(args) -> int:
+    check_args(args)
     sampling = sampling_config(args)
     start_processes(args)
-    texts = [] if args.interactive else read_prompts(args)
-    k = speculate_k(args, sampling, len(texts))
-    la = lookahead_settings(args, sampling, len(texts), k)
-    model, tokenizer, prompts, proposer = load(args, texts, k)
+    texts, batch_size = ([], 1) if args.interactive else read_prompts(args)
+    args.batch_size = batch_size  # resolved: what the metrics report
+    k = speculate_k(args, sampling, batch_size)
+    la = lookahead_settings(args, sampling, batch_size, k)
+    tokenizer, prompts, config = read_inputs(args, texts)
+    check_fits(args, config, prompts, batch_size, k, la)
+    if prompts and batch_size > len(prompts):  # a benchmark's batch: the prompts repeated to fill it
+        texts, prompts = (x * (batch_size // len(prompts)) for x in (texts, prompts))
+    model, proposer = load(args, k)
     steps = make_steps(args.device, args.compile, args.compile_prefill)
     if args.interactive:
         interactive_chat(model, tokenizer, sampling, args, steps)
@@ -173,31 +249,58 @@ def run(args) -> int:
 
     eos_ids = () if args.ignore_eos else tokenizer.eos_ids
 
-    def gen(on_token=None):
+    def gen(batch: list, on_token=None):
         options = dict(cache_len=args.max_seq_length, steps=steps, on_token=on_token)
         if la:
-            return lookahead_generate(model, prompts, args.max_new_tokens, sampling, eos_ids, lookahead=la, **options)
+            return lookahead_generate(model, batch, args.max_new_tokens, sampling, eos_ids, lookahead=la, **options)
         if proposer:
-            return speculative_generate(model, prompts, args.max_new_tokens, sampling, eos_ids, proposer=proposer,
+            return speculative_generate(model, batch, args.max_new_tokens, sampling, eos_ids, proposer=proposer,
                                         speculate_k=k, **options)
-        return generate(model, prompts, args.max_new_tokens, sampling, eos_ids, **options)
+        return generate(model, batch, args.max_new_tokens, sampling, eos_ids, **options)
 
     compiled = {"compile_seconds": 0.0}
     if args.compile:  # compile (and warm up) outside the measured samples
         t0 = time.perf_counter()
-        gen()
+        gen(prompts[:batch_size])
         compiled = {"compile_seconds": time.perf_counter() - t0, **compile_cache_counts()}
         print(f"Compilation time: {compiled['compile_seconds']:.2f} seconds ({compiled['graphs_from_cache']} graphs "
               f"from inductor's cache, {compiled['graphs_compiled']} compiled)", file=sys.stderr)
     wbytes = weight_bytes(model)
-    samples = [timed_run(i, gen, args, tokenizer, texts, prompts, eos_ids, wbytes, k, la)
+    run_all = in_batches(gen, batch_size)
+    samples = [timed_run(i, run_all, args, tokenizer, texts, prompts, eos_ids, wbytes, k, la)
                for i in range(args.num_samples)]
     report(args, samples, sampling, wbytes, compiled, k, la,
            cpu_kernel_metrics(model, args.compile))
     return 0
 
 
-def timed_run(i: int, gen, args, tokenizer, texts, prompts, eos_ids, wbytes: int, k: int, la) -> dict:
+def in_batches(gen, batch_size: int):
+    """gen over every prompt, batch_size at a time (one KV cache of batch_size rows, whatever the number of
+    prompts); on_batch(first row, result) follows each batch, and the results are merged into one."""
+    def run_all(prompts: list, on_token=None, on_batch=None) -> GenerationResult:
+        results = []
+        for start in range(0, len(prompts), batch_size):
+            results.append(gen(prompts[start:start + batch_size], on_token))
+            if on_batch:
+                on_batch(start, results[-1])
+        return merged(results)
+    return run_all
+
+
+def merged(results: list) -> GenerationResult:
+    """One result for consecutive batches: the rows in order, the first batch's time to first token, and the
+    decode time and steps summed (so tokens/s per sequence is over all of them)."""
+    if len(results) == 1:
+        return results[0]
+    def rows(name: str) -> list:
+        return [x for r in results for x in getattr(r, name)]
+
+    return GenerationResult(rows("tokens"), rows("prompt_tokens"), results[0].time_to_first_token,
+                            sum(r.decode_seconds for r in results), sum(r.decode_tokens for r in results),
+                            rows("stopped"), rows("accepted"), sum(r.pool_hits for r in results))
+
+
+def timed_run(i: int, run_all, args, tokenizer, texts, prompts, eos_ids, wbytes: int, k: int, la) -> dict:
     """Run i of --num_samples: generate (streamed when there is one prompt), print the text and the run's metrics."""
     profiling = args.profile and i == args.num_samples - 1 and tp.rank() == 0
     # trace CUDA kernels only when generating on CUDA (a CUDA build would set up CUPTI for a CPU run too)
@@ -211,20 +314,21 @@ def timed_run(i: int, gen, args, tokenizer, texts, prompts, eos_ids, wbytes: int
         if t not in eos_ids:
             print(stream.push([t]), end="", flush=True)
 
+    def print_batch(start: int, result):  # each batch as it is done: a long prompt file shows progress
+        for text, prompt, row in zip(texts[start:], prompts[start:], result.tokens):
+            new = [t for t in row if t not in eos_ids]
+            print(f"--- {text}{tokenizer.decode(prompt + new)[len(tokenizer.decode(prompt)):]}")
+
     if stream:  # the prompt primes the decoder, so the first new word keeps its leading space
         stream.push(prompts[0])
         print(texts[0], end="", flush=True)
     with prof:
-        result = gen(show if stream else None)
+        result = run_all(prompts, show if stream else None, None if stream else print_batch)
     if profiling:
-        atomic_save(prof, args.profile, save=lambda p, path: p.export_chrome_trace(str(path)))
+        atomic_save(prof, args.profile, save=save_trace)
     if stream:
         print(stream.flush())
-    else:
-        for text, prompt, row in zip(texts, prompts, result.tokens):
-            new = [t for t in row if t not in eos_ids]
-            print(f"--- {text}{tokenizer.decode(prompt + new)[len(tokenizer.decode(prompt)):]}")
-    return run_metrics(i, result, len(prompts), wbytes, k, la)
+    return run_metrics(i, result, args.batch_size, wbytes, k, la)
 
 
 def run_metrics(i: int, result, batch_size: int, wbytes: int, k: int, la) -> dict:
@@ -251,7 +355,7 @@ def report(args, samples: list, sampling: SamplingConfig, wbytes: int, compiled:
     mean = {key: sum(s[key] for s in samples) / len(samples) for key in
             ("time_to_first_token_s", "decode_tokens_per_sec", "total_tokens_per_sec", "bandwidth_gbps")}
     summary = {**mean, "peak_memory_bytes": peak_memory_bytes(args.device), **compiled,
-               "weight_bytes": wbytes, "batch_size": len(samples[0]["new_tokens"]), "device": args.device,
+               "weight_bytes": wbytes, "batch_size": args.batch_size, "device": args.device,
                "precision": args.precision, **kernels, "samples": samples, "sampling": asdict(sampling),
                "world_size": tp.world_size()}  # under tensor parallelism weight_bytes and bandwidth are per rank
     print(f"Average: {mean['decode_tokens_per_sec']:.2f} tokens/s per sequence, "
@@ -321,7 +425,7 @@ def chat_turn(model, tokenizer, turn: list, pos: int, cache_len: int, sampling, 
 
 
 def main(argv=None):
-    cli_main(run, build_parser().parse_args(argv))
+    cli_main(run, parse(build_parser(), argv))
 
 
 if __name__ == "__main__":

@@ -32,6 +32,39 @@ def checked_field(name: str, value, kind: type, minimum=None):
     return value
 
 
+# rope_scaling as model.py applies it: each rope_type with every field it reads (floats > 0, ints >= 1, factor >= 1)
+ROPE_FIELDS = {"default": {}, "linear": {"factor": float},
+               "llama3": {"factor": float, "low_freq_factor": float, "high_freq_factor": float,
+                          "original_max_position_embeddings": int}}
+
+
+def checked_rope_scaling(rope: dict) -> dict:
+    """rope_scaling as model.py will apply it, one rule for model_config.json and the converter's config.json: {}
+    (none), or a supported rope_type (HF's older `type` key read as one) with every field it uses, each in range,
+    and nothing else (a field of another scaling method would be silently ignored)."""
+    rope = {k: v for k, v in rope.items() if k != "rope_theta"}  # transformers 5 keeps theta among them
+    kind, old = rope.pop("rope_type", None), rope.pop("type", None)
+    if kind and old and kind != old:
+        raise ValueError(f"rope_scaling says rope_type {kind!r} and type {old!r}")
+    kind = kind or old or "default"
+    if kind not in ROPE_FIELDS:
+        raise ValueError(f"unsupported rope_scaling rope_type {kind!r}: supported are {', '.join(ROPE_FIELDS)}")
+    wanted = ROPE_FIELDS[kind]
+    for name in [*wanted, *rope]:
+        if name not in wanted:
+            raise ValueError(f"rope_scaling ({kind}) has a field {name} that it does not use")
+        if rope.get(name) is None:
+            raise ValueError(f"rope_scaling ({kind}) has no {name}")
+        rope[name] = checked_field(f"rope_scaling {name}", rope[name], wanted[name], 1 if wanted[name] is int else 0.0)
+    if kind == "default":
+        return {}
+    if rope["factor"] < 1:  # a factor below 1 would shrink the context the model was trained for
+        raise ValueError(f"rope_scaling factor must be >= 1, got {rope['factor']}")
+    if kind == "llama3" and not rope["low_freq_factor"] < rope["high_freq_factor"]:
+        raise ValueError("rope_scaling low_freq_factor must be < high_freq_factor")
+    return {"rope_type": kind, **rope}
+
+
 def hf_field(cfg: dict, key: str, kind: type = int, default=None):
     """A field of an HF config.json, named in the error if it is missing (and has no default) or mistyped."""
     if cfg.get(key) is None:
@@ -72,6 +105,7 @@ class ModelArgs:
     n_experts: int = 0  # mixture of experts (Mixtral, Qwen3-MoE): experts per layer, each intermediate_size wide
     n_active_experts: int = 0  # experts a token is routed to
     norm_topk_prob: bool = True  # the chosen experts' weights renormalized to sum to 1 (Mixtral; a Qwen3-MoE flag)
+    vocab_padded: bool = False  # the embedding has rows no token uses (Qwen rounds it up): a smaller tokenizer fits
 
     def __post_init__(self):
         for f in fields(self):  # a hand-edited model_config.json: one line naming the field at fault
@@ -85,6 +119,7 @@ class ModelArgs:
             self.intermediate_size = 256 * ((hidden + 255) // 256)
         if self.n_heads % self.n_kv_heads:
             raise ValueError(f"n_heads ({self.n_heads}) must be a multiple of n_kv_heads ({self.n_kv_heads})")
+        self.rope_scaling = checked_rope_scaling(self.rope_scaling)
         if self.n_experts and not 1 <= self.n_active_experts <= self.n_experts:
             raise ValueError(f"n_active_experts ({self.n_active_experts}) must be in 1..n_experts ({self.n_experts})")
 
@@ -107,11 +142,12 @@ class ModelArgs:
             raise ValueError("mlp_only_layers / decoder_sparse_step (dense layers between MoE ones) are not supported")
         # transformers 5 keeps RoPE settings in `rope_parameters`; older configs use rope_theta + rope_scaling.
         rope = dict(cfg.get("rope_parameters") or cfg.get("rope_scaling") or {})
+        if cfg.get("rope_parameters") and cfg.get("rope_scaling") and \
+                checked_rope_scaling(cfg["rope_parameters"]) != checked_rope_scaling(cfg["rope_scaling"]):
+            raise ValueError("rope_parameters and rope_scaling disagree (transformers 5 reads the one, older code the "
+                             "other): keep one")
         theta = rope.pop("rope_theta", None) or cfg.get("rope_theta") or 10000.0
-        rope_type = rope.get("rope_type", rope.get("type", "default"))
-        if rope_type not in ("default", "llama3", "linear"):
-            raise ValueError(f"unsupported rope_type {rope_type!r}: supported are default, llama3, linear")
-        scaling = {} if rope_type == "default" else {k: v for k, v in rope.items() if k != "type"} | {"rope_type": rope_type}
+        scaling = checked_rope_scaling(rope)  # as model_config.json's is checked
 
         def get(key: str, kind: type = int, default=None):
             return hf_field(cfg, key, kind, default)
@@ -125,7 +161,8 @@ class ModelArgs:
                    rope_scaling=scaling, max_seq_len=get("max_position_embeddings", int, 2048),
                    tie_embeddings=get("tie_word_embeddings", bool, False),
                    sliding_window=0 if family.startswith("qwen") else get("sliding_window", int, 0),
-                   qkv_bias=family == "qwen2", qk_norm=family.startswith("qwen3"), **hf_moe_fields(cfg, family))
+                   qkv_bias=family == "qwen2", qk_norm=family.startswith("qwen3"), **hf_moe_fields(cfg, family),
+                   vocab_padded=family.startswith("qwen"))  # Qwen's tokenizers have ~270 fewer tokens than rows
 
     @classmethod
     def load(cls, path) -> "ModelArgs":
@@ -138,6 +175,8 @@ class ModelArgs:
         unknown = sorted(set(values) - {f.name for f in fields(cls)})
         if unknown:
             raise ValueError(f"unknown field {unknown[0]} (the fields are {', '.join(f.name for f in fields(cls))})")
+        if "max_seq_len" not in values:  # a default would be a guess: too short wastes the model, too long is garbage
+            raise ValueError("no max_seq_len: give the model's context (max_position_embeddings in its config.json)")
         return cls(**values)
 
     def save(self, path):

@@ -10,13 +10,14 @@ holds {"quantization": {...}, "state_dict": {...}}, and stores int4 weights in a
 for the device's kernel when loaded, so one file runs on CPU and CUDA.
 """
 # first, before torch: cli's Ctrl-C handler must be in place while the libraries load (see cli.py)
-from llama_fast.cli import check_at_least, check_device, check_output_path, cli_main
+from llama_fast.cli import (check_at_least, check_device, check_flag_rules, check_output_path, check_outputs,
+                            cli_main, parse)
 import argparse
 import sys
 import time
 from pathlib import Path
 
-from llama_fast.checkpoint import atomic_save, check_is_file, check_vocab, load_model, tokenizer_file
+from llama_fast.checkpoint import atomic_save, check_is_file, check_vocab, files_read, load_model, tokenizer_file
 from llama_fast.quant.gptq import calibration_sequences, gptq_quantize_model, read_calibration_text
 from llama_fast.quant.qlinear import GROUP_SIZES, quantize_model
 from tokenizer import load_tokenizer
@@ -29,16 +30,23 @@ def output_path(checkpoint_path: Path, mode: str, groupsize: int) -> Path:
     return checkpoint_path.with_name(f"{checkpoint_path.stem}_{suffix}.pth")
 
 
+def gptq_only(flag: str) -> tuple:
+    return flag, "is for --mode int4-gptq (calibration); other modes do not use it", lambda a: a.mode == "int4-gptq"
+
+
+FLAG_RULES = [("groupsize", "is for int4 modes: int8 has one scale per output channel",  # see cli.check_flag_rules
+               lambda a: a.mode != "int8"),
+              *map(gptq_only, ("calibration_file", "calibration_tasks", "calibration_limit", "calibration_seq_length",
+                               "percdamp", "blocksize", "tokenizer_path"))]
+
+
 def check_args(args):
     check_device(args.device)
     if args.mode not in MODES:
         raise ValueError(f"unknown --mode {args.mode!r}; choose from {', '.join(MODES)}")
+    check_flag_rules(args, FLAG_RULES)
     if args.mode != "int8" and args.groupsize not in GROUP_SIZES:
         raise ValueError(f"--groupsize must be one of {', '.join(map(str, GROUP_SIZES))}")
-    if args.mode != "int4-gptq":
-        if args.calibration_file or args.calibration_tasks:
-            raise ValueError(f"calibration data is for --mode int4-gptq; --mode {args.mode} does not use it")
-        return
     check_at_least(args, calibration_limit=1, calibration_seq_length=2, percdamp=0.0, blocksize=1)
 
 
@@ -93,6 +101,8 @@ def quantize(args) -> tuple[Path, int]:
     check_is_file(args.checkpoint_path, "checkpoint")  # the input first: its folder is also the output's
     out = output_path(args.checkpoint_path, args.mode, args.groupsize)
     check_output_path(out, "output", force=args.force)
+    check_outputs({"output": out}, {**files_read(args.checkpoint_path, args.tokenizer_path),  # even with --force
+                                    "--calibration_file": args.calibration_file})
     calibration_data = calibration(args) if args.mode == "int4-gptq" else None
     model = load_model(args.checkpoint_path, args.device, precision=None, cpu_kernels="none")  # weights as stored
     if model.quantization:
@@ -118,7 +128,7 @@ def run(args) -> int:
 
 
 def main(argv=None):
-    cli_main(run, build_parser().parse_args(argv))
+    cli_main(run, parse(build_parser(), argv))
 
 
 if __name__ == "__main__":

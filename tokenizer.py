@@ -95,6 +95,19 @@ class SentencePieceTokenizer:
         # SentencePiece turns broken byte-fallback sequences into U+FFFD itself.
         return self._sp.decode(_valid_ids(ids, self.vocab_size))
 
+    def token_bytes(self, id: int) -> bytes:
+        """The bytes one token stands for ("▁" as a space; a control token as its name), as the serving API's
+        logprobs show tokens."""
+        piece = self._sp.id_to_piece(id)
+        if self._sp.is_byte(id):  # byte fallback: <0xE2>
+            return bytes([int(piece[3:5], 16)])
+        return piece.encode() if self._sp.is_control(id) else piece.replace("\u2581", " ").encode()
+
+    @functools.cached_property
+    def special_ids(self) -> list[int]:
+        """The ids that are never text (control tokens, <unk>)."""
+        return [i for i in range(self.vocab_size) if self._sp.is_control(i) or self._sp.is_unknown(i)]
+
     # Chat: Meta's Llama-2 [INST] format (llama/generation.py, chat_completion).
     def encode_chat(self, messages: list[dict], add_generation_prompt: bool = True) -> list[int]:
         """Messages alternate user/assistant after an optional system message. A final
@@ -199,6 +212,13 @@ class TiktokenTokenizer:
         # split across tokens is only whole once all its tokens are there.
         return self._enc.decode(_valid_ids(ids, self.vocab_size))
 
+    def token_bytes(self, id: int) -> bytes:
+        return self._enc.decode_single_token_bytes(id)
+
+    @property
+    def special_ids(self) -> list[int]:
+        return sorted(self.special_tokens.values())
+
     # Chat: Meta's Llama-3 ChatFormat.
     def _header(self, role: str) -> list[int]:
         return ([self.special_tokens["<|start_header_id|>"]] + self.encode(role, bos=False)
@@ -279,6 +299,26 @@ class HFTokenizer:
     def decode(self, ids: list[int]) -> str:
         return self._tok.decode(_valid_ids(ids, self.vocab_size), skip_special_tokens=True)
 
+    def token_bytes(self, id: int) -> bytes:
+        """A byte-level BPE token's characters stand for bytes (GPT-2's table); a SentencePiece-style one's are
+        text, "▁" a space and <0xNN> a byte; an added token is its text."""
+        token = self._tok.id_to_token(id) or ""
+        if id in self._tok.get_added_tokens_decoder():
+            return token.encode()
+        if self._byte_level:
+            return bytes(BYTE_OF_CHAR.get(c, 0) for c in token)
+        if len(token) == 6 and token.startswith("<0x") and token.endswith(">"):
+            return bytes([int(token[3:5], 16)])
+        return token.replace("\u2581", " ").encode()
+
+    @functools.cached_property
+    def special_ids(self) -> list[int]:
+        return sorted(i for i, t in self._tok.get_added_tokens_decoder().items() if t.special)
+
+    @functools.cached_property
+    def _byte_level(self) -> bool:
+        return '"ByteLevel"' in json.dumps(json.loads(self._tok.to_str()).get("decoder"))
+
     # Chat: the checkpoint's own Jinja template, rendered as transformers' apply_chat_template renders it.
     def render_chat(self, messages: list[dict], add_generation_prompt: bool = True) -> str:
         if not self.chat_template:
@@ -326,6 +366,17 @@ class HFTokenizer:
         if end is None:
             raise TokenizerError("the chat template does not end a reply with a special token")
         return end, tail[len(end):]
+
+
+def _gpt2_byte_table() -> dict[str, int]:
+    """GPT-2's byte-level BPE alphabet: the printable bytes are themselves, the others are shifted past 255."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("\xa1"), ord("\xac") + 1),
+                 *range(ord("\xae"), ord("\xff") + 1)]
+    others = [b for b in range(256) if b not in printable]
+    return {**{chr(b): b for b in printable}, **{chr(256 + i): b for i, b in enumerate(others)}}
+
+
+BYTE_OF_CHAR = _gpt2_byte_table()
 
 
 def _token_text(token) -> str | None:
@@ -376,45 +427,3 @@ def _jinja_template(source: str):
 
 
 Tokenizer = Union[SentencePieceTokenizer, TiktokenTokenizer, HFTokenizer]
-
-
-class StreamDecoder:
-    """Turns ids into text as they are generated, for printing a reply live.
-
-    Everything push() returns, plus flush(), concatenates to exactly
-    tokenizer.decode(all ids). Like vLLM's incremental detokenizer it decodes a
-    short window of recent ids with and without the text already emitted, and
-    emits the difference -- unless that ends in U+FFFD, meaning a multi-byte
-    character is still incomplete. Each push costs O(window), not O(total); the
-    window only grows while text is held back (an unfinished character) or while
-    ids produce no text at all (eos/bos).
-    """
-
-    def __init__(self, tokenizer: Tokenizer):
-        self.tokenizer = tokenizer
-        self._ids = []  # the window: ids before it have been emitted and dropped
-        self._read = 0  # ids in the window before this index have been emitted
-
-    def push(self, ids: list[int]) -> str:
-        self._ids += ids
-        done = self.tokenizer.decode(self._ids[:self._read])
-        text = self.tokenizer.decode(self._ids)
-        if text.endswith("\ufffd"):
-            return ""  # wait for the rest of the character
-        new = text[len(done):]
-        if new:
-            # Keep the ids just emitted as context. They produced text, so
-            # SentencePiece's "strip the leading space of the first piece" rule
-            # acts inside them, on text already emitted, never on new text.
-            # (Ids that produced nothing, like eos, don't count as context.)
-            self._ids = self._ids[self._read:]
-        self._read = len(self._ids)
-        return new
-
-    def flush(self) -> str:
-        """Return the remaining text (e.g. a dangling partial character as U+FFFD)
-        and start over, ready for a new stream."""
-        done = self.tokenizer.decode(self._ids[:self._read])
-        rest = self.tokenizer.decode(self._ids)[len(done):]
-        self._ids, self._read = [], 0
-        return rest

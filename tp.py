@@ -189,3 +189,13 @@ def apply_tp(model: nn.Module, rank: int | None = None, world_size: int | None =
         ffn.register_forward_hook(_all_reduce_output)
     model.tp_world_size = world_size
     return model
+
+
+def main(argv=None):
+    """`python tp.py` or `torchrun tp.py`: a library run as a command would do nothing and exit 0."""
+    sys.exit("error: tp.py is the tensor-parallelism library, not a command; run a command under torchrun, e.g. "
+             "torchrun --standalone --nproc_per_node=2 generate.py --checkpoint_path ...")
+
+
+if __name__ == "__main__":
+    main()

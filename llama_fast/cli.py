@@ -39,6 +39,7 @@ import re  # noqa: E402
 
 import torch  # noqa: E402
 
+from llama_fast.checkpoint import written_in_place  # noqa: E402
 from llama_fast.cpu.kernels import KERNELS  # noqa: E402
 from tokenizer import TokenizerError  # noqa: E402
 import tp  # noqa: E402
@@ -102,6 +103,69 @@ def check_device(device: str):
         raise ValueError(f"--device {device}: not supported; use cpu, cuda or cuda:N")
 
 
+def parse(parser: argparse.ArgumentParser, argv=None) -> argparse.Namespace:
+    """parser.parse_args(argv), and in `args.given` the flags the user typed (a flag left at its default, and one
+    typed with the default's value, look alike otherwise: --interactive --num_samples 5 must still be refused)."""
+    args = parser.parse_args(argv)
+    defaults = {a: a.default for a in parser._actions}
+    try:  # parsed again with every default suppressed: only what was typed lands in the namespace
+        for a in defaults:
+            a.default = argparse.SUPPRESS
+        args.given = set(vars(parser.parse_args(argv)))
+    finally:
+        for a, default in defaults.items():
+            a.default = default
+    return args
+
+
+def given(args, flag: str) -> bool:
+    """Whether `flag` ("name", or "name=value" for one value of it) was typed; without args.given (a namespace made
+    in code), whether it holds a value."""
+    name, _, value = flag.partition("=")
+    typed = name in args.given if hasattr(args, "given") else getattr(args, name, None) not in (None, False)
+    return typed and (not value or str(getattr(args, name)) == value)
+
+
+# Flags that only mean something with another flag or in one mode: (flag, what it needs, whether `args` has it).
+# Each command lists its own and check_flag_rules reads them all in one place; a flag given without what it needs
+# would be ignored, so it is refused instead.
+MODEL_FLAG_RULES = [
+    ("cpu_kernels=inductor", "needs --compile: its loops are generated into the compiled step", lambda a: a.compile),
+]
+
+
+def check_flag_rules(args, rules):
+    for flag, needs, holds in rules:
+        if given(args, flag) and not holds(args):
+            name, _, value = flag.partition("=")
+            raise ValueError(f"--{name}{' ' + value if value else ''} {needs}")
+
+
+class DeviceDefault:
+    """The const of a flag given without its number (--lookahead alone): the device's default. Not a string:
+    argparse would pass a string const through the flag's type (int)."""
+
+    def __repr__(self):
+        return "the device's default"
+
+
+DEVICE_DEFAULT = DeviceDefault()
+SEED_RANGE = (0, 2 ** 64 - 1)  # torch.manual_seed takes any 64-bit unsigned value
+
+
+def check_ranges(args, **ranges):
+    """Each named flag of `args` (unless None) is a finite number in its [low, high] (None: unbounded)."""
+    for name, (low, high) in ranges.items():
+        value = getattr(args, name)
+        if value is None:
+            continue
+        finite = isinstance(value, int) or math.isfinite(value)  # an int past a float's range is still a number
+        if not (finite and (low is None or value >= low) and (high is None or value <= high)):
+            bounds = f"in [{low}, {high}]" if low is not None and high is not None else \
+                f">= {low}" if low is not None else f"<= {high}"
+            raise ValueError(f"--{name} must be {bounds}, got {value}")
+
+
 def check_at_least(args, **minimums):
     """Each named flag of `args` (unless None) is a finite number >= its minimum: check_at_least(args, steps=1)."""
     for name, low in minimums.items():
@@ -109,6 +173,30 @@ def check_at_least(args, **minimums):
         if value is not None and not (math.isfinite(value) and value >= low):
             raise ValueError(f"--{name} must be {'a finite number ' if isinstance(low, float) else ''}>= {low}, "
                              f"got {value}")
+
+
+def free_memory(device: str) -> int | None:
+    """Bytes that can still be allocated on `device`: CUDA's free memory, the system's MemAvailable for the CPU;
+    None where it cannot be known (MPS, a system without /proc/meminfo)."""
+    kind = torch.device(device)
+    if kind.type == "cuda":
+        return torch.cuda.mem_get_info(kind)[0]
+    if kind.type != "cpu":
+        return None
+    try:
+        with open("/proc/meminfo") as f:
+            return next(int(line.split()[1]) * 1024 for line in f if line.startswith("MemAvailable"))
+    except (OSError, StopIteration):
+        return None
+
+
+def check_memory(nbytes: int, device: str, what: str, hint: str = ""):
+    """An allocation sized from the user's flags is refused before it is made, in one line saying how much it
+    needed, rather than ending in the allocator's traceback or, on the CPU, the kernel's OOM killer."""
+    free = free_memory(device)
+    if free is not None and nbytes > free:
+        raise ValueError(f"{what} needs {nbytes / 2**30:.2f} GiB but {device} has {free / 2**30:.2f} GiB free"
+                         f"{hint}")
 
 
 def check_text(text: str, what: str) -> str:
@@ -125,8 +213,10 @@ def check_text(text: str, what: str) -> str:
 def read_text_file(path: Path, what: str) -> str:
     """A UTF-8 text file the user named, or one line saying why it cannot be read."""
     path = Path(path)
+    if path.is_dir():
+        raise ValueError(f"{what} {path} is a folder; give a text file")
     if not path.is_file():
-        raise FileNotFoundError(f"{what} not found: {path}" + (" (a folder)" if path.is_dir() else ""))
+        raise FileNotFoundError(f"{what} not found: {path}")
     try:
         return path.read_text(encoding="utf-8")
     except UnicodeDecodeError as e:
@@ -148,20 +238,49 @@ def check_output_folder(path: Path, what: str):
 def check_output_path(path: Path | None, what: str, force: bool = True):
     """Before any work: an output file's folder exists and is writable, the path is not a folder, and without
     `force` no file is there yet (nothing a user owns is replaced unasked). `what` names it in the error (the
-    flag, or "output"). None (no output asked for) passes."""
+    flag, or "output"). None (no output asked for) passes. A device or /dev/stdout is written in place: it only
+    has to be writable."""
     if path is None:
         return
     path = Path(path)
+    if written_in_place(path):
+        if path.exists() and not os.access(path, os.W_OK):
+            raise ValueError(f"{what} {path} is not writable")
+        return
     if path.is_dir():
         raise ValueError(f"{what} {path} is a folder; give a file name")
-    if path.parent.exists() and not path.parent.is_dir():
+    folder = path.resolve().parent  # through a symlink: the folder of the file it points to
+    if folder.exists() and not folder.is_dir():
         raise ValueError(f"{what} {path}: {path.parent} is a file, not a folder")
-    if not path.parent.is_dir():
+    if not folder.is_dir():
         raise FileNotFoundError(f"{what} {path}: folder {path.parent} does not exist")
-    if not os.access(path.parent, os.W_OK | os.X_OK):
+    if not os.access(folder, os.W_OK | os.X_OK):
         raise ValueError(f"{what} {path}: folder {path.parent} is not writable")
     if path.exists() and not force:
         raise ValueError(f"{what} {path} exists; pass --force to replace it")
+
+
+def same_file(a: Path, b: Path) -> bool:
+    """a and b name one file: the same path once symlinks are followed, or (both there) one inode (a hard link)."""
+    if Path(a).resolve() == Path(b).resolve():
+        return True
+    try:
+        return os.path.samefile(a, b)
+    except OSError:  # one of them does not exist yet
+        return False
+
+
+def check_outputs(outputs: dict, inputs: dict):
+    """No file a run writes is one it reads, or another of its outputs ({what: path}; None: not asked for). Writing
+    over an input would destroy it (weights replaced by a trace, a config by metrics), so --force does not allow it.
+    Devices and /dev/stdout are written in place and destroy nothing."""
+    outs = [(what, Path(p)) for what, p in outputs.items() if p is not None and not written_in_place(Path(p))]
+    ins = [(what, Path(p)) for what, p in inputs.items() if p is not None]
+    for i, (what, out) in enumerate(outs):
+        for other, path in ins + outs[:i]:
+            if same_file(out, path):
+                raise ValueError(f"{what} {out} is {other} ({path}): writing it would destroy it; choose another "
+                                 "file")
 
 
 class Terminated(Exception):

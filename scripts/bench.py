@@ -20,7 +20,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 # first, before torch: cli's Ctrl-C handler must be in place while the libraries load (see cli.py)
 from llama_fast.cli import (CPU_GEMM_CHOICES, CPU_GEMM_HELP, CPU_KERNEL_CHOICES, CPU_KERNEL_HELP,  # noqa: E402
-                            PRECISIONS, check_at_least, check_device, check_output_path, cli_main, default_device)
+                            DEVICE_DEFAULT, PRECISIONS, check_at_least, check_device,
+                            check_flag_rules, check_output_path, cli_main, default_device, parse)
 import torch  # noqa: E402
 
 from decoding import compile_cache_counts, generate, make_steps, peak_memory_bytes, weight_bytes  # noqa: E402
@@ -94,8 +95,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--draft_model", help="draft: a preset with random weights (e.g. stories15M)")
     s.add_argument("--draft_checkpoint_path", type=Path, help="draft: this checkpoint")
     s.add_argument("--prompt_lookup", type=int, metavar="N", help="no draft: prompt lookup with N-grams")
-    s.add_argument("--lookahead", type=int, nargs="?", const=0, metavar="W", help="no draft: lookahead decoding "
-                   "with W guesses per level (default: the device's)")
+    s.add_argument("--lookahead", type=int, nargs="?", const=DEVICE_DEFAULT, metavar="W", help="no draft: lookahead "
+                   "decoding with W guesses per level (default: the device's)")
     s.add_argument("--lookahead_ngram", type=int, metavar="N")
     s.add_argument("--lookahead_guesses", type=int, metavar="G")
     s.add_argument("--speculate_k", type=int, default=5)
@@ -124,8 +125,24 @@ def use_kernels(args, model: Transformer) -> Transformer:
     return use_cpu_kernels(model, cpu_kernels_for(model, args.cpu_kernels, args.cpu_gemm, args.compile))
 
 
+def speculating(a) -> bool:
+    return bool(a.draft or a.draft_model or a.draft_checkpoint_path or a.prompt_lookup is not None)
+
+
+# (flag, what it needs, whether args have it): see cli.check_flag_rules. Not MODEL_FLAG_RULES' --cpu_kernels inductor
+# without --compile: an eager prefill of that configuration is a measurement (scripts/bench_llamacpp.py takes it)
+FLAG_RULES = [("model", "is a preset with random weights: choose it or --checkpoint_path",
+               lambda a: not a.checkpoint_path),
+              ("compile_prefill", "needs --compile", lambda a: a.compile),
+              ("groupsize", "is for int4 (--quantize int4 or --draft int4)", lambda a: "int4" in (a.quantize, a.draft)),
+              ("speculate_k", "needs a draft or --prompt_lookup", speculating),
+              ("lookahead_ngram", "needs --lookahead", lambda a: a.lookahead is not None),
+              ("lookahead_guesses", "needs --lookahead", lambda a: a.lookahead is not None)]
+
+
 def check_args(args):
     """Every argument, before a model is built."""
+    check_flag_rules(args, FLAG_RULES)
     check_device(args.device)
     check_at_least(args, batch_size=1, prompt_length=1, max_new_tokens=1, num_samples=1, speculate_k=1,
                    prompt_lookup=1)
@@ -150,7 +167,7 @@ def run(args) -> int:
 
 
 def main(argv=None):
-    cli_main(run, build_parser().parse_args(argv))
+    cli_main(run, parse(build_parser(), argv))
 
 
 def bench_plain(args, model: Transformer, label: str):
@@ -229,7 +246,8 @@ def make_proposer(args, model: Transformer, dtype):
     if args.prompt_lookup is not None:
         return PromptLookup(args.prompt_lookup), f"prompt lookup, {args.prompt_lookup}-grams"
     if args.lookahead is not None:
-        cfg = lookahead_config(args.device, args.lookahead or None, args.lookahead_ngram, args.lookahead_guesses)
+        window = None if args.lookahead is DEVICE_DEFAULT else args.lookahead
+        cfg = lookahead_config(args.device, window, args.lookahead_ngram, args.lookahead_guesses)
         return cfg, f"lookahead W={cfg.window} N={cfg.ngram} G={cfg.guesses}"
     if args.draft:
         draft = use_kernels(args, quantized(model, args.draft, args.groupsize, args.device, dtype))

@@ -16,13 +16,13 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from llama_fast.cli import (check_output_path,  # noqa: E402 -- first, before torch: its Ctrl-C handler (see cli.py)
-                            cli_main)
+                            check_outputs, cli_main)
 import torch  # noqa: E402
 from safetensors.torch import save_file  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
-from llama_fast.checkpoint import (HF_TOKENIZER_NAME, TOKENIZER_NAME, atomic_save, check_shapes,  # noqa: E402
-                                   read_state_dict)
+from llama_fast.checkpoint import (HF_TOKENIZER_NAME, READ_BESIDE, TOKENIZER_NAME, atomic_save,  # noqa: E402
+                                   check_shapes, read_state_dict)
 from model import Transformer  # noqa: E402
 from model_config import CONFIG_NAME, ModelArgs  # noqa: E402
 
@@ -142,6 +142,14 @@ def same_config(path: Path, config: ModelArgs) -> bool:
         return False
 
 
+def inputs(checkpoint_dir: Path, weights: list) -> dict:
+    """What conversion reads, and what loaders read beside its output (model_config.json, which it writes, aside):
+    --output_name must be none of them, whether they exist yet or not."""
+    names = ["config.json", "original/tokenizer.model", *(n for n in READ_BESIDE if n != CONFIG_NAME)]
+    return {f"the Hugging Face weights {path.name}": path for path in weights} | \
+        {name: checkpoint_dir / name for name in names}
+
+
 def convert(checkpoint_dir, output_name: str = "model.pth", force: bool = False) -> Path:
     """Write our checkpoint and config beside the HF files; existing ones are only replaced with force."""
     checkpoint_dir = Path(checkpoint_dir)
@@ -158,9 +166,8 @@ def convert(checkpoint_dir, output_name: str = "model.pth", force: bool = False)
         raise ValueError(f"invalid {config_path}: {e}") from None
     files = weight_files(checkpoint_dir)
     out_path = checkpoint_dir / output_name
-    if out_path in files:  # single-file HF checkpoints are themselves called model.safetensors
-        raise ValueError(f"--output_name {output_name} would overwrite the Hugging Face weights in {checkpoint_dir};"
-                         " choose another name, e.g. model_converted.safetensors")
+    check_outputs({"the converted config": checkpoint_dir / CONFIG_NAME, "--output_name": out_path},
+                  inputs(checkpoint_dir, files))  # even with --force
     # before reading gigabytes of weights; a config file that already says the same is not a replacement
     check_output_path(out_path, "output", force)
     config_out = checkpoint_dir / CONFIG_NAME

@@ -42,15 +42,14 @@ def main(argv=None):
     c = ModelArgs.from_name(args.model)
     if c.rope_scaling:
         sys.exit("error: demo checkpoints support presets without RoPE scaling")
-    config = LlamaConfig(vocab_size=c.vocab_size, hidden_size=c.dim, intermediate_size=c.intermediate_size,
+    # the model's vocabulary is the tokenizer's: ids past it would decode to nothing (llama_fast.checkpoint.check_vocab)
+    config = LlamaConfig(vocab_size=n_pieces, hidden_size=c.dim, intermediate_size=c.intermediate_size,
                          num_hidden_layers=c.n_layers, num_attention_heads=c.n_heads, num_key_value_heads=c.n_kv_heads,
                          head_dim=c.head_dim, rms_norm_eps=c.norm_eps, rope_theta=c.rope_theta,
                          max_position_embeddings=c.max_seq_len, tie_word_embeddings=c.tie_embeddings,
                          bos_token_id=1, eos_token_id=2, torch_dtype="bfloat16")
     torch.manual_seed(0)
     model = LlamaForCausalLM(config).to(torch.bfloat16)
-    with torch.no_grad():  # ids past the small demo tokenizer have no text: keep them out of top-k sampling
-        model.lm_head.weight[n_pieces:] = 0
     model.save_pretrained(out)
     print(f"wrote a random-weight {args.model} checkpoint and a {n_pieces}-piece tokenizer to {out}")
 

@@ -19,8 +19,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 # first, before torch: cli's Ctrl-C handler must be in place while the libraries load (see cli.py)
-from llama_fast.cli import (check_at_least, check_output_folder, check_output_path, cli_main,  # noqa: E402
-                            read_text_file)
+from llama_fast.cli import (SEED_RANGE, check_at_least, check_output_folder, check_output_path,  # noqa: E402
+                            check_ranges, cli_main, read_text_file)
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
@@ -103,6 +103,7 @@ def main(argv=None):
 def check_args(args):
     check_at_least(args, dim=1, n_layers=1, n_heads=1, n_kv_heads=1, seq_len=2, batch_size=1, steps=1,
                    minutes=0.0, lr=0.0, vocab_size=260, repeat_fraction=0.0)  # vocab: 256 byte-fallback ids + 4
+    check_ranges(args, seed=SEED_RANGE)
     if args.repeat_fraction > 1:
         raise ValueError(f"--repeat_fraction must be at most 1, not {args.repeat_fraction}")
     if (args.tokenizer_path is None) == (args.vocab_size is None):

@@ -1,12 +1,14 @@
 """What several test files share that is not a fixture: running generate.py, torchrun and a server as a user would, and the
 statistics that check a sampler against a distribution (speculative and lookahead decoding)."""
 import os
+import signal
 import socket
 import subprocess
 import sys
 import time
 from pathlib import Path
 
+import httpx
 import torch
 
 from sampling import SamplingConfig, token_probs
@@ -103,3 +105,30 @@ def wait_until_healthy(proc: subprocess.Popen, url: str, timeout: float = 120):
         except httpx.TransportError:
             time.sleep(0.2)
     raise TimeoutError("the server did not start")
+
+
+KEY = "test-key"  # the API key the serving tests start servers with
+
+
+class ServerProcess:
+    def __init__(self, checkpoint_dir: Path, *flags, before: str = ""):
+        """serve.py with flags; before: Python run before serve.main() in the server's process."""
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        command = ["-c", f"{before}\nimport serve\nserve.main()"] if before else ["serve.py"]
+        self.proc = subprocess.Popen(
+            [sys.executable, *command, "--checkpoint_path", str(checkpoint_dir / "model.pth"), "--device", "cpu",
+             "--precision", "float32", "--port", str(self.port), "--block_size", "8", *map(str, flags)],
+            cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        wait_until_healthy(self.proc, self.url)
+
+    def metrics(self) -> dict:
+        text = httpx.get(self.url + "/metrics").text
+        return {line.split()[0]: float(line.split()[1]) for line in text.splitlines() if line.startswith("llama_fast")}
+
+    def stop(self) -> str:
+        """SIGTERM, and what the server wrote to stderr ("" if it had already stopped)."""
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            return self.proc.communicate(timeout=60)[1]
+        return ""

@@ -172,7 +172,8 @@ def test_cli_refuses_to_overwrite_hf_weights(checkpoints):
     result = run_script("scripts/convert_hf_checkpoint.py", "--checkpoint_dir", str(path),
                         "--output_name", "model.safetensors")
     assert_one_line_error(result)
-    assert "overwrite" in result.stderr and (path / "model.safetensors").read_bytes() == before
+    assert "is the Hugging Face weights model.safetensors" in result.stderr
+    assert (path / "model.safetensors").read_bytes() == before
 
 
 def test_cli_replaces_a_converted_checkpoint_only_with_force(tmp_path, checkpoints):

@@ -2,6 +2,8 @@
 cache, checked against decoding.generate() of each prompt alone (the reference: the static-cache path, itself
 checked against HF transformers in test_generate.py), in float32 on --device."""
 import copy
+import itertools
+import json
 import random
 from pathlib import Path
 
@@ -239,6 +241,146 @@ def test_a_shared_prefix_is_computed_once(hf_checkpoint, load_ours, prompt_ids):
     assert first.output == alone(reference, first.prompt, 8) and second.output == alone(reference, second.prompt, 8)
 
 
+def hf_logprobs(hf_model, tokens: list) -> torch.Tensor:
+    """transformers' float32 log-softmax after each token of the sequence."""
+    with torch.no_grad():
+        return torch.log_softmax(hf_model(torch.tensor([tokens])).logits[0].float(), -1)
+
+
+def test_logprobs_and_prompt_scores_equal_transformers(hf_checkpoint, load_ours, prompt_ids):
+    """Logprobs of sampled tokens and of every prompt token (echo), with their top alternatives, equal transformers'
+    log-softmax (float32, 2e-3), for requests batched with others, in prompt chunks, after a cached prefix."""
+    hf, d = hf_checkpoint("gqa")
+    engine = Engine(load_ours(d), None, EngineConfig(max_batch_size=4, block_size=8, prefill_chunk=16))
+    system = prompt_ids(40, seed=11)
+    engine.generate([system + [7, 8]], 2)  # its blocks are cached: the scored prompt below must not reuse them
+    scored = Request(system + prompt_ids(20, seed=12)[1:], 6, SamplingConfig(temperature=0.8), seed=3, logprobs=3,
+                     prompt_logprobs=2)
+    score_only = Request(prompt_ids(30, seed=13), 0, prompt_logprobs=0)
+    others = [Request(prompt_ids(25, seed=14 + i), 8) for i in range(2)]
+    run_arriving(engine, [others[0], scored, score_only, others[1]], every=1)
+    assert score_only.output == [] and score_only.finish_reason == "length"
+    for r in (scored, score_only):
+        reference = hf_logprobs(hf, r.tokens)
+        assert len(r.prompt_token_logprobs) == len(r.prompt) - 1
+        for i, (lp, top) in enumerate(r.prompt_token_logprobs + r.token_logprobs):
+            assert abs(lp - reference[i, r.tokens[i + 1]].item()) < 2e-3
+            values, ids = reference[i].topk(len(top)) if top else (torch.tensor([]), torch.tensor([]))
+            assert [t for t, _ in top] == ids.tolist() and torch.allclose(torch.tensor([v for _, v in top]),
+                                                                           values, atol=2e-3)
+        assert len(r.token_logprobs) == len(r.output) and all(len(top) == r.logprobs for _, top in r.token_logprobs)
+
+
+def test_logit_bias_and_siblings_that_share_a_prompt(hf_checkpoint, load_ours, prompt_ids):
+    """logit_bias steers greedy decoding (a +100 token is always chosen, a -100 one never) and leaves the logprobs
+    the model's own; requests sharing a prompt (the API's n) wait for it to be cached and reuse its blocks."""
+    _, d = hf_checkpoint("gqa")
+    model = load_ours(d)
+    reference = copy.deepcopy(model)
+    engine = Engine(model, None, EngineConfig(max_batch_size=4, block_size=8))
+    prompt = prompt_ids(30, seed=21)
+    plain = alone(reference, prompt, 6)
+    banned = engine.generate([prompt], 6, logit_bias={plain[0]: -100.0}, logprobs=1)[0]
+    assert banned.output[0] != plain[0] and banned.token_logprobs[0][1][0][0] == plain[0]  # the model's top token
+    forced = engine.generate([prompt], 3, logit_bias={42: 100.0})[0]
+    assert forced.output == [42, 42, 42]
+    first = Request(prompt_ids(41, seed=22), 5, SamplingConfig(temperature=1.0), seed=1)
+    siblings = [first] + [Request(first.prompt, 5, first.sampling, seed=1 + i, shares_prompt_with=first)
+                          for i in range(1, 3)]
+    computed = engine.stats["prefill_tokens"]
+    for r in siblings:
+        engine.add(r)
+    while engine.has_work():
+        engine.step()
+    assert [r.cached_tokens for r in siblings] == [0, 40, 40]
+    assert engine.stats["prefill_tokens"] - computed == 41 + 2 * 1
+    again = engine.generate([first.prompt], 5, first.sampling, seed=2)[0]
+    assert again.output == siblings[1].output  # seed + i: what that seed gives alone
+
+
+NAME = {"type": "string", "maxLength": 12}
+SCHEMAS = [
+    {"type": "object", "properties": {"color": {"enum": ["red", "green", "blue"]}}, "required": ["color"]},
+    {"type": "object", "properties": {"age": {"type": "integer", "minimum": 0, "maximum": 120}}, "required": ["age"]},
+    {"type": "object", "properties": {"n": {"type": "integer", "minimum": -5, "maximum": 5}}, "required": ["n"]},
+    {"type": "object", "properties": {"x": {"type": "number", "minimum": 0, "maximum": 1}}, "required": ["x"]},
+    {"type": "object", "properties": {"ok": {"type": "boolean"}, "none": {"type": "null"}}, "required": ["ok", "none"]},
+    {"type": "object", "properties": {"name": NAME}, "required": ["name"], "additionalProperties": False},
+    {"type": "object", "properties": {"tags": {"type": "array", "items": {"enum": ["a", "b"]}, "minItems": 1,
+                                               "maxItems": 3}}, "required": ["tags"]},
+    {"type": "object", "properties": {"xs": {"type": "array", "items": {"type": "integer", "minimum": 0,
+                                                                       "maximum": 9}, "maxItems": 4}},
+     "required": ["xs"]},
+    {"type": "object", "properties": {"who": {"type": "object", "properties": {"name": NAME, "age": {
+        "type": "integer", "minimum": 1, "maximum": 99}}, "required": ["name", "age"]}}, "required": ["who"]},
+    {"type": "object", "properties": {"a": {"const": 1}, "b": {"enum": [True, None, "x"]}}, "required": ["a", "b"]},
+    {"type": "object", "properties": {"title": NAME, "year": {"type": "integer", "minimum": 1900, "maximum": 2100}},
+     "required": ["title"]},  # year optional
+    {"type": "object", "properties": {"v": {"anyOf": [{"type": "integer", "maximum": 9, "minimum": 0},
+                                                      {"enum": ["none"]}]}}, "required": ["v"]},
+    {"type": "object", "properties": {"code": {"type": "string", "pattern": "^[A-Z]{3}-[0-9]{2}$"}},
+     "required": ["code"]},
+    {"type": "object", "$defs": {"p": {"type": "object", "properties": {"x": {"type": "integer", "minimum": 0,
+                                                                             "maximum": 9}}, "required": ["x"]}},
+     "properties": {"start": {"$ref": "#/$defs/p"}, "end": {"$ref": "#/$defs/p"}}, "required": ["start", "end"]},
+    {"type": "object", "properties": {"items": {"type": "array", "maxItems": 2, "items": {
+        "type": "object", "properties": {"id": {"type": "integer", "minimum": 0, "maximum": 99},
+                                         "done": {"type": "boolean"}}, "required": ["id", "done"],
+        "additionalProperties": False}}}, "required": ["items"]},
+    {"type": "object", "properties": {"s": {"type": ["string", "null"], "maxLength": 5}}, "required": ["s"]},
+    {"type": "object", "properties": {"k": {"type": "integer", "exclusiveMinimum": 0, "exclusiveMaximum": 4}},
+     "required": ["k"]},
+    {"type": "object", "properties": {"pair": {"type": "array", "prefixItems": [{"type": "boolean"},
+                                                                               {"enum": [1, 2]}],
+                                               "items": False}}, "required": ["pair"]},
+    {"type": "object", "properties": {"m": {"type": "object", "additionalProperties": {"type": "integer",
+                                                                                     "minimum": 0, "maximum": 3},
+                                            "maxProperties": 2}}, "required": ["m"]},
+    {"type": "object", "properties": {"level": {"enum": ["low", "high"]}, "score": {"type": "number", "minimum": -1,
+                                                                                   "maximum": 1}},
+     "required": ["level", "score"], "additionalProperties": False},
+    None,  # any JSON object (OpenAI's json_object)
+]
+
+
+def test_structured_output_validates_beside_unconstrained_rows(hf_checkpoint, load_ours, prompt_ids, sp_tokenizer):
+    """21 schemas (enums, bounded integers and numbers, arrays, nested objects, required and optional fields, $ref,
+    anyOf, patterns) and any JSON object, each greedy and sampled, batched with unconstrained requests: every
+    constrained output that ends parses and validates (jsonschema), one cut by max_tokens ends with "length", and
+    the unconstrained rows are token for token what they give alone."""
+    import jsonschema
+
+    _, d = hf_checkpoint("gqa")
+    model = load_ours(d)
+    reference = copy.deepcopy(model)
+    engine = Engine(model, sp_tokenizer, EngineConfig(max_batch_size=8, block_size=8))
+    constrained = [Request(prompt_ids(12, seed=60 + i), 96, GREEDY if i % 2 else SamplingConfig(temperature=1.0),
+                           eos_ids=tuple(sp_tokenizer.eos_ids), seed=i, grammar=engine.grammars.matcher(schema))
+                   for i, schema in enumerate(SCHEMAS + SCHEMAS[:1])]
+    free = [Request(prompt_ids(20, seed=90 + i), 24) for i in range(6)]
+    run_arriving(engine, [r for pair in itertools.zip_longest(constrained, free) for r in pair if r], every=1)
+    ended = 0
+    for r, schema in zip(constrained, SCHEMAS + SCHEMAS[:1]):
+        assert r.finish_reason in ("stop", "length"), r.error
+        if r.finish_reason == "stop":
+            jsonschema.validate(json.loads(r.text), schema or {"type": "object"})
+            ended += 1
+    assert ended >= len(SCHEMAS) * 3 // 4
+    for r in free:
+        assert r.output == alone(reference, r.prompt, 24)
+    short = engine.generate([prompt_ids(12, seed=7)], 3, grammar=engine.grammars.matcher(SCHEMAS[8]))[0]
+    assert short.finish_reason == "length" and len(short.output) == 3
+
+
+def test_schemas_the_grammar_library_cannot_enforce_are_refused(sp_tokenizer):
+    from llama_fast.serving.grammar import GrammarError, Grammars
+
+    grammars = Grammars(sp_tokenizer, sp_tokenizer.vocab_size)
+    for schema in ({"type": "array", "uniqueItems": True}, {"$ref": "#/$defs/missing"}, {"type": "wat"}):
+        with pytest.raises(GrammarError):
+            grammars.matcher(schema)
+
+
 def test_seeded_sampling_is_the_same_alone_and_in_a_mixed_batch(hf_checkpoint, load_ours, prompt_ids):
     _, d = hf_checkpoint("gqa")
     engine = Engine(load_ours(d), None, EngineConfig(max_batch_size=8, block_size=8))
@@ -334,9 +476,13 @@ def test_requests_that_cannot_be_served_are_refused(hf_checkpoint, load_ours):
     engine = Engine(load_ours(d), None, EngineConfig(block_size=8, kv_cache_tokens=64))
     for prompt, max_tokens, message in [([], 5, "empty"), ([1] * 256, 1, "maximum context length is 256"),
                                         ([1] * 200, 100, "needs 300"), ([1, 400], 5, r"in \[0, 400\)"),
-                                        ([1] * 60, 10, "KV cache"), ([1], 0, "at least 1")]:
+                                        ([1] * 60, 10, "KV cache"), ([1], -1, "at least 0")]:
         with pytest.raises(ValueError, match=message):
             engine.add(Request(prompt, max_tokens))
+    for options, message in [(dict(logprobs=21), "logprobs"), (dict(prompt_logprobs=-1), "prompt_logprobs"),
+                             (dict(logit_bias={400: 1.0}), "logit_bias"), (dict(logit_bias={3: 101.0}), "logit_bias")]:
+        with pytest.raises(ValueError, match=message):
+            engine.add(Request([1, 2], 4, **options))
     for seed in (2**64, -2**63 - 1):  # beyond torch.Generator's seeds: refused here, never on the engine's thread
         with pytest.raises(ValueError, match="seed must be in"):
             engine.add(Request([1, 2], 4, seed=seed))

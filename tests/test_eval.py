@@ -181,6 +181,40 @@ def test_generative_task_through_lm_eval(setup, ours):
     assert result["results"]["local_qa"]["exact_match,none"] == 0.0  # random weights answer nothing right
 
 
+def test_lm_eval_local_completions_through_the_server_scores_as_eval_does(setup, ours, tmp_path):
+    """lm-eval's local-completions model (echo + logprobs, prompts of token ids, several per request) against
+    serve.py: every log-likelihood as eval.py's model computes it in process. The client tokenizes with
+    transformers (the checkpoint's tokenizer saved as a Hugging Face one, BOS first), as users point lm-eval at a
+    server; its max_length keeps one token for generation, and one more for the last token it sends (which
+    eval.py's window does not count)."""
+    from lm_eval.models.openai_completions import LocalCompletionsAPI
+    from helpers import ServerProcess
+
+    d, root, names, manager = setup
+    hf_tokenizer(d).save_pretrained(tmp_path)
+    config = json.loads((tmp_path / "tokenizer_config.json").read_text())  # BOS first, as Llama's own config says
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps({**config, "special_tokens_pattern": "bos"}))
+    server = ServerProcess(d, "--model_name", "tiny")
+    try:
+        api = LocalCompletionsAPI(base_url=server.url + "/v1/completions", model="tiny", tokenizer=str(tmp_path),
+                                  max_length=MAX_LENGTH + 2, batch_size=4, max_retries=1, add_bos_token=True)
+        kw = dict(tasks=names[:3], task_manager=manager, log_samples=True, bootstrap_iters=0, limit=8)
+        result = lm_eval.simple_evaluate(model=api, **kw)
+    finally:
+        server.stop()
+    reference = lm_eval.simple_evaluate(model=ours, **kw)
+    for task in names[:3]:
+        ref, got = loglikelihoods(reference["samples"][task]), loglikelihoods(result["samples"][task])
+        assert len(got) == len(ref) >= 8
+        for (lp_ref, *greedy_ref), (lp, *greedy) in zip(ref, got):
+            assert lp == pytest.approx(lp_ref, abs=1e-4) and greedy == greedy_ref, task
+    # the metrics of the rolling task (the choices' accuracies follow from the log-likelihoods, but not where two
+    # choices tie exactly: windows truncate their differences away, and which float is larger is then chance)
+    for key, value in reference["results"]["local_wikitext"].items():
+        if isinstance(value, float) and "stderr" not in key:
+            assert result["results"]["local_wikitext"][key] == pytest.approx(value, rel=1e-5), key
+
+
 def test_scoring_through_an_int8_kv_cache(setup, load_ours, tmp_path):
     """--kv_cache_dtype int8 scores through the int8 cache: each window's log-likelihood is what transformers'
     model gives with its keys (after RoPE) and values rounded as the cache stores them (an attention function of
@@ -296,7 +330,8 @@ def test_cli_int8_end_to_end(setup, tmp_path):
 ])
 def test_user_mistakes(setup, args, message, capsys):
     d, root, _, _ = setup
-    argv = ["--checkpoint_path", d / "model.pth", "--include_path", root, "--device", "cpu", *args]
+    tasks = ["--include_path", root] if "--tasks" in args else []  # (--include_path alone is refused)
+    argv = ["--checkpoint_path", d / "model.pth", *tasks, "--device", "cpu", *args]
     with pytest.raises(SystemExit) as e:
         llama_eval.main(list(map(str, argv)))
     assert str(e.value.code).startswith("error: ") and message in str(e.value.code)

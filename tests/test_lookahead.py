@@ -305,7 +305,7 @@ MISTAKES = {  # arguments -> text of the error line
     ("--lookahead", "--prompt", "a", "--prompt", "b"): "lookahead decoding needs batch size 1",
     ("--lookahead", "--repetition_penalty", "1.2"): "penalties",
     ("--lookahead", "--interactive"): "interactive",
-    ("--lookahead_ngram", "3"): "need --lookahead",
+    ("--lookahead_ngram", "3"): "needs --lookahead",
     ("--lookahead", "-2"): "lookahead window must be >= 1",
     ("--lookahead", "--lookahead_ngram", "1"): "lookahead ngram must be >= 2",
     ("--lookahead", "--lookahead_guesses", "0"): "lookahead guesses must be >= 1",

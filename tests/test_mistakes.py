@@ -1,7 +1,7 @@
 """A catalogue of user mistakes and faults, tried through every command as a new user would make them: generate.py,
-quantize.py, eval.py, the converter, download, bench.py, train_small.py and a 2-process torchrun. Each must end
-with a non-zero exit status, no traceback, exactly one "error:" line naming what is at fault, the user's files
-byte-identical afterwards and no temporary file left behind.
+quantize.py, eval.py, the converter, download, bench.py, train_small.py, tp.py run as a command and a 2-process
+torchrun. Each must end with a non-zero exit status, no traceback, exactly one "error:" line naming what is at fault,
+the user's files byte-identical afterwards and no temporary file left behind.
 
 Every case runs in a folder of its own (its "work" folder, holding any files the case makes first), in this process
 through the command's main() (the rules are the library's: milliseconds each instead of a Python start-up and
@@ -13,9 +13,11 @@ Full-disk and read-only-folder cases mount a small tmpfs when the tests run as r
 import hashlib
 import importlib
 import json
+import math
 import os
 import shutil
 import signal
+import stat
 import subprocess
 import sys
 import time
@@ -26,6 +28,7 @@ import pytest
 import torch
 from conftest import english_ish
 
+import decoding
 from llama_fast.quant import qlinear as Q
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -359,6 +362,21 @@ MISTAKES = {
     "serve/device_tpu": ("serve.py", lambda u, w: ["--checkpoint_path", u["model"], "--device", "tpu"], "tpu"),
     "serve/missing_checkpoint": ("serve.py", lambda u, w: ["--checkpoint_path", w / "nope.pth", "--device", "cpu"],
                                  "nope.pth"),
+    "serve/api_key_empty": ("serve.py", lambda u, w: ["--checkpoint_path", u["model"], "--device", "cpu",
+                                                       "--api_key", ""], "--api_key is empty"),
+    "serve/api_key_not_ascii": ("serve.py", lambda u, w: ["--checkpoint_path", u["model"], "--device", "cpu",
+                                                           "--api_key", "clé"], "printable ASCII"),
+    "serve/host_empty": ("serve.py", lambda u, w: ["--checkpoint_path", u["model"], "--device", "cpu",
+                                                    "--host", ""], "--host is empty"),
+    # ---- serve.py, refused once the model is loaded (before the pool is allocated, or before serving)
+    "serve/max_model_len_too_long": ("serve.py", lambda u, w: ["--checkpoint_path", u["model"], "--device", "cpu",
+                                                                "--max_model_len", "100000"],
+                                     "longer than the model's context"),
+    "serve/kv_cache_below_one_context": ("serve.py", lambda u, w: ["--checkpoint_path", u["model"], "--device",
+                                                                    "cpu", "--kv_cache_tokens", "8"],
+                                         "fewer than one full context"),
+    "serve/kv_cache_gb_1000": ("serve.py", lambda u, w: ["--checkpoint_path", u["model"], "--device", "cpu",
+                                                          "--kv_cache_gb", "1000"], "GiB free"),
     # ---- scripts/train_small.py
     "train/heads_do_not_divide_width": ("scripts/train_small.py", lambda u, w: [
         "--text_file", u["text"], "--tokenizer_path", u["tokenizer"], "--out", w / "out", "--dim", "64",
@@ -388,9 +406,121 @@ MISTAKES = {
         "--text_file", u["text"], "--tokenizer_path", u["tokenizer"], "--init", u["int8"], "--out", w / "out",
         "--seq_len", "16"],
         "not a plain (unquantized) checkpoint"),
+    "train/seed_past_64_bits": ("scripts/train_small.py", lambda u, w: [
+        "--text_file", u["text"], "--tokenizer_path", u["tokenizer"], "--out", w / "out", "--seed", str(2 ** 64)],
+        "--seed must be in [0, 1844"),
     "train/missing_text_file": ("scripts/train_small.py", lambda u, w: [
         "--text_file", w / "nope.txt", "--tokenizer_path", u["tokenizer"], "--out", w / "out"],
         "text file not found"),
+    # ---- the second round (issue 37). Outputs are never inputs, whatever --force says (cli.check_outputs)
+    "generate/profile_over_the_checkpoint": ("generate.py", lambda u, w: [
+        "--checkpoint_path", checkpoint_in(w, u), *GEN, "--profile", w / "model.pth"], "is the checkpoint"),
+    "generate/metrics_json_over_model_config": ("generate.py", lambda u, w: [
+        "--checkpoint_path", checkpoint_in(w, u), *GEN, "--metrics_json", w / "model_config.json"],
+        "is model_config.json beside the checkpoint"),
+    "generate/metrics_json_through_a_link_to_the_tokenizer": ("generate.py", lambda u, w: [
+        "--checkpoint_path", checkpoint_in(w, u), *GEN, "--metrics_json", link(w / "m.json", w / "tokenizer.model")],
+        "is the tokenizer"),
+    "generate/metrics_json_over_the_prompt_file": ("generate.py", lambda u, w: [
+        *G("--prompt_file", write(w / "p.txt", "a\n"))(u, w), "--metrics_json", w / "p.txt"], "is --prompt_file"),
+    "generate/profile_and_metrics_json_one_file": ("generate.py", lambda u, w: [
+        *G()(u, w), "--metrics_json", w / "m.json", "--profile", w / "m.json"], "is --metrics_json"),
+    # ---- every flag acts or is refused (cli.check_flag_rules: each command's table)
+    "generate/compile_prefill_without_compile": ("generate.py", G("--compile_prefill"),
+                                                 "--compile_prefill needs --compile"),
+    "generate/system_without_interactive": ("generate.py", G("--system", "be terse"), "--system is the system"),
+    "generate/interactive_with_prompt": ("generate.py", G("--interactive", "--prompt", "a"),
+                                         "--prompt does not apply to --interactive"),
+    "generate/interactive_with_num_samples_at_its_default": ("generate.py", G("--interactive", "--num_samples", "5"),
+                                                             "--num_samples does not apply to --interactive"),
+    "generate/inductor_without_compile": ("generate.py", G("--cpu_kernels", "inductor"),
+                                          "--cpu_kernels inductor needs --compile"),
+    "generate/lookahead_0": ("generate.py", G("--lookahead", "0"), "lookahead window must be >= 1"),
+    "generate/max_seq_length_negative": ("generate.py", G("--max_seq_length", "-5"), "--max_seq_length must be >= 0"),
+    "generate/speculate_k_5000": ("generate.py", G("--prompt_lookup", "2", "--speculate_k", "5000"),
+                                  "--speculate_k 5000: a step's forward of 5001 tokens does not fit"),
+    "generate/lookahead_2000": ("generate.py", G("--lookahead", "2000"), "--lookahead 2000: a step's forward"),
+    "generate/seed_past_64_bits": ("generate.py", G("--seed", str(2 ** 64)), "--seed must be in [0, 1844"),
+    "generate/seed_negative": ("generate.py", G("--seed", "-1"), "--seed must be in [0, 1844"),
+    "generate/prompt_file_is_a_folder": ("generate.py", lambda u, w: [*G()(u, w), "--prompt_file", w],
+                                         "is a folder"),
+    "generate/kv_cache_past_memory": ("generate.py", G("--batch_size", str(10 ** 9), "--max_new_tokens", "100"),
+                                      "needs"),
+    "generate/tokenizer_smaller_than_the_model": ("generate.py", lambda u, w: [
+        "--checkpoint_path", wider_vocab(w, u, 64), *GEN], "ids past 399 would decode to nothing"),
+    # ---- model_config.json: no guessed context, rope_scaling as strict as the converter's (one code path)
+    "generate/config_without_max_seq_len": ("generate.py", lambda u, w: [
+        "--checkpoint_path", checkpoint_in(w, u, config_text=json.dumps(
+            {k: v for k, v in u["config"].items() if k != "max_seq_len"})), *GEN], "no max_seq_len"),
+    "generate/config_rope_scaling_without_factor": ("generate.py", lambda u, w: [
+        "--checkpoint_path", checkpoint_in(w, u, {"rope_scaling": {"rope_type": "linear"}}), *GEN], "has no factor"),
+    "generate/config_rope_factor_0": ("generate.py", lambda u, w: [
+        "--checkpoint_path", checkpoint_in(w, u, {"rope_scaling": {"rope_type": "linear", "factor": 0}}), *GEN],
+        "rope_scaling factor must be"),
+    "generate/config_rope_type_yarn": ("generate.py", lambda u, w: [
+        "--checkpoint_path", checkpoint_in(w, u, {"rope_scaling": {"rope_type": "yarn", "factor": 4.0}}), *GEN],
+        "unsupported rope_scaling rope_type 'yarn'"),
+    # ---- damage noticed on load (checkpoint.check_zip_crcs, check_finite)
+    "generate/random_bytes_inside_the_checkpoint": ("generate.py", lambda u, w: [
+        "--checkpoint_path", checkpoint_in(w, u, weights=damaged(u["model"].read_bytes())), *GEN],
+        "does not match its CRC-32"),
+    "generate/nan_in_a_weight": ("generate.py", lambda u, w: [
+        "--checkpoint_path", torch_save_to(checkpoint_in(w, u), with_nan(u["model"])), *GEN],
+        "tensor layers.1.attention.wo.weight holds NaN or infinite values"),
+    "generate/inf_in_a_safetensors_weight": ("generate.py", lambda u, w: [
+        "--checkpoint_path", save_safetensors(checkpoint_in(w, u, name="model.pth").with_suffix(".safetensors"),
+                                              with_nan(u["model"], float("inf"))), *GEN], "NaN or infinite"),
+    # ---- eval.py
+    "eval/output_path_over_the_checkpoint": ("eval.py", lambda u, w: [
+        "--checkpoint_path", checkpoint_in(w, u), "--device", "cpu", "--text_file", u["text"],
+        "--output_path", w / "model.pth"], "is the checkpoint"),
+    "eval/output_path_over_the_text_file": ("eval.py", lambda u, w: [
+        "--checkpoint_path", u["model"], "--device", "cpu", "--text_file", write(w / "t.txt", "a b c"),
+        "--output_path", w / "t.txt"], "is --text_file"),
+    "eval/limit_with_text_file_only": ("eval.py", lambda u, w: [
+        "--checkpoint_path", u["model"], "--device", "cpu", "--text_file", u["text"], "--limit", "5"],
+        "--limit is for --tasks"),
+    "eval/num_fewshot_with_text_file_only": ("eval.py", lambda u, w: [
+        "--checkpoint_path", u["model"], "--device", "cpu", "--text_file", u["text"], "--num_fewshot", "3"],
+        "--num_fewshot is for --tasks"),
+    "eval/num_fewshot_negative": ("eval.py", lambda u, w: [
+        "--checkpoint_path", u["model"], "--device", "cpu", "--tasks", "x", "--num_fewshot", "-3"],
+        "--num_fewshot must be >= 0"),
+    "eval/text_file_not_utf8": ("eval.py", lambda u, w: [
+        "--checkpoint_path", u["model"], "--device", "cpu", "--text_file", write_bytes(w / "t.bin", os.urandom(999))],
+        "is not UTF-8 text"),
+    "eval/batch_size_past_memory": ("eval.py", lambda u, w: [
+        "--checkpoint_path", u["model"], "--device", "cpu", "--text_file", u["text"], "--batch_size", str(10 ** 9)],
+        "scoring 1000000000 windows of 256 tokens needs"),
+    "eval/text_file_is_a_folder": ("eval.py", lambda u, w: [
+        "--checkpoint_path", u["model"], "--device", "cpu", "--text_file", w], "is a folder"),
+    # ---- quantize.py
+    "quantize/groupsize_with_int8": ("quantize.py", lambda u, w: [
+        "--checkpoint_path", checkpoint_in(w, u), "--mode", "int8", "--groupsize", "7"], "--groupsize is for int4"),
+    "quantize/percdamp_with_int4": ("quantize.py", lambda u, w: [
+        "--checkpoint_path", checkpoint_in(w, u), "--mode", "int4", "--groupsize", "32", "--percdamp", "0.1"],
+        "--percdamp is for --mode int4-gptq"),
+    "quantize/output_links_to_the_checkpoint": ("quantize.py", lambda u, w: [
+        "--checkpoint_path", with_link(checkpoint_in(w, u), "model_int8.pth"), "--mode", "int8", "--force"],
+        "is the checkpoint"),
+    "quantize/unconverted_safetensors": ("quantize.py", lambda u, w: [
+        "--checkpoint_path", copy(u["dir"] / "model.safetensors", checkpoint_in(w, u).parent), "--mode", "int8"],
+        "convert it first"),
+    # ---- scripts/convert_hf_checkpoint.py
+    "convert/output_name_tokenizer_model": ("scripts/convert_hf_checkpoint.py", lambda u, w: [
+        "--checkpoint_dir", hf_in(w, u), "--output_name", "tokenizer.model", "--force"], "is tokenizer.model"),
+    "convert/output_name_model_config": ("scripts/convert_hf_checkpoint.py", lambda u, w: [
+        "--checkpoint_dir", hf_in(w, u), "--output_name", "model_config.json", "--force"], "is the converted config"),
+    "convert/rope_scaling_without_factor": ("scripts/convert_hf_checkpoint.py", lambda u, w: [
+        "--checkpoint_dir", hf_in(w, u, rope_scaling={"type": "linear"})], "has no factor"),
+    "convert/rope_type_yarn": ("scripts/convert_hf_checkpoint.py", lambda u, w: [
+        "--checkpoint_dir", hf_in(w, u, rope_scaling={"rope_type": "yarn", "factor": 4.0})], "'yarn'"),
+    # ---- scripts/bench.py, tp.py
+    "bench/model_and_checkpoint_path": ("scripts/bench.py", lambda u, w: [
+        "--model", "llama-2-70b", "--checkpoint_path", u["model"], "--device", "cpu"], "--model is a preset"),
+    "bench/compile_prefill_without_compile": ("scripts/bench.py", lambda u, w: [
+        "--checkpoint_path", u["model"], "--device", "cpu", "--compile_prefill"], "--compile_prefill needs --compile"),
+    "tp/run_as_a_command": ("tp.py", lambda u, w: [], "tp.py is the tensor-parallelism library, not a command"),
 }
 
 
@@ -407,6 +537,49 @@ def write_bytes(path: Path, data: bytes) -> Path:
 def without(folder: Path, name: str) -> Path:
     (folder / name).unlink()
     return folder
+
+
+def link(path: Path, target: Path) -> Path:
+    path.symlink_to(target)
+    return path
+
+
+def with_link(path: Path, name: str) -> Path:
+    """`path`, with a symlink to it called `name` beside it."""
+    link(path.with_name(name), path)
+    return path
+
+
+def copy(source: Path, folder: Path) -> Path:
+    return Path(shutil.copy(source, folder))
+
+
+def damaged(data: bytes) -> bytes:
+    """A file with 4 KiB of random bytes in its middle (among the tensors' bytes), its length unchanged."""
+    middle = len(data) // 2
+    return data[:middle] + os.urandom(4096) + data[middle + 4096:]
+
+
+def with_nan(model: Path, value: float = float("nan")) -> dict:
+    state = torch.load(model, weights_only=True)
+    state["layers.1.attention.wo.weight"][3, 5] = value
+    return state
+
+
+def save_safetensors(path: Path, state: dict) -> Path:
+    from safetensors.torch import save_file
+    save_file({k: v.contiguous() for k, v in state.items()}, str(path))
+    return path
+
+
+def wider_vocab(w: Path, user: dict, extra: int) -> Path:
+    """The user's model with `extra` embedding and output rows no token of its tokenizer reaches (not marked as
+    padded in its model_config.json)."""
+    state = torch.load(user["model"], weights_only=True)
+    for name in ("tok_embeddings.weight", "output.weight"):
+        state[name] = torch.cat([state[name], torch.zeros(extra, state[name].shape[1], dtype=state[name].dtype)])
+    path = checkpoint_in(w, user, {"vocab_size": user["config"]["vocab_size"] + extra})
+    return torch_save_to(path, state)
 
 
 def prepare(name: str, user: dict, root: Path) -> tuple[Path, list, dict]:
@@ -624,6 +797,15 @@ def test_torchrun_rank_whose_peer_died_says_so_in_one_line(user):
     assert f'File "{ROOT}/' not in done.stderr
 
 
+def test_torchrun_of_the_library_is_refused():
+    """`torchrun tp.py`: the tensor-parallelism library, not a command, once did nothing and exited 0."""
+    proc = run(["-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "tp.py"], timeout=120)
+    ours = [ln for ln in proc.stderr.splitlines() if ln.startswith("error:")]
+    assert proc.returncode != 0 and ours, proc.stderr
+    assert all("tp.py is the tensor-parallelism library, not a command" in ln for ln in ours), proc.stderr
+    assert f'File "{ROOT}/' not in proc.stderr  # no traceback of ours (torchrun's own report follows)
+
+
 # ------------------------------------------------------------------------------------------------ small disks
 
 @pytest.fixture
@@ -690,6 +872,9 @@ def test_full_disk_convert(user, small_disk):
     ("generate.py", lambda u, d: ["--checkpoint_path", u["model"], *GEN, "--metrics_json", d / "m.json"]),
     ("eval.py", lambda u, d: ["--checkpoint_path", u["model"], "--device", "cpu", "--text_file", u["text"],
                               "--output_path", d / "results.json"]),
+    # the profiler's writer reports no error: a 0-byte trace was renamed into place, then "No such file"
+    ("generate.py", lambda u, d: ["--checkpoint_path", u["model"], *GEN, "--num_samples", "1", "--profile",
+                                  d / "trace.json"]),
 ])
 def test_full_disk_results(script, args, user, small_disk):
     """The run itself works; writing its results finds the disk full: one line, and no 0-byte file left."""
@@ -747,3 +932,93 @@ def test_eval_output_path_is_checked_before_scoring(user, tmp_path):
                 "--output_path", tmp_path / "no_such_folder" / "results.json"])
     assert_one_error_line(proc, "no_such_folder does not exist")  # alone: no progress bar was ever shown
     assert time.perf_counter() - t0 < 30
+
+
+# ------------------------------------------------------------------------------------------------ acting, not refusing
+
+def generate_in_process(argv: list, capfd, monkeypatch) -> subprocess.CompletedProcess:
+    proc = run_in_process(["generate.py", *argv], capfd, monkeypatch)
+    assert proc.returncode == 0 and "error" not in proc.stderr, proc.stderr
+    return proc
+
+
+@pytest.mark.skipif(not IS_ROOT, reason="making a device node needs root")
+def test_outputs_to_devices_and_links_are_written_in_place(user, tmp_path, capfd, monkeypatch):
+    """A character device (made here like /dev/null) stays a device whether metrics or a trace go to it (the
+    profiler's own writer renames), /dev/stdout prints the metrics, and a symlink stays a link whose target gets
+    them: none is renamed over by an atomic write."""
+    device = tmp_path / "null"
+    os.mknod(device, 0o666 | stat.S_IFCHR, os.makedev(1, 3))
+    target = tmp_path / "metrics.json"
+    link(tmp_path / "latest.json", target)
+    for flag, out in (("--profile", device), ("--metrics_json", device), ("--metrics_json", "/dev/stdout"),
+                      ("--metrics_json", tmp_path / "latest.json")):
+        proc = generate_in_process(["--checkpoint_path", user["model"], *GEN, "--num_samples", "1", flag, out],
+                                   capfd, monkeypatch)
+        if out == "/dev/stdout":
+            assert json.loads(proc.stdout[proc.stdout.index('{\n  "time_to_first'):])["batch_size"] == 1
+    assert stat.S_ISCHR(device.stat().st_mode)
+    assert (tmp_path / "latest.json").is_symlink() and json.loads(target.read_text())["batch_size"] == 1
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["latest.json", "metrics.json", "null"]  # no temp file
+
+
+def test_prompt_file_runs_in_batches(user, tmp_path, capfd, monkeypatch):
+    """A prompt file longer than a batch runs DEFAULT_BATCH_SIZE prompts at a time (one KV cache of that many
+    rows, whatever the file's length), every prompt answered in order."""
+    import generate
+
+    lines = [f"prompt {i} the dog" for i in range(generate.DEFAULT_BATCH_SIZE * 2 + 3)]
+    metrics = tmp_path / "m.json"
+    sizes = []
+    monkeypatch.setattr(generate, "generate", lambda model, prompts, *a, **k: sizes.append(len(prompts)) or
+                        decoding.generate(model, prompts, *a, **k))
+    proc = generate_in_process(["--checkpoint_path", user["model"], *GEN, "--num_samples", "1", "--temperature", "0",
+                                "--prompt_file", write(tmp_path / "p.txt", "\n".join(lines)), "--metrics_json",
+                                metrics], capfd, monkeypatch)
+    assert sizes == [16, 16, 3]
+    assert [ln.split(" the dog")[0] for ln in proc.stdout.splitlines() if ln.startswith("--- ")] == \
+        [f"--- {ln.split(' the dog')[0]}" for ln in lines]
+    m = json.loads(metrics.read_text())
+    assert m["batch_size"] == 16 and len(m["samples"][0]["new_tokens"]) == len(lines)
+
+
+def test_hf_type_key_is_read_as_rope_type():
+    """HF's older `type` key means rope_type in model_config.json as in the converter's config.json."""
+    from model_config import ModelArgs
+
+    old = ModelArgs(dim=64, n_layers=1, n_heads=4, rope_scaling={"type": "linear", "factor": 2.0})
+    assert old.rope_scaling == {"rope_type": "linear", "factor": 2.0}
+    assert old == ModelArgs(dim=64, n_layers=1, n_heads=4, rope_scaling={"rope_type": "linear", "factor": 2})
+
+
+def test_word_perplexity_past_a_float_is_left_out_with_a_note(tmp_path):
+    """Text with few spaces (Chinese) and a high loss: exp(nll / words) overflows; the other results survive."""
+    import eval as llama_eval
+
+    class Scored:  # a model's scores of one document, as LlamaFastLM gives them
+        def tok_encode(self, text, add_special_tokens=None):
+            return list(range(len(text)))
+
+        def score_documents(self, documents, disable_tqdm=False):
+            return [-8.0 * len(documents[0])]
+
+    text = "天气很好" * 200  # 800 characters, one "word"
+    ppl = llama_eval.text_perplexity(Scored(), write(tmp_path / "zh.txt", text))
+    assert ppl["word_perplexity"] is None and "word_perplexity left out" in ppl["notes"][0]
+    assert ppl["token_perplexity"] == pytest.approx(math.exp(8.0)) and ppl["words"] == 1
+    json.dumps(ppl, allow_nan=False)  # what --output_path writes is plain JSON
+
+
+def test_a_checkpoint_is_verified_once_per_version(user, tmp_path, monkeypatch):
+    """A verified file is not read through again on the next load (the pass costs more than a mapped load); any
+    write to it makes it a new version, verified again: damage done in place is still found."""
+    from llama_fast import checkpoint
+
+    path = Path(shutil.copy(user["model"], tmp_path / "model.pth"))
+    checkpoint.read_state_dict(path)
+    with monkeypatch.context() as m:
+        m.setattr(checkpoint, "check_zip_crcs", lambda p: pytest.fail("verified twice"))
+        checkpoint.read_state_dict(path)
+    path.write_bytes(damaged(path.read_bytes()))  # same size, same name
+    with pytest.raises(ValueError, match="does not match its CRC-32"):
+        checkpoint.read_state_dict(path)

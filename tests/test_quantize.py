@@ -530,7 +530,7 @@ def test_cli_user_mistakes_are_one_error_line(cli, tmp_path):
         "needs calibration text: pass --calibration_file": (*ckpt, "--mode", "int4-gptq"),
         "use --calibration_file": (*ckpt, "--mode", "int4-gptq", "--calibration_tasks", "wikitext"),
         "checkpoint not found": ("--checkpoint_path", tmp_path / "missing" / "model.pth", "--mode", "int8"),
-        "calibration data is for --mode int4-gptq": (*ckpt, "--mode", "int4", "--calibration_file", calib),
+        "--calibration_file is for --mode int4-gptq": (*ckpt, "--mode", "int4", "--calibration_file", calib),
     }
     files = sorted(f.name for f in d.iterdir())
     procs = run_all(*[("quantize.py", *args) for args in mistakes.values()])

@@ -15,39 +15,13 @@ from pathlib import Path
 import httpx
 import openai
 import pytest
-from helpers import free_port, wait_until_healthy
+from helpers import KEY, ServerProcess
 
 from decoding import generate
+from llama_fast.serving import api
 from sampling import SamplingConfig
 
 ROOT = Path(__file__).resolve().parent.parent
-KEY = "test-key"
-
-
-class ServerProcess:
-    def __init__(self, checkpoint_dir: Path, *flags, before: str = ""):
-        """serve.py with flags; before: Python run before serve.main() in the server's process."""
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        command = ["-c", f"{before}\nimport serve\nserve.main()"] if before else ["serve.py"]
-        self.proc = subprocess.Popen(
-            [sys.executable, *command, "--checkpoint_path", str(checkpoint_dir / "model.pth"), "--device", "cpu",
-             "--precision", "float32", "--port", str(self.port), "--block_size", "8", *map(str, flags)],
-            cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-        wait_until_healthy(self.proc, self.url)
-
-    def metrics(self) -> dict:
-        text = httpx.get(self.url + "/metrics").text
-        return {line.split()[0]: float(line.split()[1]) for line in text.splitlines() if line.startswith("llama_fast")}
-
-    def stop(self) -> str:
-        """SIGTERM, and what the server wrote to stderr ("" if it had already stopped)."""
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            return self.proc.communicate(timeout=60)[1]
-        return ""
-
-
 @pytest.fixture(scope="module")
 def checkpoint(hf_checkpoint, load_cpu):
     _, d = hf_checkpoint("gqa")
@@ -108,6 +82,148 @@ def test_chat_completion_uses_the_chat_template(client, checkpoint, sp_tokenizer
     assert out.usage.prompt_tokens == len(prompt) and out.usage.completion_tokens == len(expected)
 
 
+def hf_log_softmax(hf_model, tokens: list):
+    import torch
+    with torch.no_grad():
+        return torch.log_softmax(hf_model(torch.tensor([tokens])).logits[0].float(), -1)
+
+
+def test_logprobs_and_echo_equal_transformers(client, checkpoint, hf_checkpoint, sp_tokenizer):
+    """Completions: logprobs with echo (the prompt's tokens first, the first null) and max_tokens 0 (scoring only);
+    chat: logprobs and top_logprobs. Each equals transformers' float32 log-softmax (2e-3); the tokens are the
+    tokenizer's, their text offsets add up."""
+    hf = hf_checkpoint("gqa")[0]
+    ids = sp_tokenizer.encode("The little boat sails on the lake")
+    out = client.completions.create(model="tiny", prompt=ids, max_tokens=5, temperature=0, logprobs=3, echo=True)
+    choice = out.choices[0]
+    tokens = ids + greedy(checkpoint[1], ids, 5)
+    reference = hf_log_softmax(hf, tokens)
+    lp = choice.logprobs
+    assert lp.token_logprobs[0] is None and lp.top_logprobs[0] is None and len(lp.token_logprobs) == len(tokens)
+    for i, (got, top) in enumerate(zip(lp.token_logprobs[1:], lp.top_logprobs[1:])):
+        assert abs(got - reference[i, tokens[i + 1]].item()) < 2e-3
+        best = reference[i].topk(3)
+        expected = {api.token_string(sp_tokenizer, t): v for t, v in zip(best.indices.tolist(), best.values.tolist())}
+        assert top.keys() == expected.keys() and list(top.values()) == pytest.approx(list(expected.values()), abs=2e-3)
+    assert lp.tokens == [api.token_string(sp_tokenizer, t) for t in tokens]
+    assert lp.text_offset == [sum(map(len, lp.tokens[:i])) for i in range(len(tokens))]
+    assert choice.text == sp_tokenizer.decode(ids) + sp_tokenizer.decode(tokens[len(ids):])
+    scored = client.completions.create(model="tiny", prompt=ids, max_tokens=0, logprobs=0, echo=True)
+    assert scored.choices[0].logprobs.token_logprobs == pytest.approx(lp.token_logprobs[:len(ids)], abs=1e-5)
+    assert scored.usage.completion_tokens == 0 and scored.choices[0].finish_reason == "length"
+
+    messages = [{"role": "user", "content": "Where is the boat?"}]
+    chat = client.chat.completions.create(model="tiny", messages=messages, max_tokens=6, temperature=0,
+                                          logprobs=True, top_logprobs=2, extra_body={"ignore_eos": True})
+    prompt = sp_tokenizer.encode_chat(messages)
+    tokens = prompt + greedy(checkpoint[1], prompt, 6)
+    reference = hf_log_softmax(hf, tokens)
+    for i, entry in enumerate(chat.choices[0].logprobs.content):
+        at = len(prompt) - 1 + i
+        assert abs(entry.logprob - reference[at, tokens[at + 1]].item()) < 2e-3
+        assert bytes(entry.bytes) == sp_tokenizer.token_bytes(tokens[at + 1]) and len(entry.top_logprobs) == 2
+        assert entry.top_logprobs[0].logprob == pytest.approx(reference[at].max().item(), abs=2e-3)
+    streamed = client.chat.completions.create(model="tiny", messages=messages, max_tokens=6, temperature=0,
+                                              logprobs=True, stream=True, extra_body={"ignore_eos": True})
+    entries = [e for c in streamed if c.choices and c.choices[0].logprobs for e in c.choices[0].logprobs.content]
+    assert [e.logprob for e in entries] == pytest.approx([e.logprob for e in chat.choices[0].logprobs.content])
+
+
+def test_n_choices_logit_bias_nulls_and_cached_tokens(client, server, sp_tokenizer):
+    """n choices: choice i draws what seed + i gives alone, the prompt prefilled once; several prompts in one
+    request; logit_bias; null for a default; usage counts each prompt once and its cached tokens."""
+    prompt = " ".join(["The green frog jumps into the pond and swims away."] * 4)
+    kwargs = dict(model="tiny", prompt=prompt, max_tokens=10, temperature=1.0, seed=11)
+    before = server.metrics()
+    out = client.completions.create(n=3, **kwargs)
+    n_prompt = len(sp_tokenizer.encode(prompt))
+    hit = "llama_fast_prefix_cache_hit_tokens_total"
+    hits = server.metrics()[hit] - before[hit]
+    assert hits >= 2 * (n_prompt - 8)  # choices 1 and 2 reuse choice 0's full blocks
+    assert out.usage.prompt_tokens == n_prompt and out.usage.completion_tokens == 30
+    for i, choice in enumerate(out.choices):
+        assert choice.index == i
+        assert choice.text == client.completions.create(**{**kwargs, "seed": 11 + i}).choices[0].text
+    again = client.completions.create(**kwargs)
+    assert again.usage.prompt_tokens_details.cached_tokens >= n_prompt - 8
+    texts = ["A cat", "Two dogs"]
+    both = client.completions.create(model="tiny", prompt=texts, max_tokens=6, temperature=0, n=2)
+    assert [c.index for c in both.choices] == [0, 1, 2, 3] and both.choices[0].text == both.choices[1].text
+    assert both.choices[2].text == client.completions.create(model="tiny", prompt="Two dogs", max_tokens=6,
+                                                             temperature=0).choices[0].text
+    streamed = client.completions.create(n=2, stream=True, **kwargs)
+    joined = ["", ""]
+    for c in streamed:
+        joined[c.choices[0].index] += c.choices[0].text
+    assert joined == [c.text for c in out.choices[:2]]
+    token = sp_tokenizer.encode("zebra", bos=False)[0]
+    forced = client.completions.create(model="tiny", prompt="A cat", max_tokens=3, temperature=0,
+                                       logit_bias={str(token): 100})
+    assert forced.choices[0].text == sp_tokenizer.decode([token] * 3)
+    nulls = {"model": "tiny", "prompt": "A cat", "max_tokens": 3, "temperature": None, "top_p": None, "n": None,
+             "stream": None, "stop": None, "seed": None, "logprobs": None, "presence_penalty": None, "user": None}
+    r = httpx.post(server.url + "/v1/completions", json=nulls, headers={"Authorization": f"Bearer {KEY}"})
+    assert r.status_code == 200 and len(r.json()["choices"]) == 1
+
+
+def test_structured_output_through_the_openai_client(client, sp_tokenizer):
+    """response_format json_schema (chat, greedy and sampled, streamed) and json_object (completions): the text
+    parses and validates, or the request ends with "length"; an unconstrained request beside them is what it is
+    alone."""
+    import jsonschema
+    from concurrent.futures import ThreadPoolExecutor
+
+    schema = {"type": "object", "properties": {"city": {"enum": ["Paris", "Rome", "Oslo"]}, "people": {
+        "type": "integer", "minimum": 0, "maximum": 1000}, "tags": {"type": "array", "items": {"type": "string",
+                                                                                             "maxLength": 8},
+                                                                     "maxItems": 3}},
+              "required": ["city", "people"]}
+    fmt = {"type": "json_schema", "json_schema": {"name": "place", "schema": schema, "strict": True}}
+    messages = [{"role": "user", "content": "Describe a city as JSON."}]
+    alone = client.completions.create(model="tiny", prompt="The river", max_tokens=20, temperature=0).choices[0].text
+    jobs = [dict(temperature=0), dict(temperature=1.0, seed=1), dict(temperature=0.8, seed=2, n=2)]
+    with ThreadPoolExecutor(4) as pool:
+        futures = [pool.submit(client.chat.completions.create, model="tiny", messages=messages, max_tokens=120,
+                               response_format=fmt, **job) for job in jobs]
+        beside = pool.submit(client.completions.create, model="tiny", prompt="The river", max_tokens=20,
+                             temperature=0)
+        outs = [f.result() for f in futures]
+    assert beside.result().choices[0].text == alone
+    choices = [c for out in outs for c in out.choices]
+    for c in choices:
+        assert c.finish_reason in ("stop", "length")
+        if c.finish_reason == "stop":
+            jsonschema.validate(json.loads(c.message.content), schema)
+    assert sum(c.finish_reason == "stop" for c in choices) >= 3
+    streamed = client.chat.completions.create(model="tiny", messages=messages, max_tokens=120, response_format=fmt,
+                                              temperature=0, stream=True)
+    assert "".join(c.choices[0].delta.content or "" for c in streamed if c.choices) == choices[0].message.content
+    out = client.completions.create(model="tiny", prompt="A JSON object:", max_tokens=100, temperature=0,
+                                    extra_body={"response_format": {"type": "json_object"}})  # vLLM's extension
+    if out.choices[0].finish_reason == "stop":
+        assert isinstance(json.loads(out.choices[0].text), dict)
+
+
+def test_tokenize_detokenize_model_and_error_shapes(server, sp_tokenizer):
+    auth = {"Authorization": f"Bearer {KEY}"}
+    r = httpx.post(server.url + "/tokenize", json={"prompt": "The small cat"}, headers=auth).json()
+    assert r["tokens"] == sp_tokenizer.encode("The small cat") and r["count"] == len(r["tokens"])
+    assert r["max_model_len"] == 256
+    messages = [{"role": "user", "content": "Hi"}]
+    r = httpx.post(server.url + "/tokenize", json={"messages": messages}, headers=auth).json()
+    assert r["tokens"] == sp_tokenizer.encode_chat(messages)
+    r = httpx.post(server.url + "/detokenize", json={"tokens": sp_tokenizer.encode("The small cat")}, headers=auth)
+    assert r.json() == {"prompt": "The small cat"}
+    assert httpx.post(server.url + "/tokenize", json={"prompt": "x"}).status_code == 401
+    assert httpx.get(server.url + "/v1/models/tiny", headers=auth).json()["id"] == "tiny"
+    for method, path, status in [("GET", "/v1/models/gpt-4", 404), ("GET", "/v1/nothing", 404),
+                                 ("GET", "/v1/completions", 405), ("POST", "/detokenize", 400),
+                                 ("POST", "/tokenize", 400)]:
+        r = httpx.request(method, server.url + path, headers=auth, json={"tokens": [10**9]} if method == "POST"
+                          else None)
+        assert r.status_code == status and r.json()["error"]["message"], (path, r.text)
+
+
 def test_streamed_deltas_join_to_the_whole_answer(client):
     whole = client.completions.create(model="tiny", prompt="One old king", max_tokens=24, temperature=0)
     chunks = list(client.completions.create(model="tiny", prompt="One old king", max_tokens=24, temperature=0,
@@ -155,7 +271,29 @@ def test_seeded_sampling_repeats(client):
     ({"model": "gpt-4", "prompt": "x"}, "not served here"),
     ({"model": "tiny", "prompt": [1] * 300}, "maximum context length is 256"),
     ({"model": "tiny", "prompt": "x", "max_tokens": 400}, "maximum context length"),
-    ({"model": "tiny", "prompt": "x", "n": 2}, "n is not supported"),
+    ({"model": "tiny", "prompt": "x", "n": 0}, "n"),
+    ({"model": "tiny", "prompt": ["x"] * 40, "n": 2}, "at most 64"),
+    ({"model": "tiny", "prompt": "x", "tempreature": 0.5}, "tempreature: unknown field"),
+    ({"model": "tiny", "prompt": "x", "tools": [{"type": "function"}]}, "tools is not supported"),
+    ({"model": "tiny", "prompt": "x", "suffix": "y"}, "suffix is not supported"),
+    ({"model": "tiny", "prompt": "x", "response_format": {"type": "json_schema"}}, "json_schema goes with"),
+    ({"model": "tiny", "prompt": "x", "response_format": {"type": "json_schema", "json_schema": {
+        "name": "u", "schema": {"type": "array", "uniqueItems": True}}}}, "cannot be enforced"),
+    ({"model": "tiny", "prompt": "x", "response_format": {"type": "json_object"}, "ignore_eos": True}, "ignore_eos"),
+    ({"model": "tiny", "prompt": "x", "logprobs": 21}, "logprobs"),
+    ({"model": "tiny", "prompt": "x", "logprobs": True}, "logprobs"),
+    ({"model": "tiny", "prompt": "x", "logit_bias": {"abc": 1}}, "logit_bias"),
+    ({"model": "tiny", "prompt": "x", "logit_bias": {"5": 101}}, "logit_bias"),
+    ({"model": "tiny", "prompt": "x", "logit_bias": {"99999": 1}}, "logit_bias"),
+    ({"model": "tiny", "prompt": "x", "seed": 2**64 - 1, "n": 2}, "seed must be in"),  # choice 1's seed + 1
+    ({"model": None, "prompt": "x"}, "model"),
+    ({"model": "tiny", "prompt": "\ud800"}, "prompt"),  # a lone surrogate
+    ({"model": "tiny", "messages": [{"role": "user", "content": "a"}, {"role": "user", "content": "b"}]},
+     "alternation"),
+    ({"model": "tiny", "messages": [{"role": "tool", "content": "a"}]}, "messages.0.role"),
+    ({"model": "tiny", "messages": [{"role": "user", "content": "a", "tool_call_id": "1"}]}, "tool_call_id"),
+    ({"model": "tiny", "messages": [{"role": "user", "content": "a"}], "top_logprobs": 2}, "needs logprobs"),
+    ({"model": "tiny", "messages": [{"role": "user", "content": "a"}], "max_tokens": 0}, "max_tokens"),
     ({"model": "tiny", "prompt": "x", "seed": 2**64}, "seed must be in"),  # once killed the engine's thread
     ({"model": "tiny", "prompt": "x", "seed": -2**63 - 1}, "seed must be in"),
     ({"model": "tiny", "messages": []}, "messages"),
@@ -245,6 +383,41 @@ def test_busy_server_503_and_sigterm_finishes_running_requests(hf_checkpoint):
         s.stop()
 
 
+# every step 20 ms longer: a request of 240 tokens takes 5 s at least
+SLOW_STEPS = """
+import time
+from llama_fast.serving.runner import ModelRunner
+forward = ModelRunner.forward
+ModelRunner.forward = lambda self, rows: (time.sleep(0.02), forward(self, rows))[1]
+"""
+
+
+def test_a_client_that_leaves_is_cancelled_and_sigterm_ends_long_streams_cleanly(checkpoint):
+    """A non-streaming request whose client leaves stops generating and frees its blocks. SIGTERM with a stream
+    that outlasts --grace_period: the stream ends with an error event and [DONE], and the server exits 0."""
+    s = ServerProcess(checkpoint[0], "--model_name", "tiny", "--grace_period", "2", before=SLOW_STEPS)
+    body = {"model": "tiny", "prompt": "The car", "max_tokens": 240, "temperature": 0, "ignore_eos": True}
+    try:
+        with pytest.raises(httpx.ReadTimeout):
+            httpx.post(s.url + "/v1/completions", json=body, timeout=httpx.Timeout(10, read=1.0))
+        deadline = time.time() + 30
+        while (m := s.metrics())["llama_fast_requests_running"] or m["llama_fast_kv_blocks_used"]:
+            assert time.time() < deadline, m
+            time.sleep(0.1)
+        assert m["llama_fast_generation_tokens_total"] < 240  # it stopped well before its end
+        lines = []
+        with httpx.stream("POST", s.url + "/v1/completions", json={**body, "stream": True}, timeout=60) as r:
+            for line in r.iter_lines():
+                if line.startswith("data:") and not lines:
+                    s.proc.send_signal(signal.SIGTERM)
+                lines += [line] if line.startswith("data:") else []
+        assert lines[-1] == "data: [DONE]" and "shut down" in json.loads(lines[-2][5:])["error"]["message"]
+        out, err = s.proc.communicate(timeout=60)
+        assert s.proc.returncode == 0, err
+    finally:
+        s.stop()
+
+
 def test_an_int8_kv_cache_server_answers_what_the_int8_engine_computes(checkpoint, sp_tokenizer):
     """serve.py --kv_cache_dtype int8 reports the pool it allocated and answers greedy requests with what an
     Engine with an int8 pool computes in this process."""
@@ -312,6 +485,25 @@ def test_a_failing_request_fails_alone_and_a_failing_engine_exits(checkpoint, sp
                                                 "it computes: RuntimeError: device lost; exiting")
     finally:
         s.stop()
+
+
+def test_port_0_announces_the_real_port_and_a_short_context_fits_a_small_pool(checkpoint):
+    """--port 0 prints the port the system chose; --max_model_len lets a pool smaller than the model's context
+    serve, and /v1/models says the context served."""
+    proc = subprocess.Popen([sys.executable, "serve.py", "--checkpoint_path", str(checkpoint[0] / "model.pth"),
+                             "--device", "cpu", "--precision", "float32", "--port", "0", "--block_size", "8",
+                             "--kv_cache_tokens", "64", "--max_model_len", "64", "--model_name", "tiny"],
+                            cwd=ROOT, stderr=subprocess.PIPE, text=True)
+    try:
+        line = next(line for line in proc.stderr if line.startswith("Serving"))
+        url = line.split(" at ")[1].strip().removesuffix("/v1")
+        assert not url.endswith(":0")
+        assert httpx.get(url + "/v1/models").json()["data"][0]["max_model_len"] == 64
+        r = httpx.post(url + "/v1/completions", json={"model": "tiny", "prompt": [1] * 60, "max_tokens": 8})
+        assert r.status_code == 400 and "maximum context length is 64" in r.json()["error"]["message"]
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.communicate(timeout=60)
 
 
 def test_refuses_a_port_in_use_before_loading(checkpoint):

@@ -8,9 +8,9 @@ import pytest
 import sentencepiece as spm
 import tiktoken
 
+from decoding import StreamDecoder
 from tokenizer import (
     SentencePieceTokenizer,
-    StreamDecoder,
     TiktokenTokenizer,
     TokenizerError,
     load_tokenizer,
@@ -142,6 +142,16 @@ def test_round_trip(tok, text):
     assert tok.decode(tok.encode(text, bos=False)) == text
     bos_text = "" if isinstance(tok, SentencePieceTokenizer) else "<|begin_of_text|>"
     assert tok.decode(tok.encode(text)) == bos_text + text
+
+
+@pytest.mark.parametrize("text", TEXTS)
+def test_token_bytes_join_to_the_text(tok, text):
+    """Each token's bytes (the serving API's logprobs) join to the text's UTF-8 (after the space SentencePiece puts
+    first, "▁" being a space); a special token is its name."""
+    joined = b"".join(tok.token_bytes(i) for i in tok.encode(text, bos=False))
+    space = b" " if isinstance(tok, SentencePieceTokenizer) and text else b""
+    assert joined == space + text.encode()
+    assert tok.token_bytes(tok.eos_ids[0]) in (b"</s>", b"<|end_of_text|>")
 
 
 def test_bos_eos(tok):

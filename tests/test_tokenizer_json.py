@@ -14,7 +14,8 @@ from conftest import english_ish, train_byte_level_bpe, write_tokenizer
 
 import decoding
 from sampling import SamplingConfig
-from tokenizer import HFTokenizer, StreamDecoder, TokenizerError, load_tokenizer
+from decoding import StreamDecoder
+from tokenizer import HFTokenizer, TokenizerError, load_tokenizer
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -85,6 +86,7 @@ def test_encode_decode_as_autotokenizer(files, text):
     assert ours.decode(ids) == auto.decode(ids, skip_special_tokens=True)
     if "<|" not in text:
         assert ours.decode(ours.encode(text, bos=False)) == text
+        assert b"".join(ours.token_bytes(i) for i in ours.encode(text, bos=False)) == text.encode()
 
 
 @pytest.mark.parametrize("messages", CONVERSATIONS)

@@ -12,6 +12,7 @@ stop strings, finishing. Each step() is one forward pass over a ragged batch: th
 request whose next token is known, and chunks of the prompts being read, within a budget of tokens per step.
 """
 import contextlib
+import functools
 import itertools
 import random
 import sys
@@ -24,18 +25,20 @@ import torch
 from torch import Tensor
 
 from llama_fast.quant.kv_cache import Int8PagedKVCache
+from llama_fast.serving.grammar import Grammars
 from llama_fast.serving.paged_cache import BlockPool, PagedKVCache
-from llama_fast.serving.request import GREEDY, Request
+from llama_fast.serving.request import GREEDY, Request, n_logits
 from llama_fast.serving.runner import ModelRunner, pool_tokens
-from llama_fast.serving.sampler import sample_rows
+from llama_fast.serving.sampler import logprobs_of, sample_rows
 from llama_fast.serving.scheduler import Scheduler
 from llama_fast.speculate.speculative import PromptLookup
 from model import Transformer
 from sampling import SamplingConfig
-from tokenizer import StreamDecoder
+from decoding import StreamDecoder
 
 SEED_RANGE = (-2**63, 2**64 - 1)  # what torch.Generator.manual_seed takes
 MAX_LOOKUP = 16  # the longest prompt-lookup n-gram and proposal
+MAX_LOGPROBS = 20  # the most alternatives a token's logprobs list (OpenAI's limit)
 KV_CACHE_CLASSES = {"auto": PagedKVCache, "int8": Int8PagedKVCache}
 # A speculating request whose last LOOKUP_WINDOW verifications accepted fewer than LOOKUP_MIN_ACCEPTED tokens each on
 # average stops proposing: each proposed token costs about a prompt token's compute, which a miss wastes
@@ -67,9 +70,12 @@ class EngineConfig:
     kv_cache_dtype: str = "auto"  # "auto": the model's activations' dtype; "int8": int8 with a scale per vector
     prompt_lookup: int = 0  # requests speculate by prompt lookup with n-grams of this length unless they say (0: off)
     speculate_k: int = 5  # tokens prompt lookup proposes per step
+    max_model_len: int = 0  # the longest context served, prompt and output; 0: the model's
     compile: bool = False  # torch.compile the forward pass (on CUDA, batch and block counts padded to powers of two)
 
     def __post_init__(self):
+        if not isinstance(self.max_model_len, int) or self.max_model_len < 0:
+            raise ValueError(f"max_model_len must be 0 (the model's context) or more, not {self.max_model_len!r}")
         for name in ("max_batch_size", "block_size", "max_num_batched_tokens", "prefill_chunk"):
             if not isinstance(getattr(self, name), int) or getattr(self, name) < (name != "prefill_chunk"):
                 raise ValueError(f"{name} must be a positive integer, not {getattr(self, name)!r}")
@@ -87,9 +93,13 @@ class EngineConfig:
 class Engine:
     def __init__(self, model: Transformer, tokenizer=None, config: EngineConfig = EngineConfig()):
         self.model, self.tokenizer, self.config = model, tokenizer, config
-        self.context = model.config.max_seq_len
+        if config.max_model_len > model.config.max_seq_len:
+            raise ValueError(f"max_model_len ({config.max_model_len}) is longer than the model's context "
+                             f"({model.config.max_seq_len})")
+        self.context = config.max_model_len or model.config.max_seq_len
         cache_class = KV_CACHE_CLASSES[config.kv_cache_dtype]
-        pool_size = pool_tokens(model, config.max_batch_size, config.kv_cache_tokens, config.kv_cache_gb, cache_class)
+        pool_size = pool_tokens(model, config.max_batch_size, config.kv_cache_tokens, config.kv_cache_gb, cache_class,
+                                self.context)
         self.runner = ModelRunner(model, config.block_size, pool_size, config.max_batch_size, config.compile,
                                   cache_class)
         self.device = self.runner.device
@@ -113,8 +123,8 @@ class Engine:
             raise ValueError(f"this model's maximum context length is {self.context} tokens; the prompt has {n}")
         if any(not 0 <= t < vocab for t in r.prompt):
             raise ValueError(f"prompt token ids must be in [0, {vocab})")
-        if not isinstance(r.max_tokens, int) or r.max_tokens < 1:
-            raise ValueError(f"max_tokens must be at least 1, not {r.max_tokens}")
+        if not isinstance(r.max_tokens, int) or r.max_tokens < 0:
+            raise ValueError(f"max_tokens must be at least 0, not {r.max_tokens}")
         if n + r.max_tokens > self.context:
             raise ValueError(f"this model's maximum context length is {self.context} tokens; the request needs "
                              f"{n + r.max_tokens} ({n} in the prompt, {r.max_tokens} for the completion)")
@@ -127,6 +137,14 @@ class Engine:
             check_lookup(*r.speculation)
         if r.seed is not None and not SEED_RANGE[0] <= r.seed <= SEED_RANGE[1]:  # the engine's thread would fail
             raise ValueError(f"seed must be in [{SEED_RANGE[0]}, {SEED_RANGE[1]}] (64 bits), not {r.seed}")
+        for name in ("logprobs", "prompt_logprobs"):
+            k = getattr(r, name)
+            if k is not None and not (isinstance(k, int) and 0 <= k <= MAX_LOGPROBS):
+                raise ValueError(f"{name} must be in [0, {MAX_LOGPROBS}], not {k!r}")
+        for token, bias in (r.logit_bias or {}).items():
+            if not (isinstance(token, int) and 0 <= token < vocab and -100 <= bias <= 100):
+                raise ValueError(f"logit_bias: token ids must be in [0, {vocab}) and biases in [-100, 100], not "
+                                 f"{token!r}: {bias!r}")
 
     def add(self, r: Request):
         self.check(r)
@@ -202,8 +220,11 @@ class Engine:
             if self.tokenizer is not None:
                 r.decoder = StreamDecoder(self.tokenizer)
             r.speculation = r.speculation or (self.config.prompt_lookup, self.config.speculate_k)
-            if r.speculation[0] and r.sampling.greedy and not r.sampling.penalized:  # exact: what decoding gives
+            if r.speculation[0] and plain_greedy(r):  # exact: verified against what decoding gives
                 r.lookup = PromptLookup(r.speculation[0], r.prompt)
+            if r.logit_bias:
+                r.bias = (torch.tensor(list(r.logit_bias), device=self.device),
+                          torch.tensor(list(r.logit_bias.values()), device=self.device))
             if r.sampling.penalized:
                 V = self.model.config.vocab_size
                 r.counts = torch.zeros(V, device=self.device)
@@ -243,17 +264,22 @@ class Engine:
     def take_tokens(self, rows: list[tuple[Request, int]], logits: Tensor):
         """After the pass (logits: each row's last computed token's, every one of a row verifying a draft): a row
         verifying a draft keeps what verify() accepts; a row whose prompt is then read samples its next token."""
-        ends = list(itertools.accumulate(n if r.draft else 1 for r, n in rows))  # each row's logits end there
+        ends = list(itertools.accumulate(n_logits(r, n) for r, n in rows))  # each row's logits end there
         greedy = logits.argmax(-1).tolist() if any(r.draft for r, _ in rows) else None  # one host sync for drafts
         done, accepted = [], {}
         for (r, n), end in zip(rows, ends):
             if r.draft:
                 accepted[r] = self.verify(r, greedy[end - n:end])
+            elif r.reads_prompt_logprobs:
+                self.score_prompt(r, logits[end - n:end])
             done.append((r, len(accepted[r]) if r.draft else n))  # a draft's accepted tokens and the one before
         self.scheduler.computed(done)
         for r in accepted:
             r.draft = []
         ready = [i for i, (r, _) in enumerate(rows) if r.n_pending == 0 and r not in accepted]
+        for r in [rows[i][0] for i in ready if rows[i][0].max_tokens == 0]:  # it only scored its prompt (echo)
+            self.finish(r, "length")
+        ready = [i for i in ready if rows[i][0].finish_reason is None]
         if ready:
             last = [ends[i] - 1 for i in ready]
             self.sample(logits if last == list(range(len(logits))) else logits[last], [rows[i][0] for i in ready])
@@ -274,8 +300,26 @@ class Engine:
             r.lookup = None  # below break-even: it decodes plainly from now on
         return r.draft[:j] + [predicted[j]]
 
+    def score_prompt(self, r: Request, logits: Tensor):
+        """The logprobs of the prompt tokens that the logits (one after each token this step computes of r's
+        prompt) predict; those already scored before a preemption are not scored again."""
+        start, scored = r.n_computed, len(r.prompt_token_logprobs) + 1  # the first token has none
+        targets = r.prompt[start + 1:start + 1 + len(logits)]
+        if start + len(targets) >= scored:
+            first = scored - start - 1
+            r.prompt_token_logprobs += logprobs_of(logits[first:len(targets)], targets[first:], r.prompt_logprobs)
+
     def sample(self, logits: Tensor, rows: list[Request]):
-        """Each row's next token (a row whose settings cannot be sampled fails alone) and what it adds."""
+        """Each row's next token (a row whose settings cannot be sampled fails alone), its logprobs if asked for
+        (of the model's own logits: before logit_bias, penalties and temperature) and what it adds."""
+        scored = [i for i, r in enumerate(rows) if r.logprobs is not None]
+        raw = logits[scored] if scored else None
+        if any(r.logit_bias or r.grammar for r in rows):
+            logits = logits.clone()
+            for i, r in enumerate(rows):
+                if r.logit_bias:
+                    logits[i].index_add_(0, *r.bias)
+            self.constrain(logits, rows)
         try:
             tokens = sample_rows(logits, rows)
         except Exception:
@@ -286,12 +330,39 @@ class Engine:
                 except Exception as e:
                     self.failed([(r, 0)], e)
                     tokens.append(None)
+        if scored:
+            k = max(rows[i].logprobs for i in scored)
+            for i, (lp, top) in zip(scored, logprobs_of(raw, [tokens[i] or 0 for i in scored], k)):
+                rows[i].token_logprobs.append((lp, top[:rows[i].logprobs]))
         for r, token in zip(rows, tokens):
-            if token is not None:
+            if token is not None and r.finish_reason is None:  # (a row whose grammar failed has ended)
                 try:
+                    if r.grammar is not None and not r.grammar.accept(token):
+                        raise RuntimeError("the grammar refused a token its own mask allowed")
                     self.append(r, token)
                 except Exception as e:  # its stop strings, its text, its client's callback
                     self.failed([(r, 0)], e)
+
+    def constrain(self, logits: Tensor, rows: list[Request]):
+        """Structured output: each row with a grammar may only take the tokens it allows (the other logits -inf,
+        in place); a row whose grammar allows nothing (its matcher failed) fails."""
+        constrained = [i for i, r in enumerate(rows) if r.grammar is not None]
+        if not constrained:
+            return
+        allowed = self.grammars.masks([rows[i].grammar for i in constrained]).to(logits.device)
+        where = torch.tensor(constrained, device=logits.device)
+        logits[where] = logits[where].masked_fill(~allowed, float("-inf"))
+        for i, ok in zip(constrained, allowed.any(-1).tolist()):
+            if not ok:
+                error = rows[i].grammar.llg.get_error() or "no token is allowed"
+                self.failed([(rows[i], 0)], RuntimeError(f"the output cannot go on: {error}"))
+
+    @functools.cached_property
+    def grammars(self) -> Grammars:
+        """The tokenizer's vocabulary as structured output needs it (made on first use: 0.2-0.4 s)."""
+        if self.tokenizer is None:
+            raise ValueError("structured output needs the engine's tokenizer")
+        return Grammars(self.tokenizer, self.model.config.vocab_size)
 
     def failed(self, rows: list[tuple[Request, int]], e: Exception):
         """Each row's request ends with finish_reason "error" and e as its error; its blocks are freed."""
@@ -346,6 +417,12 @@ class Engine:
             token = r.tokens[-1:] if reason != "abort" and len(r.tokens) > len(r.prompt) else []
             r.on_output(r, r.text[r.sent:], token)
             r.sent = len(r.text)
+
+
+def plain_greedy(r: Request) -> bool:
+    """Whether r's next token is the argmax of the model's logits (what prompt lookup's verification assumes)."""
+    return (r.sampling.greedy and not r.sampling.penalized and not r.logit_bias and r.logprobs is None
+            and r.grammar is None)
 
 
 def seeded_generator(seed: int | None, device) -> torch.Generator:

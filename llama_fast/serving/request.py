@@ -2,9 +2,12 @@
 import time
 import uuid
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 from sampling import SamplingConfig
+
+if TYPE_CHECKING:
+    from llama_fast.serving.grammar import Matcher
 
 GREEDY = SamplingConfig(temperature=0)
 
@@ -22,6 +25,11 @@ class Request:
     seed: int | None = None  # the request's own random generator: the same text whatever else runs beside it
     # prompt lookup: (n-gram length, tokens proposed per step); 0 or None: the engine's default; (0, k): off
     speculation: tuple[int, int] | None = None
+    logprobs: int | None = None  # each output token's log probability and the top k alternatives (None: off)
+    prompt_logprobs: int | None = None  # the same for every prompt token after the first (echo); prefix not reused
+    logit_bias: dict[int, float] | None = None  # added to the logits before sampling (not to the logprobs)
+    grammar: "Matcher | None" = None  # structured output: the tokens its grammar allows (engine.grammars.matcher)
+    shares_prompt_with: "Request | None" = None  # admitted once that one's prompt is cached: its blocks are reused
     on_output: Callable | None = None
     id: str = field(default_factory=lambda: uuid.uuid4().hex)
     # the engine's state
@@ -42,9 +50,13 @@ class Request:
         self.generator = None
         self.decoder = None
         self.seen = self.counts = None  # penalties: tokens of prompt and output; counts of output tokens
+        self.bias = None  # logit_bias as (token ids, biases) tensors on the engine's device
         self.lookup = None  # prompt lookup's index of the request's tokens (PromptLookup), while it speculates
         self.draft: list[int] = []  # tokens proposed for this step, verified by its forward pass
         self.verified: list[int] = []  # tokens accepted by each of the request's recent verifications
+        # (logprob, [(token, logprob) of the top k]) of each output token, and of each prompt token after the first
+        self.token_logprobs: list[tuple[float, list]] = []
+        self.prompt_token_logprobs: list[tuple[float, list]] = []
 
     @property
     def output(self) -> list[int]:
@@ -53,3 +65,13 @@ class Request:
     @property
     def n_pending(self) -> int:  # tokens to compute before the next one can be sampled
         return len(self.tokens) - self.n_computed
+
+    @property
+    def reads_prompt_logprobs(self) -> bool:
+        return self.prompt_logprobs is not None and self.n_computed < len(self.prompt)
+
+
+def n_logits(r: Request, n: int) -> int:
+    """How many logits a forward pass computing n of r's tokens gives back: one after each token when it verifies a
+    draft or scores its prompt, else one after the last (what its next token is sampled from)."""
+    return n if r.draft or r.reads_prompt_logprobs else 1

@@ -8,7 +8,7 @@ from torch import Tensor
 
 from decoding import compile_dynamic, cpu_inductor, specialize_floats
 from llama_fast.serving.paged_cache import PagedKVCache, paged_forward, setup_paged_cache
-from llama_fast.serving.request import Request
+from llama_fast.serving.request import Request, n_logits
 from model import Transformer
 import tp
 
@@ -42,11 +42,11 @@ class ModelRunner:
     def forward(self, rows: list[tuple[Request, int]]) -> Tensor:
         """One forward pass computing n pending tokens of each (row, n), the one-token rows first: the logits (K, V)
         after each row's last computed token, and after every one of a row verifying a draft (its n tokens are its
-        next one and r.draft), row after row."""
+        next one and r.draft) or scoring its prompt (n_logits), row after row."""
         tensors = self.batch_tensors(rows)
         decode_only = tensors[1].shape[1] == tensors[3].shape[0]  # every token is a one-token row's
         logits = run_model(self.decode_forward if decode_only else self.prefill_forward, tensors, decode_only)
-        return logits[:sum(n if r.draft else 1 for r, n in rows)]
+        return logits[:sum(n_logits(r, n) for r, n in rows)]
 
     def probe(self):
         """A forward pass of one token at position 0 in block 0 (the padding rows' block): raises if the model
@@ -87,7 +87,7 @@ class ModelRunner:
             key_positions += range(context)
             key_rows += [c] * context
             chunk_rows += [c] * n
-            logits_at += range(end, end + n) if r.draft else [end + n - 1]
+            logits_at += range(end, end + n) if n_logits(r, n) > 1 else [end + n - 1]
             end += n
         as_tensor = lambda x: torch.tensor(x, dtype=torch.long, device=self.device)  # noqa: E731
         table = as_tensor(tables).view(len(tables), n_blocks)
@@ -97,9 +97,11 @@ class ModelRunner:
 
 
 def pool_tokens(model: Transformer, max_batch_size: int, kv_cache_tokens: int = 0, kv_cache_gb: float = 0.0,
-                cache_class=PagedKVCache) -> int:
-    """The KV pool's size in tokens: kv_cache_tokens, or kv_cache_gb of memory, else max_batch_size full contexts or
-    half the memory that is free now (CPU: MemAvailable; CUDA: the device's free memory), whichever is smaller."""
+                cache_class=PagedKVCache, context: int = 0) -> int:
+    """The KV pool's size in tokens: kv_cache_tokens, or kv_cache_gb of memory, else max_batch_size full contexts
+    (context tokens each; 0: the model's) or half the memory that is free now (CPU: MemAvailable; CUDA: the device's
+    free memory), whichever is smaller."""
+    context = context or model.config.max_seq_len
     if kv_cache_tokens:
         return kv_cache_tokens
     per_token = token_bytes(model, cache_class)
@@ -111,7 +113,7 @@ def pool_tokens(model: Transformer, max_batch_size: int, kv_cache_tokens: int = 
     else:
         with open("/proc/meminfo") as f:
             free = next(int(line.split()[1]) * 1024 for line in f if line.startswith("MemAvailable"))
-    return max(min(max_batch_size * model.config.max_seq_len, free // 2 // per_token), model.config.max_seq_len)
+    return max(min(max_batch_size * context, free // 2 // per_token), context)
 
 
 def token_bytes(model: Transformer, cache_class=PagedKVCache) -> int:

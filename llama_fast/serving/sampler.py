@@ -29,3 +29,13 @@ def sample_rows(logits: Tensor, rows: list[Request]) -> list[int]:
         noise = torch.stack([torch.empty_like(probs[0]).exponential_(1, generator=rows[i].generator) for i in idx])
         tokens[where] = (probs / noise).argmax(-1)
     return tokens.tolist()
+
+
+def logprobs_of(logits: Tensor, tokens: list[int], k: int) -> list[tuple[float, list]]:
+    """For each row: (the log probability of its token, [(token, log probability)] of its k most likely), from the
+    float32 log-softmax of the logits; one host sync for all rows."""
+    logprobs = torch.log_softmax(logits.float(), -1)
+    chosen = logprobs.gather(-1, torch.tensor(tokens, device=logits.device)[:, None])[:, 0].tolist()
+    top = logprobs.topk(k, -1) if k else None
+    alternatives = zip(top.indices.tolist(), top.values.tolist()) if k else [([], [])] * len(tokens)
+    return [(lp, list(zip(ids, lps))) for lp, (ids, lps) in zip(chosen, alternatives)]

@@ -64,11 +64,15 @@ class Scheduler:
             return None
         bs = self.pool.block_size
         r = self.waiting[0]
+        if (s := r.shares_prompt_with) and s.finish_reason is None and s.n_computed < len(s.prompt) - 1:
+            return None  # it waits one or a few steps for the prompt it shares to be cached, and then reuses it
         first_chunk = -(-min(len(r.tokens), self.prefill_chunk) // bs)
         if self.running and self.pool.n_free < first_chunk:
             return None
         self.waiting.popleft()
-        r.blocks, r.digests = self.pool.match(r.tokens[:-1])  # the last token is computed: it gives the logits
+        # the last token is computed: it gives the logits; a prompt to score is computed whole, for its logits
+        scored = r.prompt_logprobs is None or len(r.prompt_token_logprobs) == len(r.prompt) - 1
+        r.blocks, r.digests = self.pool.match(r.tokens[:-1]) if scored else ([], [])
         r.n_computed = len(r.blocks) * bs
         if r.first_token_time is None:
             r.cached_tokens = r.n_computed
