@@ -4,6 +4,7 @@ checked against HF transformers in test_generate.py), in float32 on --device."""
 import copy
 import itertools
 import json
+import math
 import random
 from pathlib import Path
 
@@ -370,6 +371,55 @@ def test_structured_output_validates_beside_unconstrained_rows(hf_checkpoint, lo
         assert r.output == alone(reference, r.prompt, 24)
     short = engine.generate([prompt_ids(12, seed=7)], 3, grammar=engine.grammars.matcher(SCHEMAS[8]))[0]
     assert short.finish_reason == "length" and len(short.output) == 3
+
+
+def test_structured_output_with_a_tokenizer_that_turns_newlines_into_spaces(tmp_path):
+    """The demo's tokenizer (trained with SentencePiece's default normalization: a newline becomes a space) still
+    spells what a grammar forces (`"name":"` after `{`): random walks under the masks never see the end allowed
+    before the JSON is whole, and the outputs that end validate. (Once, llguidance could not encode the forced
+    text, allowed only the end, and `{` came back as a finished answer.)"""
+    import jsonschema
+    from make_demo_checkpoint import train_tokenizer
+
+    from llama_fast.serving.grammar import Grammars
+    from tokenizer import load_tokenizer
+
+    train_tokenizer(tmp_path)
+    tok = load_tokenizer(tmp_path / "tokenizer.model")
+    grammars = Grammars(tok, tok.vocab_size)
+    generator, ended = torch.Generator().manual_seed(0), 0
+    for schema in SCHEMAS:
+        matcher, ids = grammars.matcher(schema), []
+        for _ in range(200):
+            allowed = grammars.masks([matcher])[0]
+            assert matcher.complete() or not allowed[tok.eos_ids].any(), (schema, tok.decode(ids))
+            token = int(torch.randn(tok.vocab_size, generator=generator).masked_fill(~allowed, -math.inf).argmax())
+            if token in tok.eos_ids:
+                jsonschema.validate(json.loads(tok.decode(ids)), schema or {"type": "object"})
+                ended += 1
+                break
+            assert matcher.accept(token)
+            ids.append(token)
+    assert ended >= len(SCHEMAS) // 2
+
+
+def test_a_stuck_grammar_fails_its_request_instead_of_ending_it(hf_checkpoint, load_ours, prompt_ids, sp_tokenizer,
+                                                                monkeypatch):
+    """If the text a grammar forces cannot be tokenized, llguidance allows only the end of the sequence: the
+    request then fails (finish_reason "error") rather than ending with half a JSON value as if it were whole."""
+    from llama_fast.serving import grammar
+
+    def cannot(self, text):
+        raise ValueError("cannot spell it")
+    monkeypatch.setattr(grammar.Vocabulary, "__call__", cannot)
+    _, d = hf_checkpoint("gqa")
+    engine = Engine(load_ours(d), sp_tokenizer, EngineConfig(max_batch_size=2, block_size=8))
+    stuck = Request(prompt_ids(12, seed=3), 30, eos_ids=tuple(sp_tokenizer.eos_ids),
+                    grammar=engine.grammars.matcher(SCHEMAS[0]))
+    free = Request(prompt_ids(12, seed=4), 10)
+    run_arriving(engine, [stuck, free], every=1)
+    assert stuck.finish_reason == "error" and "cannot go on" in stuck.error
+    assert free.finish_reason == "length" and len(free.output) == 10
 
 
 def test_schemas_the_grammar_library_cannot_enforce_are_refused(sp_tokenizer):

@@ -345,17 +345,20 @@ class Engine:
 
     def constrain(self, logits: Tensor, rows: list[Request]):
         """Structured output: each row with a grammar may only take the tokens it allows (the other logits -inf,
-        in place); a row whose grammar allows nothing (its matcher failed) fails."""
+        in place); a row whose grammar allows nothing but the end before its JSON is whole fails: never an
+        invalid output claimed complete."""
         constrained = [i for i, r in enumerate(rows) if r.grammar is not None]
         if not constrained:
             return
         allowed = self.grammars.masks([rows[i].grammar for i in constrained]).to(logits.device)
         where = torch.tensor(constrained, device=logits.device)
         logits[where] = logits[where].masked_fill(~allowed, float("-inf"))
-        for i, ok in zip(constrained, allowed.any(-1).tolist()):
-            if not ok:
-                error = rows[i].grammar.llg.get_error() or "no token is allowed"
-                self.failed([(rows[i], 0)], RuntimeError(f"the output cannot go on: {error}"))
+        text = allowed.clone()
+        text[:, list(self.tokenizer.eos_ids)] = False
+        for i, goes_on in zip(constrained, text.any(-1).tolist()):
+            if not goes_on and not rows[i].grammar.complete():  # (llguidance allows only the end when it is stuck)
+                error = rows[i].grammar.llg.get_error() or "no token can continue it"
+                self.failed([(rows[i], 0)], RuntimeError(f"the structured output cannot go on: {error}"))
 
     @functools.cached_property
     def grammars(self) -> Grammars:

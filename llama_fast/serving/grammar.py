@@ -43,8 +43,9 @@ class Vocabulary:
         self.tokenizer = tokenizer
 
     def __call__(self, text) -> list[int]:
-        """Ids whose bytes are exactly text's. SentencePiece puts a space before the first word ("{" would be
-        "▁{"): then the text is encoded after a newline, and what follows the newline is kept."""
+        """Ids whose bytes are exactly text's (llguidance asks for the text a grammar forces). The tokenizer's own
+        encoding if it spells the text; SentencePiece puts a space before the first word ("{" would be "▁{"), so
+        then the text after a newline, without the newline's tokens; else the longest token at each point."""
         text = text.decode("utf-8", "replace") if isinstance(text, bytes) else text
         wanted = text.encode()
         ids = self.tokenizer.encode(text, bos=False)
@@ -55,7 +56,23 @@ class Vocabulary:
             if b"".join(self.tokens[i] for i in ids[:k + 1]).endswith(b"\n") and \
                     b"".join(self.tokens[i] for i in ids[k + 1:]) == wanted:
                 return ids[k + 1:]
-        raise ValueError(f"cannot encode {text!r} as its own bytes")
+        return self.longest_first(wanted)
+
+    def longest_first(self, wanted: bytes) -> list[int]:
+        """The bytes as the longest tokens that spell them, left to right (a tokenizer whose normalizer turns the
+        newline into a space, as the demo's does, defeats the newline above)."""
+        if not hasattr(self, "by_bytes"):
+            self.by_bytes = {b: i for i, b in reversed(list(enumerate(self.tokens))) if b}
+            self.longest = max(map(len, self.by_bytes))
+        ids, at = [], 0
+        while at < len(wanted):
+            n = next((n for n in range(min(self.longest, len(wanted) - at), 0, -1)
+                      if wanted[at:at + n] in self.by_bytes), None)
+            if n is None:
+                raise ValueError(f"no token spells {wanted[at:at + 1]!r}")
+            ids.append(self.by_bytes[wanted[at:at + n]])
+            at += n
+        return ids
 
 
 class Matcher:
