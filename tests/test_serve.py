@@ -209,6 +209,9 @@ def test_tokenize_detokenize_model_and_error_shapes(server, sp_tokenizer):
     r = httpx.post(server.url + "/tokenize", json={"prompt": "The small cat"}, headers=auth).json()
     assert r["tokens"] == sp_tokenizer.encode("The small cat") and r["count"] == len(r["tokens"])
     assert r["max_model_len"] == 256
+    r = httpx.post(server.url + "/tokenize", json={"prompt": "The small cat", "add_special_tokens": False},
+                   headers=auth).json()
+    assert r["tokens"] == sp_tokenizer.encode("The small cat", bos=False)
     messages = [{"role": "user", "content": "Hi"}]
     r = httpx.post(server.url + "/tokenize", json={"messages": messages}, headers=auth).json()
     assert r["tokens"] == sp_tokenizer.encode_chat(messages)

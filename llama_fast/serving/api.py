@@ -130,6 +130,7 @@ class Sampled(Strict):
 class CompletionRequest(Sampled):
     prompt: str | list[int] | list[str] | list[list[int]]
     echo: bool = False  # the prompt before the completion (with logprobs: its tokens' too, the first null)
+    add_special_tokens: ClassVar[bool] = True  # what tokenize() asks of /tokenize's requests too
     logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)  # each token's, and this many alternatives
 
     @model_validator(mode="after")
@@ -205,6 +206,7 @@ class TokenizeRequest(Strict):
     """POST /tokenize (as vLLM's): a prompt's token ids, or a conversation's through the chat template."""
     model: str | None = None
     prompt: str | None = None
+    add_special_tokens: bool = True  # BOS first, as a completion's prompt has it (lm-eval's remote tokenizer: false)
     messages: list[Message] | None = None
     echo: ClassVar[bool] = False  # what tokenize() asks of a completion request
     n: ClassVar[int] = 1

@@ -357,7 +357,7 @@ class Engine:
         text[:, list(self.tokenizer.eos_ids)] = False
         for i, goes_on in zip(constrained, text.any(-1).tolist()):
             if not goes_on and not rows[i].grammar.complete():  # (llguidance allows only the end when it is stuck)
-                error = rows[i].grammar.llg.get_error() or "no token can continue it"
+                error = rows[i].grammar.error() or "no token can continue it"
                 self.failed([(rows[i], 0)], RuntimeError(f"the structured output cannot go on: {error}"))
 
     @functools.cached_property

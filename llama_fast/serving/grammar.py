@@ -84,6 +84,9 @@ class Matcher:
     def accept(self, token: int) -> bool:
         return self.llg.consume_token(token)
 
+    def error(self) -> str:
+        return self.llg.get_error()
+
     def complete(self) -> bool:
         """Whether the output so far is a whole value (the end of sequence may come now)."""
         return self.llg.is_accepting()

@@ -51,7 +51,8 @@ async def tokenize(server: Server, body, chat: bool) -> tuple[list[list[int]], l
         check_unicode(body.prompts())
         if chat:
             return [tok.encode_chat(messages) for messages in body.prompts()], [""] * len(body.prompts())
-        prompts = [tok.encode(p) if isinstance(p, str) else list(p) for p in body.prompts()]
+        prompts = [tok.encode(p, bos=body.add_special_tokens) if isinstance(p, str) else list(p)
+                   for p in body.prompts()]
         echoed = [(p if isinstance(p, str) else tok.decode(p)) if body.echo else "" for p in body.prompts()]
         return prompts, echoed
     try:
@@ -221,7 +222,8 @@ async def respond(server: Server, http: HTTPRequest, body, requests: list[Reques
 
     async def events():
         given, started = [0] * len(requests), set()
-        offsets = [0 if chat or body.echo else len(server.tokenizer.decode(r.prompt)) for r in requests]
+        scores = not chat and body.logprobs is not None  # (text offsets: only completions' logprobs have them)
+        offsets = [len(server.tokenizer.decode(r.prompt)) if scores and not body.echo else 0 for r in requests]
         try:
             async for i, text, tokens, finish_reason in prepend(first, outputs):
                 r = requests[i]
