@@ -21,6 +21,8 @@ from decoding import (GenerationResult, StreamDecoder, compile_cache_counts, gen
                       weight_bytes)
 from llama_fast.checkpoint import (atomic_save, check_is_file, check_vocab, device_bytes, files_read, load_model,
                                    read_config, save_trace, tokenizer_file, write_json)
+from llama_fast.chat.interactive import chat
+from llama_fast.chat.templates import NO_TEMPLATE, chat_template
 from llama_fast.cpu.choice import metrics as cpu_kernel_metrics
 from llama_fast.quant.kv_cache import use_int8_kv_cache
 from llama_fast.speculate.lookahead import LookaheadConfig, lookahead_config, lookahead_generate, lookahead_stats
@@ -40,6 +42,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prompt_file", type=Path, help="one prompt per line")
     p.add_argument("--interactive", action="store_true", help="chat using the tokenizer's chat template")
     p.add_argument("--system", help="system prompt for --interactive")
+    p.add_argument("--chat_template", metavar="NAME_OR_FILE", help="--interactive's chat format: llama2, llama3, a "
+                   "Jinja file or a tokenizer_config.json (default: the tokenizer_config.json beside the tokenizer)")
     p.add_argument("--num_samples", type=int, default=5)
     p.add_argument("--max_new_tokens", type=int, default=200)
     p.add_argument("--batch_size", type=int, help=f"prompts generated together (default: the number of prompts, at "
@@ -82,6 +86,7 @@ def interactive_excludes(flag: str) -> tuple:
 FLAG_RULES = [*MODEL_FLAG_RULES,  # (flag, what it needs, whether args have it): see cli.check_flag_rules
               ("compile_prefill", "needs --compile", lambda a: a.compile),
               ("system", "is the system prompt of --interactive, which is not given", lambda a: a.interactive),
+              ("chat_template", "is the chat format of --interactive, which is not given", lambda a: a.interactive),
               *map(interactive_excludes, ("prompt", "prompt_file", "num_samples", "batch_size", "ignore_eos",
                                           "metrics_json", "profile")),
               ("speculate_k", "needs --draft_checkpoint_path or --prompt_lookup",
@@ -238,13 +243,16 @@ def run(args) -> int:
     k = speculate_k(args, sampling, batch_size)
     la = lookahead_settings(args, sampling, batch_size, k)
     tokenizer, prompts, config = read_inputs(args, texts)
+    template = chat_template(tokenizer, args.chat_template) if args.interactive else None
+    if args.interactive and template is None:
+        raise ValueError(f"--interactive: {NO_TEMPLATE}")
     check_fits(args, config, prompts, batch_size, k, la)
     if prompts and batch_size > len(prompts):  # a benchmark's batch: the prompts repeated to fill it
         texts, prompts = (x * (batch_size // len(prompts)) for x in (texts, prompts))
     model, proposer = load(args, k)
     steps = make_steps(args.device, args.compile, args.compile_prefill)
     if args.interactive:
-        interactive_chat(model, tokenizer, sampling, args, steps)
+        chat(model, tokenizer, template, sampling, args.system, args.max_seq_length, args.max_new_tokens, steps)
         return 0
 
     eos_ids = () if args.ignore_eos else tokenizer.eos_ids
@@ -376,52 +384,6 @@ def report(args, samples: list, sampling: SamplingConfig, wbytes: int, compiled:
               f"{stats['lookahead_steps']} steps", file=sys.stderr)
     if args.metrics_json and tp.rank() == 0:
         write_json(args.metrics_json, summary)
-
-
-# ----------------------------------------------------------------------------------------------- chatting
-
-def interactive_chat(model, tokenizer, sampling, args, steps):
-    """Keeps the whole conversation in the KV cache; each turn prefills only its new tokens."""
-    cache_len = min(args.max_seq_length or model.config.max_seq_len, model.config.max_seq_len)
-    model.setup_caches(1, cache_len)
-    pos, pending, first = 0, [], True  # pending: the last sampled token, not yet in the cache
-    print(f"Chat ({cache_len}-token context). Empty line or Ctrl-D to quit.", flush=True)
-    while True:
-        try:
-            user = input("\nUser: ").strip()
-        except EOFError:
-            break
-        if not user:
-            break
-        turn = pending + tokenizer.encode_chat_turn(user, args.system if first else None, first=first)
-        if pos + len(turn) + 1 >= cache_len:
-            print(f"[context full: {pos} of {cache_len} tokens used; starting a new conversation]", flush=True)
-            pos, pending, first = 0, [], True
-            turn = tokenizer.encode_chat_turn(user, args.system, first=True)
-            if len(turn) + 1 >= cache_len:
-                print("[message too long for the context]", flush=True)
-                continue
-        reply, stopped = chat_turn(model, tokenizer, turn, pos, cache_len, sampling, args.max_new_tokens, steps)
-        pos += len(turn) + len(reply) - 1
-        # The last sampled token is not in the cache yet; close an unfinished reply with the end-of-turn id.
-        pending = [reply[-1]] + ([] if stopped else [tokenizer.eot_id])
-        first = False
-
-
-def chat_turn(model, tokenizer, turn: list, pos: int, cache_len: int, sampling, max_new_tokens: int, steps):
-    """Stream the reply to one turn prefilled at cache position pos: (its tokens, whether it ended at EOS)."""
-    stream = StreamDecoder(tokenizer)
-    print("Assistant: ", end="", flush=True)
-
-    def show(step, token):
-        t = token[0, 0].item()
-        if t not in tokenizer.eos_ids:
-            print(stream.push([t]), end="", flush=True)
-
-    result = generate(model, [turn], min(max_new_tokens, cache_len - pos - len(turn)), sampling, tokenizer.eos_ids,
-                      start_pos=pos, cache_len=cache_len, steps=steps, on_token=show)
-    print(stream.flush(), flush=True)
-    return result.tokens[0], result.stopped[0]
 
 
 def main(argv=None):

@@ -21,7 +21,9 @@ from pathlib import Path
 
 import uvicorn
 
-from llama_fast.checkpoint import check_vocab, load_model, tokenizer_file
+from llama_fast.chat.templates import chat_template
+from llama_fast.chat.tool_calls import tool_call_format
+from llama_fast.checkpoint import check_is_file, check_vocab, load_model, tokenizer_file
 from llama_fast.serving.engine import KV_CACHE_CLASSES, MAX_LOOKUP, Engine, EngineConfig
 from llama_fast.serving.routes import create_app
 from llama_fast.serving.runner import stop_workers, token_bytes, worker_loop
@@ -38,6 +40,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model_name", help="the model's name in the API (default: the checkpoint's folder)")
     p.add_argument("--api_key", help="require 'Authorization: Bearer KEY' on /v1, /tokenize and /detokenize "
                    "(default: $LLAMA_FAST_API_KEY if set)")
+    p.add_argument("--chat_template", metavar="NAME_OR_FILE", help="the chat format: llama2, llama3, a Jinja file "
+                   "or a tokenizer_config.json (default: the tokenizer_config.json beside the tokenizer; without "
+                   "one, chat requests are refused)")
     p.add_argument("--max_model_len", type=int, default=0, help="the longest context served, prompt and output "
                    "(default: the model's); a shorter one lets a smaller KV cache hold a full context")
     p.add_argument("--compile", action="store_true", help="torch.compile the forward passes (warmed up at start)")
@@ -81,11 +86,14 @@ def check_port(host: str, port: int):
 
 
 def start(args):
-    """(model, tokenizer, engine): the checkpoint loaded and the engine built, compiled and warmed up if asked."""
+    """(model, tokenizer, chat template or None, engine): the checkpoint loaded and the engine built, compiled and
+    warmed up if asked."""
     t0 = time.perf_counter()
+    check_is_file(args.checkpoint_path, "checkpoint")
+    tokenizer = load_tokenizer(tokenizer_file(args.checkpoint_path, args.tokenizer_path))
+    template = chat_template(tokenizer, args.chat_template)
     model = load_model(args.checkpoint_path, args.device, PRECISIONS[args.precision], tp.world_size() > 1,
                        args.cpu_kernels, cpu_gemm=args.cpu_gemm)
-    tokenizer = load_tokenizer(tokenizer_file(args.checkpoint_path, args.tokenizer_path))
     check_vocab(tokenizer, model)
     check_kv_cache_memory(args, model)
     config = EngineConfig(max_batch_size=args.max_batch_size, block_size=args.block_size,
@@ -106,12 +114,16 @@ def start(args):
     if args.compile:  # every kind of step compiled before the first client, not in the middle of live traffic
         t1 = time.perf_counter()
         engine.warm_up()
-        print(f"Compiled the forward pass for every kind of step in {time.perf_counter() - t1:.1f}s",
+        graphs = f" (CUDA graphs of {len(engine.runner.decode_shapes())} decode shapes)" if engine.runner.padded else ""
+        print(f"Compiled the forward pass for every kind of step{graphs} in {time.perf_counter() - t1:.1f}s",
               file=sys.stderr)
+    tools = tool_call_format(template)
+    print(f"Chat template: {template.name}; tool calls: {tools.name if tools else 'none'}" if template else
+          "Chat: none (this checkpoint has no chat template; --chat_template gives one)", file=sys.stderr)
     print(f"Loaded {args.checkpoint_path} in {time.perf_counter() - t0:.1f}s: KV cache of "
           f"{engine.runner.n_blocks - 1} blocks x {args.block_size} tokens ({args.kv_cache_dtype}, "
           f"{engine.runner.pool_bytes / 2**30:.2f} GiB)", file=sys.stderr)
-    return model, tokenizer, engine
+    return model, tokenizer, template, engine
 
 
 def check_kv_cache_memory(args, model):
@@ -157,13 +169,14 @@ def run(args) -> int:
     if int(os.environ.get("RANK", "0")) == 0:
         check_port(args.host, args.port)
     args.device = tp.maybe_init_dist(args.device)
-    model, tokenizer, engine = start(args)
+    model, tokenizer, template, engine = start(args)
     if tp.rank() != 0:  # rank 0 tells this rank what to compute, and when to stop
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, signal.SIG_IGN)
         worker_loop(engine.runner)
         return 0
-    server = Server(engine, tokenizer, args.model_name or model_name_of(args.checkpoint_path), args.max_waiting)
+    name = args.model_name or model_name_of(args.checkpoint_path)
+    server = Server(engine, tokenizer, template, name, args.max_waiting)
     app = create_app(server, api_key)
     config = uvicorn.Config(app, host=args.host, port=args.port, log_level="warning",
                             timeout_graceful_shutdown=args.grace_period)

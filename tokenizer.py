@@ -1,15 +1,18 @@
-"""Tokenizers for Llama-family checkpoints: encode/decode, chat templates, streaming.
+"""Tokenizers for Llama-family checkpoints: encode/decode, each token's bytes, text with special tokens.
 
 Three backends with the same interface, picked by load_tokenizer(path) from the file's content:
   SentencePieceTokenizer  Llama-2, Mistral, TinyLlama (tokenizer.model is a protobuf)
   TiktokenTokenizer       Llama-3/3.1/3.2 (tokenizer.model is base64 BPE ranks)
-  HFTokenizer             any tokenizer.json (Qwen's byte-level BPE, ...), with the chat template, special tokens
-                          and EOS ids of tokenizer_config.json and generation_config.json beside it
+  HFTokenizer             any tokenizer.json (Qwen's byte-level BPE, ...), with the special tokens and EOS ids of
+                          tokenizer_config.json and generation_config.json beside it
+Each carries the chat template of the tokenizer_config.json beside it, if any (chat_template, the Jinja source);
+llama_fast/chat renders it, and encode_rendered encodes what it renders.
 """
 import base64
 import functools
 import json
 import os
+import re
 from pathlib import Path
 from typing import Union
 
@@ -40,15 +43,26 @@ def load_tokenizer(path) -> "Tokenizer":
             return HFTokenizer.load(path, data)
         ranks = _parse_tiktoken_ranks(data)
         if ranks is not None:
-            return TiktokenTokenizer(ranks)
+            return with_chat_template(TiktokenTokenizer(ranks), Path(path).parent)
         sp = spm.SentencePieceProcessor()
         try:
             sp.LoadFromSerializedProto(data)
         except RuntimeError:  # protobuf parse failure: neither format
             raise TokenizerError(NOT_A_TOKENIZER) from None
-        return SentencePieceTokenizer(sp)
+        return with_chat_template(SentencePieceTokenizer(sp), Path(path).parent)
     except TokenizerError as e:
         raise TokenizerError(f"cannot load tokenizer {path}: {e}") from None
+
+
+def with_chat_template(tok, folder: Path):
+    """A tokenizer.model with the chat template of the tokenizer_config.json beside it (a converted HF
+    checkpoint has one: Llama-2-chat's [INST], TinyLlama-chat's Zephyr, Llama-3.1's with tools); the special
+    tokens it names for the template (bos_token, ...) where it names them."""
+    config = _read_json(folder / "tokenizer_config.json")
+    tok.chat_template = chat_template(config)
+    named = {k: _token_text(config.get(k)) for k in ("bos_token", "eos_token", "unk_token", "pad_token")}
+    tok.template_tokens = {**tok.template_tokens, **{k: v for k, v in named.items() if v}}
+    return tok
 
 
 def _parse_tiktoken_ranks(data: bytes) -> dict[bytes, int] | None:
@@ -72,10 +86,6 @@ def _valid_ids(ids, vocab_size: int) -> list[int]:
 
 # --- SentencePiece: Llama-2 / Mistral / TinyLlama --------------------------------
 
-B_INST, E_INST = "[INST]", "[/INST]"
-B_SYS, E_SYS = "<<SYS>>\n", "\n<</SYS>>\n\n"
-
-
 class SentencePieceTokenizer:
     def __init__(self, sp: spm.SentencePieceProcessor):
         if sp.get_piece_size() == 0:  # SentencePiece "loads" empty input as an empty model
@@ -86,7 +96,8 @@ class SentencePieceTokenizer:
         self.vocab_size = sp.get_piece_size()
         self.bos_id = sp.bos_id()
         self.eos_ids = [sp.eos_id()]
-        self.eot_id = sp.eos_id()  # what ends an assistant reply in the chat format
+        self.chat_template, self.template_tokens = None, {"bos_token": sp.id_to_piece(self.bos_id),
+                                                          "eos_token": sp.id_to_piece(sp.eos_id())}
 
     def encode(self, text: str, bos: bool = True, eos: bool = False) -> list[int]:
         return [self.bos_id] * bos + self._sp.encode(text) + self.eos_ids * eos
@@ -108,42 +119,12 @@ class SentencePieceTokenizer:
         """The ids that are never text (control tokens, <unk>)."""
         return [i for i in range(self.vocab_size) if self._sp.is_control(i) or self._sp.is_unknown(i)]
 
-    # Chat: Meta's Llama-2 [INST] format (llama/generation.py, chat_completion).
-    def encode_chat(self, messages: list[dict], add_generation_prompt: bool = True) -> list[int]:
-        """Messages alternate user/assistant after an optional system message. A final
-        user turn ends in [/INST], which is itself the generation prompt, so
-        add_generation_prompt changes nothing in this format."""
-        if messages and messages[0]["role"] == "system":
-            if len(messages) < 2:
-                raise ValueError("a system message must be followed by a user message")
-            first = B_SYS + messages[0]["content"] + E_SYS + messages[1]["content"]
-            messages = [{"role": messages[1]["role"], "content": first}] + messages[2:]
-        roles = [m["role"] for m in messages]
-        if any(r != "user" for r in roles[0::2]) or any(r != "assistant" for r in roles[1::2]):
-            raise ValueError(f"Llama-2 chat needs user/assistant turns in alternation, got {roles}")
-        ids = []
-        for user, answer in zip(messages[0::2], messages[1::2]):
-            pair = f"{B_INST} {user['content'].strip()} {E_INST} {answer['content'].strip()} "
-            ids += self.encode(pair, bos=True, eos=True)
-        if len(messages) % 2:
-            ids += self.encode(f"{B_INST} {messages[-1]['content'].strip()} {E_INST}")
-        return ids
-
-    def encode_chat_turn(self, user_text: str, system: str | None = None,
-                         first: bool = True) -> list[int]:
-        """One user turn (each starts with bos in this format); the invariant is the
-        one documented on TiktokenTokenizer.encode_chat_turn."""
-        if system is not None:
-            if not first:
-                raise ValueError("a system prompt can only be given on the first turn")
-            user_text = B_SYS + system + E_SYS + user_text
-        return self.encode(f"{B_INST} {user_text.strip()} {E_INST}")
-
-    def encode_reply(self, text: str) -> list[int]:
-        """An assistant reply as encode_chat places it, ending in eos. Meta encodes
-        "[/INST] {answer} " as one string, but SentencePiece pieces never span the
-        space that starts a word, so the answer encodes the same on its own."""
-        return self.encode(f"{text.strip()} ", bos=False, eos=True)
+    def encode_rendered(self, text: str) -> list[int]:
+        """Text a chat template rendered: special tokens written out (<s>, </s>) become their ids; each piece
+        between them encodes as SentencePiece encodes it alone, with its leading space, as Meta's reference encodes
+        a turn and transformers' legacy Llama tokenizer encodes a template."""
+        return _split_specials(text, {self._sp.id_to_piece(i): i for i in self.special_ids},
+                               lambda piece: self._sp.encode(piece))
 
 
 # --- tiktoken: Llama-3 (matches Meta's llama3/tokenizer.py) --------------------------
@@ -194,9 +175,10 @@ class TiktokenTokenizer:
                                       special_tokens=self.special_tokens)
         self.vocab_size = self._enc.n_vocab
         self.bos_id = self.special_tokens["<|begin_of_text|>"]
-        self.eot_id = self.special_tokens["<|eot_id|>"]
         # Base models end with <|end_of_text|>, instruct models end turns with <|eot_id|>.
-        self.eos_ids = [self.special_tokens["<|end_of_text|>"], self.eot_id]
+        self.eos_ids = [self.special_tokens["<|end_of_text|>"], self.special_tokens["<|eot_id|>"]]
+        self.chat_template, self.template_tokens = None, {"bos_token": "<|begin_of_text|>",
+                                                          "eos_token": "<|end_of_text|>"}
 
     def encode(self, text: str, bos: bool = True, eos: bool = False) -> list[int]:
         ids = [self.bos_id] * bos
@@ -219,65 +201,24 @@ class TiktokenTokenizer:
     def special_ids(self) -> list[int]:
         return sorted(self.special_tokens.values())
 
-    # Chat: Meta's Llama-3 ChatFormat.
-    def _header(self, role: str) -> list[int]:
-        return ([self.special_tokens["<|start_header_id|>"]] + self.encode(role, bos=False)
-                + [self.special_tokens["<|end_header_id|>"]] + self.encode("\n\n", bos=False))
-
-    def _message(self, role: str, content: str) -> list[int]:
-        return self._header(role) + self.encode_reply(content)
-
-    def encode_chat(self, messages: list[dict], add_generation_prompt: bool = True) -> list[int]:
-        ids = [self.bos_id]
-        for m in messages:
-            ids += self._message(m["role"], m["content"])
-        return ids + self._header("assistant") * add_generation_prompt
-
-    def encode_chat_turn(self, user_text: str, system: str | None = None,
-                         first: bool = True) -> list[int]:
-        """Tokens for one new user turn plus the generation prompt, for chat loops
-        that keep earlier turns in the KV cache. Invariant (tested):
-
-            encode_chat([sys, u1, a1, u2, a2, u3]) ==
-                encode_chat_turn(u1, sys, first=True) + encode_reply(a1)
-                + encode_chat_turn(u2, first=False) + encode_reply(a2)
-                + encode_chat_turn(u3, first=False)
-
-        encode_reply(a) is what the model generates when it answers a, including
-        the end-of-turn id it stops on, so feeding back the generated ids keeps the
-        cache identical to a fresh encode_chat of the whole conversation."""
-        if system is not None and not first:
-            raise ValueError("a system prompt can only be given on the first turn")
-        ids = [self.bos_id] if first else []
-        if system is not None:
-            ids += self._message("system", system)
-        return ids + self._message("user", user_text) + self._header("assistant")
-
-    def encode_reply(self, text: str) -> list[int]:
-        """An assistant reply as encode_chat places it: content, then <|eot_id|>."""
-        return self.encode(text.strip(), bos=False) + [self.eot_id]
+    def encode_rendered(self, text: str) -> list[int]:
+        """Text a chat template rendered: special tokens written out (<|eot_id|>) become their ids."""
+        return _split_specials(text, self.special_tokens, lambda piece: self.encode(piece, bos=False))
 
 
 # --- tokenizer.json: any Hugging Face fast tokenizer, as transformers' AutoTokenizer uses it ------------------
-
-REPLY = "ReplyPlaceholder"  # stands for an assistant reply when a chat template is rendered to find its turns
-EXCHANGE = [{"role": "user", "content": "UserPlaceholder"}, {"role": "assistant", "content": REPLY}]
-
 
 class HFTokenizer:
     def __init__(self, tok, config: dict, generation_config: dict):
         self._tok = tok
         self.vocab_size = tok.get_vocab_size(with_added_tokens=True)
-        self.special = {k: _token_text(config.get(k)) for k in ("bos_token", "eos_token", "unk_token", "pad_token")}
-        self.bos_id = tok.token_to_id(self.special["bos_token"]) if self.special["bos_token"] else None
-        eos = [tok.token_to_id(self.special["eos_token"])] if self.special["eos_token"] else []
+        special = {k: _token_text(config.get(k)) for k in ("bos_token", "eos_token", "unk_token", "pad_token")}
+        self.bos_id = tok.token_to_id(special["bos_token"]) if special["bos_token"] else None
+        eos = [tok.token_to_id(special["eos_token"])] if special["eos_token"] else []
         listed = generation_config.get("eos_token_id")
         listed = listed if isinstance(listed, list) else [] if listed is None else [listed]
         self.eos_ids = list(dict.fromkeys(i for i in eos + listed if i is not None))
-        template = config.get("chat_template")
-        if isinstance(template, list):  # [{"name": "default", "template": ...}, {"name": "tool_use", ...}]
-            template = next((t["template"] for t in template if t.get("name") == "default"), None)
-        self.chat_template = template
+        self.chat_template, self.template_tokens = chat_template(config), special
 
     @classmethod
     def load(cls, path: str, data: bytes) -> "HFTokenizer":
@@ -319,53 +260,10 @@ class HFTokenizer:
     def _byte_level(self) -> bool:
         return '"ByteLevel"' in json.dumps(json.loads(self._tok.to_str()).get("decoder"))
 
-    # Chat: the checkpoint's own Jinja template, rendered as transformers' apply_chat_template renders it.
-    def render_chat(self, messages: list[dict], add_generation_prompt: bool = True) -> str:
-        if not self.chat_template:
-            raise TokenizerError("this tokenizer has no chat_template in its tokenizer_config.json")
-        return _jinja_template(self.chat_template).render(
-            messages=messages, add_generation_prompt=add_generation_prompt, **self.special)
-
-    def encode_chat(self, messages: list[dict], add_generation_prompt: bool = True) -> list[int]:
-        return self.encode(self.render_chat(messages, add_generation_prompt), bos=False)
-
-    def encode_chat_turn(self, user_text: str, system: str | None = None, first: bool = True) -> list[int]:
-        """One user turn plus the generation prompt, with the invariant documented on
-        TiktokenTokenizer.encode_chat_turn. A later turn is what the template adds to a conversation whose last
-        reply ended in its end-of-turn token (e.g. ChatML's "\n<|im_start|>user\n...<|im_start|>assistant\n")."""
-        if first:
-            system_message = [{"role": "system", "content": system}] if system is not None else []
-            return self.encode_chat(system_message + [{"role": "user", "content": user_text}])
-        if system is not None:
-            raise ValueError("a system prompt can only be given on the first turn")
-        before = self.render_chat(EXCHANGE, add_generation_prompt=False)
-        after = self.render_chat(EXCHANGE + [{"role": "user", "content": user_text}])
-        if not after.startswith(before):
-            raise TokenizerError("the chat template renders earlier turns differently once a turn is added")
-        _, glue = self._reply_end
-        return self.encode(glue + after[len(before):], bos=False)
-
-    def encode_reply(self, text: str) -> list[int]:
-        """An assistant reply as the template places it: the text, then its end-of-turn token."""
-        return self.encode(text, bos=False) + [self.eot_id]
-
-    @property
-    def eot_id(self) -> int:
-        """The special token that ends an assistant reply in the chat template (the first EOS without one)."""
-        if not self.chat_template:
-            return self.eos_ids[0] if self.eos_ids else None
-        return self._tok.token_to_id(self._reply_end[0])
-
-    @functools.cached_property
-    def _reply_end(self) -> tuple[str, str]:
-        """(the special token that ends a reply in this template, the text after it), from a rendered exchange."""
-        rendered = self.render_chat(EXCHANGE, add_generation_prompt=False)
-        tail = rendered[rendered.rindex(REPLY) + len(REPLY):]
-        specials = [t.content for t in self._tok.get_added_tokens_decoder().values() if t.special]
-        end = max((t for t in specials if tail.startswith(t)), key=len, default=None)
-        if end is None:
-            raise TokenizerError("the chat template does not end a reply with a special token")
-        return end, tail[len(end):]
+    def encode_rendered(self, text: str) -> list[int]:
+        """Text a chat template rendered: its special tokens written out become their ids (as every
+        tokenizer.json splits them out of any text)."""
+        return self.encode(text, bos=False)
 
 
 def _gpt2_byte_table() -> dict[str, int]:
@@ -393,37 +291,26 @@ def _read_json(path: Path) -> dict:
         raise TokenizerError(f"cannot read {path}: {e}") from None
 
 
-@functools.lru_cache(maxsize=8)  # rendered at every chat turn; compiled once
-def _jinja_template(source: str):
-    """The template compiled as transformers compiles chat templates: a sandbox, trim_blocks and lstrip_blocks,
-    loop controls, its tojson and raise_exception, and the {% generation %} tag rendered as plain text."""
-    import jinja2
-    from jinja2.ext import Extension
-    from jinja2.sandbox import ImmutableSandboxedEnvironment
+def chat_template(config: dict) -> str | None:
+    """tokenizer_config.json's chat template (the default one where it lists several: tool_use, rag, ...)."""
+    template = config.get("chat_template")
+    if isinstance(template, list):  # [{"name": "default", "template": ...}, {"name": "tool_use", ...}]
+        template = next((t["template"] for t in template if t.get("name") == "default"), None)
+    return template if isinstance(template, str) and template.strip() else None
 
-    class Generation(Extension):
-        tags = {"generation"}
 
-        def parse(self, parser):
-            lineno = next(parser.stream).lineno
-            body = parser.parse_statements(("name:endgeneration",), drop_needle=True)
-            return jinja2.nodes.CallBlock(self.call_method("_body"), [], [], body).set_lineno(lineno)
-
-        def _body(self, caller):
-            return caller()
-
-    def raise_exception(message):
-        raise jinja2.exceptions.TemplateError(message)
-
-    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,
-                                        extensions=[Generation, jinja2.ext.loopcontrols])
-    env.filters["tojson"] = lambda x, ensure_ascii=False, indent=None, separators=None, sort_keys=False: json.dumps(
-        x, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
-    env.globals["raise_exception"] = raise_exception
-    try:
-        return env.from_string(source)
-    except jinja2.TemplateSyntaxError as e:
-        raise TokenizerError(f"the chat template does not parse (line {e.lineno}: {e.message})") from None
+def _split_specials(text: str, specials: dict, encode) -> list[int]:
+    """text's special tokens (specials: their text -> id) as their ids, the pieces between them through encode."""
+    if not specials:
+        return encode(text) if text else []
+    pattern = "(" + "|".join(map(re.escape, sorted(specials, key=len, reverse=True))) + ")"
+    ids = []
+    for i, piece in enumerate(re.split(pattern, text)):
+        if i % 2:
+            ids.append(specials[piece])
+        elif piece:
+            ids += encode(piece)
+    return ids
 
 
 Tokenizer = Union[SentencePieceTokenizer, TiktokenTokenizer, HFTokenizer]

@@ -7,6 +7,7 @@ A checkpoint is model.pth (or .safetensors) with model_config.json (ModelArgs) b
 {"quantization": {...}, "state_dict": {...}} and load with their quantized modules. No pickled code is executed:
 torch.load runs with weights_only=True, or the file is safetensors.
 """
+import ctypes
 import errno
 import json
 import mmap
@@ -17,11 +18,12 @@ import struct
 import tempfile
 import warnings
 import zipfile
-import zlib
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import torch
 from safetensors.torch import load_file
+from zlib_ng import zlib_ng
 
 from llama_fast.cpu.choice import choose_kernels, use_cpu_kernels
 from llama_fast.cpu.toolchain import openmp_warning, say_once
@@ -35,10 +37,11 @@ TOKENIZER_NAME = "tokenizer.model"  # beside the checkpoint unless a path is giv
 HF_TOKENIZER_NAME = "tokenizer.json"  # used when there is no tokenizer.model
 
 
-def read_state_dict(path) -> dict:
+def read_state_dict(path, verify: bool = True) -> dict:
     """The tensors of a .safetensors file or a torch.save file (memory-mapped when it is in the zip format, so a
-    large checkpoint is not read into memory at once; older non-zip files are read whole). A file that is not a
-    state dict raises a one-line ValueError that says what the file is."""
+    large checkpoint is not read into memory at once; older non-zip files are read whole), verified
+    (check_integrity) unless the caller does it itself. A file that is not a state dict raises a one-line
+    ValueError that says what the file is."""
     path = Path(path)
     check_is_file(path, "checkpoint")
     try:
@@ -59,21 +62,27 @@ def read_state_dict(path) -> dict:
         raise ValueError(f"cannot read checkpoint {path}: {file_kind(path) or str(e).splitlines()[0][:200]}") from None
     if not isinstance(state, dict):
         raise ValueError(f"cannot read checkpoint {path}: not a state dict but a {type(state).__name__}")
-    check_integrity(path, state)
+    if verify:
+        check_integrity(path, state)
     return state
 
 
 def check_integrity(path: Path, state: dict):
-    """The CRCs of a torch.save zip, and no NaN or infinite weight, once per version of the file. A pass over every
-    byte takes ~0.3 s per GB (2 cores, page cache warm), +65% on a load whose mapped pages are read lazily (README,
-    Errors), so a file verified before (same inode, size, mtime and ctime: any write changes ctime) is not again."""
+    """The CRCs of a torch.save zip, and no NaN or infinite weight, once per version of the file: a file verified
+    before (same inode, size, mtime and ctime: any write changes ctime) is not again. The two passes run side by
+    side, the CRCs on a thread of their own (zlib-ng's CRC-32 lets go of Python's lock), and load_model runs them
+    while it builds the model (scripts/bench_load.py measures what is left: README, Errors)."""
     key, stamp = str(path.resolve()), file_stamp(path)
     table = read_json(verified_path(), {})
     if table.get(key) == stamp:
         return
-    if zipfile.is_zipfile(path):
-        check_zip_crcs(path)
-    check_finite(state, path)
+    with ThreadPoolExecutor(1) as pool:
+        crcs = pool.submit(check_zip_crcs, path, state) if zipfile.is_zipfile(path) else None
+        try:
+            check_finite(state, path)
+        finally:
+            if crcs is not None:
+                crcs.result()  # its error first if both fail: a damaged file is what explains the NaN
     table.pop(key, None)
     table[key] = stamp
     try:  # a read-only home only costs the verification next time
@@ -102,30 +111,58 @@ def read_json(path: Path, default):
         return default
 
 
-def check_zip_crcs(path: Path):
+def check_zip_crcs(path: Path, state: dict | None = None):
     """torch.save's zip stores each tensor's bytes with a CRC-32 that torch.load never checks: a damaged copy would
-    load as garbage. zlib's CRC runs at several GB/s, and the pages it reads are the ones loading reads next."""
+    load as garbage. zlib-ng's CRC-32 (carry-less multiplication) ran at 32 GB/s where zlib's ran at 7 (2-core AMD
+    EPYC). A member is read where torch.load mapped it (state's storages), so that its pages are brought in once
+    for the CRC and the model both; else through a mapping of our own."""
     with zipfile.ZipFile(path) as archive, open(path, "rb") as f, \
             mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as mapped, memoryview(mapped) as data:
+        members = []
         for info in archive.infolist():
             if info.compress_type != zipfile.ZIP_STORED:  # not torch.save's: zipfile decompresses and checks it
                 archive.read(info)
                 continue
             name_len, extra_len = struct.unpack("<HH", data[info.header_offset + 26:info.header_offset + 30])
-            start = info.header_offset + 30 + name_len + extra_len  # after the member's local header
-            if zlib.crc32(data[start:start + info.file_size]) != info.CRC:
+            members.append((info, info.header_offset + 30 + name_len + extra_len))  # after its local header
+        loaded = loaded_members(members, state or {})
+        for info, start in members:
+            if zlib_ng.crc32(loaded.get(info.filename, data[start:start + info.file_size])) != info.CRC:
                 raise ValueError(f"checkpoint {path} is damaged: {info.filename} does not match its CRC-32 (changed "
                                  "after it was written: a bad copy or disk?)")
 
 
+def loaded_members(members: list, state: dict) -> dict:
+    """{member name: its bytes in torch.load's mapping}: the state's storages paired with the tensor members (both
+    in file order) when every pair is one distance apart, as they are in a single mapping of the file; else {}."""
+    storages = sorted({(s.data_ptr(), s.nbytes()) for s in map(torch.Tensor.untyped_storage, tensors_of(state))
+                       if s.nbytes() and s.device.type == "cpu"})
+    tensors = [(start, info) for info, start in members if "/data/" in info.filename and info.file_size]
+    if len(storages) != len(tensors) or not storages:
+        return {}
+    pairs = list(zip(storages, sorted(tensors, key=lambda m: m[0])))
+    if any(size != info.file_size for (_, size), (_, info) in pairs) or \
+            len({address - start for (address, _), (start, _) in pairs}) != 1:
+        return {}
+    return {info.filename: (ctypes.c_ubyte * size).from_address(address) for (address, size), (_, info) in pairs}
+
+
+def tensors_of(state: dict):
+    for value in state.values():
+        if isinstance(value, dict):
+            yield from tensors_of(value)
+        elif isinstance(value, torch.Tensor):
+            yield value
+
+
 def check_finite(state: dict, path: Path, prefix: str = ""):
-    """No weight is NaN or infinite (a damaged file, a training run that diverged). A float32 sum per tensor is
-    finite exactly when all its values are, barring an overflow that the exact check then rules out."""
+    """No weight is NaN or infinite (a damaged file, a training run that diverged): a tensor's smallest and largest
+    values (one pass in its own dtype, no copy; NaN propagates) are finite exactly when all its values are."""
     for name, t in state.items():
         if isinstance(t, dict):
             check_finite(t, path, f"{prefix}{name}.")
         elif isinstance(t, torch.Tensor) and t.is_floating_point() and t.numel() and \
-                not torch.isfinite(t.sum(dtype=torch.float32)) and not torch.isfinite(t).all():
+                not torch.isfinite(torch.stack(torch.aminmax(t))).all():
             raise ValueError(f"checkpoint {path}: tensor {prefix}{name} holds NaN or infinite values (a damaged file, "
                              "or weights that diverged in training)")
 
@@ -176,7 +213,19 @@ def load_model(checkpoint_path, device="cpu", precision=torch.bfloat16, tensor_p
     path = Path(checkpoint_path)
     check_is_file(path, "checkpoint")
     config = read_config(path)
-    state = read_state_dict(path)
+    state = read_state_dict(path, verify=False)
+    with ThreadPoolExecutor(1) as pool:  # verified while the model is built; refused before it is returned
+        verified = pool.submit(check_integrity, path, state)
+        try:
+            return build_model(path, config, state, device, precision, tensor_parallel, cpu_kernels, compiled,
+                               cpu_gemm)
+        finally:
+            verified.result()  # a damaged file's error first: it explains any other
+
+
+def build_model(path: Path, config: ModelArgs, state: dict, device, precision, tensor_parallel: bool,
+                cpu_kernels: str, compiled: bool, cpu_gemm: str) -> Transformer:
+    """load_model's work once the weights are read: the model built around them, placed and given its kernels."""
     quantization = state.get("quantization") if isinstance(state.get("quantization"), dict) else None
     if quantization:
         check_quantization(state, path)

@@ -208,6 +208,9 @@ def _build_hf_checkpoint(root: Path, sp_model_path: Path, name: str, overrides: 
     kwargs = {"max_shard_size": max_shard_size} if max_shard_size else {}
     model.save_pretrained(d, **kwargs)
     shutil.copyfile(sp_model_path, d / "tokenizer.model")
+    # as Llama-2-7b-chat-hf has it: the template chat renders (tests compare it with Meta's own Llama-2 format)
+    (d / "tokenizer_config.json").write_text(json.dumps({"bos_token": "<s>", "eos_token": "</s>",
+                                                         "chat_template": LLAMA2_TEMPLATE}))
     out = convert_hf_checkpoint.convert(d)
     assert out == d / "model.pth" and out.is_file() and (d / "model_config.json").is_file()
     model.config._attn_implementation = "eager"  # reference attention: explicit softmax(QK^T)V, not SDPA
@@ -296,6 +299,24 @@ def hf_greedy(hf_model, prompts: list, max_new_tokens: int) -> list:
 
 # ------------------------------------------------------------------------------------------ tokenizer.json
 
+# Llama-2-7b-chat-hf's chat template, as its tokenizer_config.json has it
+LLAMA2_TEMPLATE = (
+    "{% if messages[0]['role'] == 'system' %}{% set loop_messages = messages[1:] %}{% set system_message = "
+    "messages[0]['content'] %}{% else %}{% set loop_messages = messages %}{% set system_message = false %}{% endif %}"
+    "{% for message in loop_messages %}{% if (message['role'] == 'user') != (loop.index0 % 2 == 0) %}{{ "
+    "raise_exception('Conversation roles must alternate user/assistant/user/assistant/...') }}{% endif %}{% if "
+    "loop.index0 == 0 and system_message != false %}{% set content = '<<SYS>>\\n' + system_message + "
+    "'\\n<</SYS>>\\n\\n' + message['content'] %}{% else %}{% set content = message['content'] %}{% endif %}{% if "
+    "message['role'] == 'user' %}{{ bos_token + '[INST] ' + content.strip() + ' [/INST]' }}{% elif message['role'] "
+    "== 'assistant' %}{{ ' '  + content.strip() + ' ' + eos_token }}{% endif %}{% endfor %}")
+
+# Meta-Llama-3-8B-Instruct's chat template
+LLAMA3_TEMPLATE = (
+    "{% set loop_messages = messages %}{% for message in loop_messages %}{% set content = '<|start_header_id|>' + "
+    "message['role'] + '<|end_header_id|>\\n\\n'+ message['content'] | trim + '<|eot_id|>' %}{% if loop.index0 == 0 %}"
+    "{% set content = bos_token + content %}{% endif %}{{ content }}{% endfor %}{% if add_generation_prompt %}{{ "
+    "'<|start_header_id|>assistant<|end_header_id|>\\n\\n' }}{% endif %}")
+
 # Qwen2.5's chat template, abridged (no tools): a default system prompt when none is given
 CHATML = (
     "{%- if messages[0]['role'] == 'system' %}\n"
@@ -312,6 +333,11 @@ CHATML = (
     "{%- if add_generation_prompt %}\n"
     "    {{- '<|im_start|>assistant\\n' }}\n"
     "{%- endif %}\n")
+
+# Qwen2.5-Instruct's chat template as its tokenizer_config.json has it (tools and all; the default system prompt
+# shortened)
+QWEN_TOOLS_TEMPLATE = (Path(__file__).parent / "templates" / "qwen2.5-instruct.jinja").read_text()
+
 
 def train_byte_level_bpe(vocab_size: int, specials: list, bos_template: str | None = None):
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
@@ -352,4 +378,20 @@ def chatml_tokenizer_dir(tmp_path_factory) -> Path:
     ids = {t: tok.token_to_id(t) for t in specials}
     write_tokenizer(d, tok, {"eos_token": "<|im_end|>", "pad_token": "<|endoftext|>", "bos_token": None,
                              "chat_template": CHATML}, {"eos_token_id": [ids["<|im_end|>"], ids["<|endoftext|>"]]})
+    return d
+
+
+@pytest.fixture(scope="session")
+def qwen_tools_checkpoint(hf_checkpoint, chatml_tokenizer_dir, tmp_path_factory) -> Path:
+    """A Qwen2 test model with the ChatML test tokenizer and Qwen2.5's template, tools and all (a 2048-token
+    context: the tools take 770 of the test tokenizer's tokens)."""
+    _, src = hf_checkpoint("qwen2_tools", model_type="qwen2", num_key_value_heads=2, tie_word_embeddings=True,
+                           rope_theta=1e6, max_position_embeddings=2048)
+    d = tmp_path_factory.mktemp("qwen_tools")
+    for name in ("model.pth", "model_config.json"):
+        (d / name).write_bytes((src / name).read_bytes())
+    for name in ("tokenizer.json", "generation_config.json"):
+        (d / name).write_bytes((chatml_tokenizer_dir / name).read_bytes())
+    config = json.loads((chatml_tokenizer_dir / "tokenizer_config.json").read_text())
+    (d / "tokenizer_config.json").write_text(json.dumps({**config, "chat_template": QWEN_TOOLS_TEMPLATE}))
     return d

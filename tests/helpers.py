@@ -41,6 +41,21 @@ SAMPLING = SamplingConfig(temperature=1.0, top_k=6, top_p=0.9)  # truncation, so
 CONTEXT = [1, 5, 3, 7, 2, 6]
 
 
+def fresh_chat_replies(model, tokenizer, template, users: list, n_new: int, system=None) -> list:
+    """Each reply of a greedy chat as a fresh prefill of the whole conversation so far (the template's encoding,
+    earlier replies as text) gives it: what a chat that keeps the conversation in its KV cache must answer."""
+    from decoding import generate
+
+    stop = [*tokenizer.eos_ids, *([template.end_of_turn] if template.end_of_turn is not None else [])]
+    messages, replies = [{"role": "system", "content": system}] if system is not None else [], []
+    for user in users:
+        messages.append({"role": "user", "content": user})
+        row = generate(model, [template.encode(messages)], n_new, SamplingConfig(temperature=0), stop).tokens[0]
+        replies.append(tokenizer.decode([t for t in row if t not in stop]))
+        messages.append({"role": "assistant", "content": replies[-1]})
+    return replies
+
+
 def next_token_tables(model, depth):
     """Distributions after CONTEXT + every continuation of up to depth - 1 tokens: table[k] is (V,) * k + (V,), on
     CPU (computed on the model's device)."""

@@ -580,6 +580,35 @@ def test_compiled_int8_kv_cache_matches_eager(hf_checkpoint, load_ours, prompt_i
                           workload(prompt_ids, 7, seed=3), max_batch_size=6, every=3, kv_cache_dtype="int8")
 
 
+def test_start_up_runs_every_padded_decode_shape(hf_checkpoint, load_ours, prompt_ids, device):
+    """CUDA's padded decode (batch and block counts to powers of two, one CUDA graph each): warm_up runs every shape
+    a step can take (capture_decode_graphs), so traffic meets none for the first time; and padding changes no
+    output. On CUDA compiled (the graphs captured at warm-up); on CPU eagerly, with the padding forced on."""
+    _, d = hf_checkpoint("gqa")
+    model = load_ours(d)
+    reference = copy.deepcopy(model)
+    torch._dynamo.reset()
+    engine = Engine(model, None, EngineConfig(max_batch_size=6, block_size=8, prefill_chunk=24,
+                                              compile=device == "cuda"))
+    engine.runner.padded = True
+    shapes, forward = [], engine.runner.decode_forward
+
+    def recording(*tensors):
+        shapes.append((tensors[0].shape[1], tensors[3].shape[1] // 8))  # (rows, blocks)
+        return forward(*tensors)
+    engine.runner.decode_forward = recording
+    engine.warm_up()
+    warmed = set(shapes)
+    assert warmed >= set(engine.runner.decode_shapes()) and len(engine.runner.decode_shapes()) == 4 * 6  # 1 2 4 6
+    shapes.clear()
+    requests = [Request(p, n) for p, n in workload(prompt_ids, 9, seed=5)]
+    run_arriving(engine, requests, every=2)
+    assert shapes and set(shapes) <= warmed
+    for r in requests:
+        assert r.output == alone(reference, r.prompt, r.max_tokens)
+    torch._dynamo.reset()
+
+
 def check_compiled_engine(model, reference, workload: list, max_batch_size: int, every: int, **config):
     """The compiled engine serving the workload's requests as they arrive gives each what reference(prompt,
     max_tokens) gives it alone."""

@@ -7,8 +7,10 @@ import sys
 from pathlib import Path
 
 import pytest
+from helpers import fresh_chat_replies
 
 import decoding
+from llama_fast.chat.templates import Llama2Template, chat_template
 from sampling import SamplingConfig
 from tokenizer import load_tokenizer
 
@@ -40,29 +42,41 @@ def ckpt(hf_checkpoint, load_cpu):
 
 
 def test_turns_continue_in_the_cache_exactly(ckpt):
+    """The checkpoint's own template (tokenizer_config.json's Llama-2 one, rendered through SentencePiece)."""
     d, tok, model = ckpt
     users = ["Hello there, how are you", "Tell me about the river", "And the king?"]
-    proc = chat(d / "model.pth", users)
-    # Reference: every turn prefilled from scratch with the whole conversation so far.
-    history, expected = [], []
-    for i, user in enumerate(users):
-        history += tok.encode_chat_turn(user, None, first=(i == 0))
-        res = decoding.generate(model, [history], N_NEW, GREEDY, tok.eos_ids)
-        reply = res.tokens[0]
-        expected.append(tok.decode([t for t in reply if t not in tok.eos_ids]))
-        history += reply + ([] if res.stopped[0] else [tok.eos_ids[-1]])
-    assert replies(proc.stdout) == expected
+    proc = chat(d / "model.pth", users, "--system", "Be brief.")
+    assert replies(proc.stdout) == fresh_chat_replies(model, tok, chat_template(tok), users, N_NEW, "Be brief.")
+
+
+def test_a_built_in_template_by_name(ckpt):
+    d, tok, model = ckpt
+    users = ["Hello there, how are you", "And the king?"]
+    proc = chat(d / "model.pth", users, "--chat_template", "llama2")
+    assert "chat template: llama2" in proc.stdout
+    assert replies(proc.stdout) == fresh_chat_replies(model, tok, Llama2Template(tok), users, N_NEW)
 
 
 def test_full_context_starts_a_new_conversation(ckpt):
     d, tok, model = ckpt
     users = ["Hello there, how are you", "Tell me about the river and the old farmer"]
-    first = tok.encode_chat_turn(users[0], None, first=True)
+    template = chat_template(tok)
+    first = template.encode([{"role": "user", "content": users[0]}])
     max_seq = len(first) + N_NEW + 4  # room for the first exchange only
     proc = chat(d / "model.pth", users, "--max_seq_length", str(max_seq))
     assert "[context full" in proc.stdout
     # After the reset the second message is answered as the first turn of a new conversation.
-    fresh = decoding.generate(model, [tok.encode_chat_turn(users[1], None, first=True)],
-                              min(N_NEW, max_seq - len(tok.encode_chat_turn(users[1], None, first=True))),
-                              GREEDY, tok.eos_ids).tokens[0]
-    assert replies(proc.stdout)[1] == tok.decode([t for t in fresh if t not in tok.eos_ids])
+    second = template.encode([{"role": "user", "content": users[1]}])
+    stop = [*tok.eos_ids, template.end_of_turn]
+    fresh = decoding.generate(model, [second], min(N_NEW, max_seq - len(second)), GREEDY, stop).tokens[0]
+    assert replies(proc.stdout)[1] == tok.decode([t for t in fresh if t not in stop])
+
+
+def test_no_template_is_refused_before_loading(ckpt, tmp_path):
+    d, _, _ = ckpt
+    for name in ("model.pth", "model_config.json", "tokenizer.model"):
+        (tmp_path / name).symlink_to(d / name)
+    cmd = [sys.executable, "generate.py", "--interactive", "--checkpoint_path", str(tmp_path / "model.pth")]
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, input="hi\n", timeout=120)
+    assert proc.returncode != 0 and "Traceback" not in proc.stderr
+    assert "no chat template" in proc.stderr and "--chat_template" in proc.stderr

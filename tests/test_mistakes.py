@@ -359,6 +359,8 @@ MISTAKES = {
                                                          "--kv_cache_gb", "nan"], "--kv_cache_gb"),
     "serve/no_such_host": ("serve.py", lambda u, w: ["--checkpoint_path", u["model"], "--device", "cpu",
                                                       "--host", "10.255.255.254"], "cannot listen on 10.255.255.254"),
+    "serve/chat_template_missing": ("serve.py", lambda u, w: ["--checkpoint_path", u["model"], "--device", "cpu",
+                                                              "--chat_template", w / "none.jinja"], "no such file"),
     "serve/device_tpu": ("serve.py", lambda u, w: ["--checkpoint_path", u["model"], "--device", "tpu"], "tpu"),
     "serve/missing_checkpoint": ("serve.py", lambda u, w: ["--checkpoint_path", w / "nope.pth", "--device", "cpu"],
                                  "nope.pth"),
@@ -429,6 +431,15 @@ MISTAKES = {
     "generate/compile_prefill_without_compile": ("generate.py", G("--compile_prefill"),
                                                  "--compile_prefill needs --compile"),
     "generate/system_without_interactive": ("generate.py", G("--system", "be terse"), "--system is the system"),
+    "generate/chat_template_without_interactive": ("generate.py", G("--chat_template", "llama2"),
+                                                   "--chat_template is the chat format of --interactive"),
+    "generate/chat_template_missing": ("generate.py", G("--interactive", "--chat_template", "llama4"),
+                                       "no such file, and not one of llama2, llama3"),
+    "generate/chat_template_llama3_on_sentencepiece": ("generate.py", G("--interactive", "--chat_template", "llama3"),
+                                                       "needs Llama-3's tiktoken tokenizer.model"),
+    "generate/chat_template_not_jinja": ("generate.py", lambda u, w: [
+        *G("--interactive")(u, w), "--chat_template", write(w / "t.jinja", "{% for m in messages %}")],
+        "the chat template does not parse"),
     "generate/interactive_with_prompt": ("generate.py", G("--interactive", "--prompt", "a"),
                                          "--prompt does not apply to --interactive"),
     "generate/interactive_with_num_samples_at_its_default": ("generate.py", G("--interactive", "--num_samples", "5"),
@@ -1017,8 +1028,36 @@ def test_a_checkpoint_is_verified_once_per_version(user, tmp_path, monkeypatch):
     path = Path(shutil.copy(user["model"], tmp_path / "model.pth"))
     checkpoint.read_state_dict(path)
     with monkeypatch.context() as m:
-        m.setattr(checkpoint, "check_zip_crcs", lambda p: pytest.fail("verified twice"))
+        m.setattr(checkpoint, "check_zip_crcs", lambda *args: pytest.fail("verified twice"))
         checkpoint.read_state_dict(path)
     path.write_bytes(damaged(path.read_bytes()))  # same size, same name
     with pytest.raises(ValueError, match="does not match its CRC-32"):
         checkpoint.read_state_dict(path)
+
+
+def test_load_model_reads_the_crcs_where_torch_mapped_the_tensors(user, tmp_path, monkeypatch):
+    """load_model verifies while it builds the model, reading each tensor's bytes for the CRC where torch.load
+    mapped them (every tensor member found there: the pages are brought in once); a damaged file is refused
+    before a model is returned, and so is one the CRCs pass but whose weights are not finite."""
+    import zipfile
+
+    from llama_fast import checkpoint
+
+    path = Path(shutil.copy(user["model"], tmp_path / "model.pth"))
+    (tmp_path / "model_config.json").write_bytes((user["model"].parent / "model_config.json").read_bytes())
+    state = checkpoint.read_state_dict(path, verify=False)
+    with zipfile.ZipFile(path) as archive:
+        n_tensors = sum("/data/" in info.filename and info.file_size > 0 for info in archive.infolist())
+    found = []
+    real = checkpoint.loaded_members
+    monkeypatch.setattr(checkpoint, "loaded_members", lambda *args: found.append(real(*args)) or found[-1])
+    checkpoint.check_zip_crcs(path, state)
+    assert len(found[0]) == n_tensors > 0
+    path.write_bytes(damaged(path.read_bytes()))
+    with pytest.raises(ValueError, match="does not match its CRC-32"):
+        checkpoint.load_model(path, "cpu", torch.float32)
+    nan = {k: v.clone() for k, v in state.items()}
+    nan["norm.weight"][3] = float("nan")
+    torch.save(nan, path)
+    with pytest.raises(ValueError, match="norm.weight holds NaN"):
+        checkpoint.load_model(path, "cpu", torch.float32)

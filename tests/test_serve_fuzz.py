@@ -1,8 +1,8 @@
 """serve.py under fuzzed traffic: 320 generated requests, 8 at a time, against one server subprocess (random and
-malformed fields, types, nulls, huge and negative numbers, bad roles, broken JSON, Unicode edge cases, clients that
-leave mid-stream and mid-wait). Every answer must be a success or a 4xx in OpenAI's error shape, never a 5xx; then
-the server must answer a plain request with the text it gave before the fuzzing, and hold no request and no KV
-block."""
+malformed fields, types, nulls, huge and negative numbers, bad roles, tools and tool calls, broken JSON, Unicode edge
+cases, clients that leave mid-stream and mid-wait). Every answer must be a success or a 4xx in OpenAI's error shape,
+never a 5xx; then the server must answer a plain request with the text it gave before the fuzzing, and hold no
+request and no KV block."""
 import json
 import random
 import time
@@ -34,11 +34,18 @@ def random_value(rng: random.Random, depth: int = 0):
     return rng.choice(kinds)()
 
 
+TOOL = {"type": "function", "function": {"name": "f", "parameters": {"type": "object", "properties": {
+    "x": {"type": "string", "maxLength": 3}}, "required": ["x"]}}}
+CALL = {"id": "call_1", "type": "function", "function": {"name": "f", "arguments": '{"x": "a"}'}}
+
+
 def random_messages(rng: random.Random) -> list:
     roles = ["system", "user", "assistant", "developer", "tool", "function", "bot", ""]
     return [{"role": rng.choice(roles), "content": rng.choice([rng.choice(TEXTS), [{"type": "text", "text": "hi"}],
                                                                 [{"type": "image_url"}], None, 5])}
-            | ({"name": "bob"} if rng.random() < 0.1 else {}) for _ in range(rng.randint(0, 4))]
+            | ({"name": "bob"} if rng.random() < 0.1 else {})
+            | rng.choice([{}] * 8 + [{"tool_calls": [CALL]}, {"tool_call_id": "call_1"}, {"tool_calls": 5}])
+            for _ in range(rng.randint(0, 4))]
 
 
 def random_request(rng: random.Random) -> tuple[str, dict | str, str]:
@@ -55,7 +62,9 @@ def random_request(rng: random.Random) -> tuple[str, dict | str, str]:
     if rng.random() < 0.2:  # well-formed extras that should work
         body |= rng.choice([{"n": 2, "seed": 3}, {"logprobs": 2, "echo": True} if not chat else {"logprobs": True},
                             {"stream": True, "stream_options": {"include_usage": True}}, {"stop": ["the", "a"]},
-                            {"logit_bias": {"5": -100}}])
+                            {"logit_bias": {"5": -100}},
+                            {"tools": [TOOL], "tool_choice": rng.choice(["auto", "required", "none", {
+                                "type": "function", "function": {"name": "f"}}]), "stream": rng.random() < 0.5}])
     endpoint = "/v1/chat/completions" if chat else rng.choice(["/v1/completions"] * 8 + ["/v1/bogus", "/tokenize"])
     raw = json.dumps(body, allow_nan=True)
     if rng.random() < 0.08:
@@ -106,13 +115,9 @@ def check_answer(status: int, content_type: str, text: str, request: tuple):
         assert json.loads(text)["choices"] or "tokens" in json.loads(text), (text, request)
 
 
-@pytest.fixture(scope="module")
-def checkpoint(hf_checkpoint):
-    return hf_checkpoint("gqa")[1]
-
-
-def test_no_request_can_take_the_server_down(checkpoint):
-    s = ServerProcess(checkpoint, "--api_key", KEY, "--model_name", "tiny", "--max_batch_size", "8",
+def test_no_request_can_take_the_server_down(qwen_tools_checkpoint):
+    """On the Qwen test model, whose template shows tools (so tool calls are exercised too)."""
+    s = ServerProcess(qwen_tools_checkpoint, "--api_key", KEY, "--model_name", "tiny", "--max_batch_size", "8",
                       "--max_waiting", "1000")
     try:
         auth = {"Authorization": f"Bearer {KEY}"}

@@ -2,13 +2,17 @@
 trained on the fly and a hand-written tiktoken ranks file), so no network and
 no real checkpoint files are needed."""
 import base64
+import json
 import random
 
+import jinja2
 import pytest
 import sentencepiece as spm
 import tiktoken
+from conftest import LLAMA2_TEMPLATE, LLAMA3_TEMPLATE
 
 from decoding import StreamDecoder
+from llama_fast.chat.templates import JinjaTemplate, Llama2Template, Llama3Template, chat_template
 from tokenizer import (
     SentencePieceTokenizer,
     TiktokenTokenizer,
@@ -227,14 +231,16 @@ def test_llama3_chat_template(tk_tok, files):
         f"<|start_header_id|>{m['role']}<|end_header_id|>\n\n{m['content'].strip()}<|eot_id|>"
         for m in CONV)
     prompt = "<|start_header_id|>assistant<|end_header_id|>\n\n"
-    assert tk_tok.encode_chat(CONV) == ref.encode(text + prompt, allowed_special="all")
-    no_prompt = tk_tok.encode_chat(CONV, add_generation_prompt=False)
+    template = chat_template(tk_tok)  # Meta's format: what a Llama-3 tokenizer.model alone chats with
+    assert template.name == "llama3" and template.end_of_turn == special["<|eot_id|>"]
+    assert template.encode(CONV) == ref.encode(text + prompt, allowed_special="all")
+    no_prompt = template.encode(CONV, add_generation_prompt=False)
     assert no_prompt == ref.encode(text, allowed_special="all")
     # Same shape as the real Llama-3 prompt: 128000, 128006, 9125 ("system"), 128007, 271 ("\n\n").
     system = ref.encode_ordinary("system")
     head = [special["<|begin_of_text|>"], special["<|start_header_id|>"]] + system
     head += [special["<|end_header_id|>"], files["ranks"][b"\n\n"]]
-    assert tk_tok.encode_chat(CONV)[:len(head)] == head
+    assert template.encode(CONV)[:len(head)] == head
 
 
 def test_llama2_chat_template(sp_tok, files):
@@ -245,45 +251,69 @@ def test_llama2_chat_template(sp_tok, files):
              " Hello world, how are you? ")
     second = "[INST] Price of 😀 in €? [/INST]"
     expected = [1] + sp.encode(first) + [2] + [1] + sp.encode(second)
-    assert sp_tok.encode_chat(CONV) == expected
+    assert Llama2Template(sp_tok).encode(CONV) == expected
     no_system = [{"role": "user", "content": "Hi"}]
-    assert sp_tok.encode_chat(no_system) == [1] + sp.encode("[INST] Hi [/INST]")
+    assert Llama2Template(sp_tok).encode(no_system) == [1] + sp.encode("[INST] Hi [/INST]")
+    assert chat_template(sp_tok) is None  # a SentencePiece model alone says nothing of chat: no format is guessed
 
 
 def test_llama2_chat_rejects_bad_roles(sp_tok):
+    for template in (Llama2Template(sp_tok), JinjaTemplate(sp_tok, LLAMA2_TEMPLATE, "llama-2-chat")):
+        with pytest.raises((ValueError, jinja2.TemplateError)):
+            template.encode([{"role": "user", "content": "a"}, {"role": "user", "content": "b"}])
     with pytest.raises(ValueError):
-        sp_tok.encode_chat([{"role": "user", "content": "a"}, {"role": "user", "content": "b"}])
-    with pytest.raises(ValueError):
-        sp_tok.encode_chat([{"role": "system", "content": "a"}])
-    with pytest.raises(ValueError):
-        sp_tok.encode_chat_turn("hi", system="sys", first=False)
+        Llama2Template(sp_tok).encode([{"role": "system", "content": "a"}])
 
 
-def test_chat_turns_concatenate_to_encode_chat(tok):
-    """The invariant documented on encode_chat_turn, on random conversations."""
-    rng = random.Random(0)
-    words = " ".join(TEXTS + CORPUS).split(" ")
+def random_conversations(n: int, seed: int = 0):
+    """Conversations of 1-4 user turns (replies between), some with a system message, of text without special
+    tokens written out (a Jinja template makes those tokens, as transformers does; Meta's code keeps them text)."""
+    rng = random.Random(seed)
+    words = [w for w in " ".join(TEXTS + CORPUS).split(" ") if "<" not in w]
 
     def text():
-        body = " ".join(rng.choice(words) for _ in range(rng.randint(0, 12)))
-        return body + rng.choice(["", " ", "\n", "€"])
+        return " ".join(rng.choice(words) for _ in range(rng.randint(0, 12))) + rng.choice(["", " ", "\n", "€"])
 
-    for _ in range(50):
-        n_turns = rng.randint(1, 4)
-        system = text() if rng.random() < 0.5 else None
-        conv = [{"role": "system", "content": system}] if system is not None else []
-        ids = []
-        for turn in range(n_turns):
-            user = text()
-            conv.append({"role": "user", "content": user})
-            ids += tok.encode_chat_turn(user, system=system if turn == 0 else None, first=turn == 0)
-            if turn < n_turns - 1:
-                reply = text()
-                conv.append({"role": "assistant", "content": reply})
-                generated = tok.encode_reply(reply)
-                assert generated[-1] in tok.eos_ids  # the reply ends in the stop token
-                ids += generated
-        assert ids == tok.encode_chat(conv)
+    for _ in range(n):
+        conv = [{"role": "system", "content": text()}] if rng.random() < 0.5 else []
+        for turn in range(rng.randint(1, 4)):
+            conv += [{"role": "assistant", "content": text()}] if turn else []
+            conv.append({"role": "user", "content": text()})
+        yield conv
+
+
+def test_official_jinja_templates_encode_as_metas_formats(sp_tok, tk_tok):
+    """Llama-2-chat's and Llama-3-Instruct's tokenizer_config.json templates, rendered and encoded with their
+    special tokens, give the tokens of Meta's own formats (SentencePiece: each piece between special tokens
+    encodes alone, with its leading space)."""
+    pairs = [(JinjaTemplate(sp_tok, LLAMA2_TEMPLATE, "llama-2-chat"), Llama2Template(sp_tok)),
+             (JinjaTemplate(tk_tok, LLAMA3_TEMPLATE, "llama-3-instruct"), Llama3Template(tk_tok))]
+    for jinja_template, meta in pairs:
+        assert jinja_template.end_of_turn == meta.end_of_turn
+        for conv in random_conversations(40):
+            assert jinja_template.encode(conv) == meta.encode(conv), conv
+
+
+def test_where_the_template_comes_from(files, tmp_path):
+    """--chat_template (a name, a Jinja file, a tokenizer_config.json), else the tokenizer_config.json beside the
+    tokenizer, else Llama-3's format for a Llama-3 tokenizer.model, else none."""
+    (tmp_path / "tokenizer.model").write_bytes(files["sp"].read_bytes())
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps({"chat_template": LLAMA2_TEMPLATE}))
+    sp_tok = load_tokenizer(tmp_path / "tokenizer.model")
+    assert isinstance(chat_template(sp_tok), JinjaTemplate) and chat_template(sp_tok).source == LLAMA2_TEMPLATE
+    assert isinstance(chat_template(sp_tok, "llama2"), Llama2Template)
+    (tmp_path / "t.jinja").write_text("{% for m in messages %}{{ m.content }}</s>{% endfor %}")
+    assert chat_template(sp_tok, str(tmp_path / "t.jinja")).end_of_turn == sp_tok.eos_ids[0]
+    assert chat_template(sp_tok, str(tmp_path / "tokenizer_config.json")).source == LLAMA2_TEMPLATE
+    for choice, says in [("llama3", "needs Llama-3's tiktoken"), (str(tmp_path / "none.jinja"), "no such file"),
+                         (str(files["sp"]), "cannot read"), ("{% if %}", "no such file")]:
+        with pytest.raises(TokenizerError, match=says):
+            chat_template(sp_tok, choice)
+    (tmp_path / "empty.json").write_text("{}")
+    with pytest.raises(TokenizerError, match="has no chat_template"):
+        chat_template(sp_tok, str(tmp_path / "empty.json"))
+    (tmp_path / "t.jinja").write_text("{% for m in messages %}{{ m.content }}{% endfor %}")  # no reply shown
+    assert chat_template(sp_tok, str(tmp_path / "t.jinja")).end_of_turn is None
 
 
 # --- streaming -------------------------------------------------------------------

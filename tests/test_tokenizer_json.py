@@ -11,10 +11,12 @@ from pathlib import Path
 
 import pytest
 from conftest import english_ish, train_byte_level_bpe, write_tokenizer
+from helpers import fresh_chat_replies
 
 import decoding
 from sampling import SamplingConfig
 from decoding import StreamDecoder
+from llama_fast.chat.templates import chat_template
 from tokenizer import HFTokenizer, TokenizerError, load_tokenizer
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -71,10 +73,10 @@ def test_loaded_by_content_with_special_tokens_from_the_files(qwen_files, llama3
     _, qwen, _ = qwen_files
     assert isinstance(qwen, HFTokenizer) and qwen.vocab_size == 380 and qwen.bos_id is None
     assert qwen.eos_ids == [qwen._tok.token_to_id("<|im_end|>"), qwen._tok.token_to_id("<|endoftext|>")]
-    assert qwen.eot_id == qwen._tok.token_to_id("<|im_end|>")
+    assert chat_template(qwen).end_of_turn == qwen._tok.token_to_id("<|im_end|>")
     _, llama3, _ = llama3_files
     assert llama3.bos_id == llama3._tok.token_to_id("<|begin_of_text|>")
-    assert llama3.eos_ids == [llama3.eot_id] == [llama3._tok.token_to_id("<|eot_id|>")]
+    assert llama3.eos_ids == [chat_template(llama3).end_of_turn] == [llama3._tok.token_to_id("<|eot_id|>")]
 
 
 @pytest.mark.parametrize("text", TEXTS)
@@ -94,24 +96,11 @@ def test_encode_decode_as_autotokenizer(files, text):
 def test_chat_as_apply_chat_template(files, messages, add_generation_prompt):
     _, ours, auto = files
     expected = auto.apply_chat_template(messages, add_generation_prompt=add_generation_prompt, tokenize=False)
-    assert ours.render_chat(messages, add_generation_prompt) == expected
+    template = chat_template(ours)
+    assert template.render(messages, add_generation_prompt) == expected
     ids = auto.apply_chat_template(messages, add_generation_prompt=add_generation_prompt, tokenize=True)
     ids = ids["input_ids"] if isinstance(ids, dict) or hasattr(ids, "keys") else ids
-    assert ours.encode_chat(messages, add_generation_prompt) == list(ids)
-
-
-def test_chat_turns_concatenate_to_encode_chat(files):
-    """What interactive chat keeps in the KV cache, turn by turn, is the whole conversation's encoding."""
-    _, ours, _ = files
-    system, users, answers = "Be kind.", ["Hello there", "And the river?", "Thanks"], ["Hi! 🎉", "It is long."]
-    turns = ours.encode_chat_turn(users[0], system, first=True)
-    for answer, user in zip(answers, users[1:]):
-        turns += ours.encode_reply(answer) + ours.encode_chat_turn(user, first=False)
-    messages = [{"role": "system", "content": system}]
-    for i, user in enumerate(users):
-        messages += [{"role": "user", "content": user}] + ([{"role": "assistant", "content": answers[i]}]
-                                                            if i < len(answers) else [])
-    assert turns == ours.encode_chat(messages)
+    assert template.encode(messages, add_generation_prompt) == list(ids)
 
 
 def test_stream_decoder_on_byte_level_tokens(files):
@@ -143,10 +132,9 @@ def test_template_errors_are_one_line(qwen_files, tmp_path):
                                                                 "chat_template": "{% for m in messages %}"}))
     tok = load_tokenizer(tmp_path / "tokenizer.json")
     with pytest.raises(TokenizerError, match="chat template does not parse"):
-        tok.encode_chat([{"role": "user", "content": "hi"}])
+        chat_template(tok)
     (tmp_path / "tokenizer_config.json").write_text("{}")
-    with pytest.raises(TokenizerError, match="no chat_template"):
-        load_tokenizer(tmp_path / "tokenizer.json").encode_chat([{"role": "user", "content": "hi"}])
+    assert chat_template(load_tokenizer(tmp_path / "tokenizer.json")) is None  # chat is refused: no format guessed
 
 
 # ------------------------------------------------------------------------------------------ through the CLI
@@ -189,12 +177,7 @@ def test_cli_chat_with_the_checkpoints_own_template(qwen_checkpoint):
     users = ["Hello there, how are you", "Tell me about the river"]
     proc = run_generate("--checkpoint_path", d / "model.pth", "--interactive", "--max_new_tokens", 8,
                         stdin="\n".join(users) + "\n")
-    history, expected = [], []
-    for i, user in enumerate(users):
-        history += tok.encode_chat_turn(user, None, first=(i == 0))
-        res = decoding.generate(model, [history], 8, SamplingConfig(temperature=0), tok.eos_ids)
-        expected.append(tok.decode([t for t in res.tokens[0] if t not in tok.eos_ids]))
-        history += res.tokens[0] + ([] if res.stopped[0] else [tok.eot_id])
+    expected = fresh_chat_replies(model, tok, chat_template(tok), users, 8)
     assert re.findall(r"Assistant: (.*?)\n\nUser: ", proc.stdout, re.S) == expected
 
 

@@ -1,11 +1,11 @@
-"""The OpenAI API's shapes (serve.py): what a client may send, checked field by field (a wrong type or range is a
-400 naming the field), and the JSON the server answers with, whole or as stream chunks.
+"""The OpenAI API's requests (serve.py): what a client may send, checked field by field (a wrong type or range is a
+400 naming the field); responses.py writes the answers.
 
 Every field is either acted on or refused by name (README, Serving: the field table); a field OpenAI does not have
 is a 400 naming it, as OpenAI answers; null means "the default" wherever OpenAI accepts it. Fields beyond OpenAI's,
 as vLLM has them: top_k, min_p, repetition_penalty, ignore_eos; and ours, speculation.
 """
-import itertools
+import json
 from typing import ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
@@ -15,7 +15,8 @@ from sampling import SamplingConfig
 
 COMPLETIONS_DEFAULT_MAX_TOKENS = 16  # OpenAI's legacy completions default; chat defaults to the rest of the context
 MAX_CHOICES = 64  # choices one HTTP request may ask for (n times the prompts): each is a request to the engine
-# OpenAI's fields this server does not act on, refused when given a value other than OpenAI's default (or null)
+# OpenAI's fields this server does not act on, refused when given a value other than OpenAI's default (or null);
+# a request model that has one of them (ChatRequest: tools) acts on it instead
 REFUSED = {"suffix": None, "best_of": 1, "tools": [], "tool_choice": "none", "parallel_tool_calls": True,
            "functions": [], "function_call": "none", "audio": None, "modalities": ["text"], "prediction": None,
            "reasoning_effort": None, "web_search_options": None, "store": False, "metadata": {},
@@ -126,6 +127,12 @@ class Sampled(Strict):
     def bias(self) -> dict[int, float] | None:
         return {int(token): bias for token, bias in self.logit_bias.items()} if self.logit_bias else None
 
+    def calls_tools(self) -> str | None:
+        return None  # completions have no tools; ChatRequest's may
+
+    def tool_dicts(self) -> list[dict] | None:
+        return None
+
 
 class CompletionRequest(Sampled):
     prompt: str | list[int] | list[str] | list[list[int]]
@@ -163,15 +170,78 @@ class TextPart(Strict):
     text: str
 
 
+FUNCTION_NAME = r"^[A-Za-z0-9_-]{1,64}$"
+
+
+class Function(Strict):
+    name: str = Field(pattern=FUNCTION_NAME)
+    description: str | None = None
+    parameters: dict | None = None  # a JSON schema; none: no arguments
+    strict: bool | None = None  # a required call's arguments always validate here, strict or not
+
+
+class Tool(Strict):
+    type: Literal["function"]
+    function: Function
+
+
+class FunctionName(Strict):
+    name: str = Field(pattern=FUNCTION_NAME)
+
+
+class NamedToolChoice(Strict):
+    type: Literal["function"]
+    function: FunctionName
+
+
+class FunctionCall(Strict):
+    name: str
+    arguments: str  # JSON, as the model wrote it
+
+
+class ToolCall(Strict):
+    id: str
+    type: Literal["function"]
+    function: FunctionCall
+
+
 class Message(Strict):
-    role: Literal["system", "developer", "user", "assistant"]
-    content: str | list[TextPart]
+    role: Literal["system", "developer", "user", "assistant", "tool"]
+    content: str | list[TextPart] | None = None  # None: an assistant's message that only calls tools
     name: str | None = None  # given to the chat template, which may show it
+    tool_calls: list[ToolCall] | None = None  # an assistant's calls, as this server returned them
+    tool_call_id: str | None = None  # a tool's answer: to which call
+    refusal: None = None  # null, as an answer's message has it when a client sends the message back
+
+    @model_validator(mode="after")
+    def fields_of_its_role(self):
+        if self.content is None and not (self.role == "assistant" and self.tool_calls):
+            raise ValueError("content: missing (only an assistant's message with tool_calls may have none)")
+        if self.tool_calls is not None and self.role != "assistant":
+            raise ValueError("tool_calls: only an assistant's message has them")
+        if (self.tool_call_id is not None) != (self.role == "tool"):
+            raise ValueError("tool_call_id: a tool's message has one (the call it answers), and only it")
+        return self
 
     def as_dict(self) -> dict:
-        text = self.content if isinstance(self.content, str) else "".join(p.text for p in self.content)
-        named = {"name": self.name} if self.name is not None else {}
-        return {"role": "system" if self.role == "developer" else self.role, "content": text, **named}
+        """As chat templates take a message (transformers' convention): a call's arguments as an object."""
+        text = self.content if isinstance(self.content, str) or self.content is None else \
+            "".join(p.text for p in self.content)
+        extra = {k: v for k, v in (("name", self.name), ("tool_call_id", self.tool_call_id)) if v is not None}
+        if self.tool_calls:
+            extra["tool_calls"] = [{"id": c.id, "type": "function", "function": {
+                "name": c.function.name, "arguments": arguments_object(c.function.arguments)}} for c in self.tool_calls]
+        return {"role": "system" if self.role == "developer" else self.role, "content": text, **extra}
+
+
+def arguments_object(arguments: str):
+    """A call's arguments as an object for the template (Qwen's writes them with tojson); text that is not a JSON
+    object stays text."""
+    try:
+        value = json.loads(arguments)
+    except ValueError:
+        return arguments
+    return value if isinstance(value, dict) else arguments
 
 
 class ChatRequest(Sampled):
@@ -179,6 +249,9 @@ class ChatRequest(Sampled):
     max_completion_tokens: int | None = Field(None, ge=1)
     logprobs: bool = False
     top_logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
+    tools: list[Tool] | None = Field(None, max_length=128)
+    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None  # None: auto with tools
+    parallel_tool_calls: bool = True
 
     @model_validator(mode="after")
     def choices(self):
@@ -186,7 +259,30 @@ class ChatRequest(Sampled):
             raise ValueError("max_tokens: must be at least 1")
         if self.top_logprobs is not None and not self.logprobs:
             raise ValueError("top_logprobs: needs logprobs true")
+        names = [t.function.name for t in self.tools or []]
+        if len(set(names)) < len(names):
+            raise ValueError("tools: two functions of one name")
+        if self.tool_choice not in (None, "none") and not self.tools:
+            raise ValueError("tool_choice: needs tools")
+        if isinstance(self.tool_choice, NamedToolChoice) and self.tool_choice.function.name not in names:
+            raise ValueError(f"tool_choice: no function {self.tool_choice.function.name!r} in tools")
+        if self.calls_tools() and self.structured():
+            raise ValueError("response_format: a reply is either tool calls or the JSON asked for, not both")
+        if self.calls_tools() and self.ignore_eos:
+            raise ValueError("ignore_eos: a reply with tools ends where the model ends it")
         return self
+
+    def calls_tools(self) -> str | None:
+        """How this request may call its tools: "auto" (if the model chooses), "required" (one call or more),
+        "named" (that function, once); None: it does not."""
+        if not self.tools or self.tool_choice == "none":
+            return None
+        return "named" if isinstance(self.tool_choice, NamedToolChoice) else self.tool_choice or "auto"
+
+    def tool_dicts(self) -> list[dict] | None:
+        """The tools as the chat template shows them (OpenAI's shape, as transformers passes them); none with
+        tool_choice "none", so the model does not try to call them."""
+        return [t.model_dump(exclude_none=True) for t in self.tools] if self.calls_tools() else None
 
     def prompts(self) -> list:
         return [[m.as_dict() for m in self.messages]]
@@ -220,113 +316,10 @@ class TokenizeRequest(Strict):
     def prompts(self) -> list:
         return [self.prompt] if self.messages is None else [[m.as_dict() for m in self.messages]]
 
+    def tool_dicts(self) -> None:
+        return None
+
 
 class DetokenizeRequest(Strict):
     model: str | None = None
     tokens: list[int]
-
-
-# ----------------------------------------------------------------------------------------------- responses
-# A choice's tokens with their logprobs, "scored": [(token, logprob, [(token, logprob)] of the top alternatives)];
-# the first prompt token has no logprob (None, None).
-
-def scored_prompt(r) -> list[tuple]:
-    return [(r.prompt[0], None, None)] + [(t, lp, top) for t, (lp, top) in zip(r.prompt[1:], r.prompt_token_logprobs)]
-
-
-def scored_output(r, start: int = 0, stop: int | None = None) -> list[tuple]:
-    """The output tokens start:stop with their logprobs, but not an end-of-sequence token that ended the output
-    (its text is not in the output either)."""
-    shown = len(r.output) - (r.finish_reason == "stop" and bool(r.output) and r.output[-1] in r.eos_ids)
-    stop = shown if stop is None else min(stop, shown)
-    return [(t, lp, top) for t, (lp, top) in zip(r.output[start:stop], r.token_logprobs[start:stop])]
-
-
-def token_string(tokenizer, token: int) -> str:
-    """A token's text, or (part of a character) its bytes written "bytes:\\xe2\\x80", as OpenAI writes them."""
-    data = tokenizer.token_bytes(token)
-    try:
-        return data.decode()
-    except UnicodeDecodeError:
-        return "bytes:" + "".join(f"\\x{b:02x}" for b in data)
-
-
-def completion_logprobs(tokenizer, scored: list[tuple], offset: int) -> dict:
-    """The legacy completions' logprobs: parallel lists; text_offset: offset plus the lengths of the tokens before
-    (as vLLM counts them: a control token's name counts, so it can differ from the text's own positions)."""
-    tokens = [token_string(tokenizer, t) for t, _, _ in scored]
-    offsets = list(itertools.accumulate(map(len, tokens[:-1]), initial=offset))[:len(tokens)]
-    tops = [None if top is None else {token_string(tokenizer, t): lp for t, lp in top} for _, _, top in scored]
-    return {"tokens": tokens, "token_logprobs": [lp for _, lp, _ in scored], "top_logprobs": tops,
-            "text_offset": offsets}
-
-
-def chat_logprobs(tokenizer, scored: list[tuple]) -> dict:
-    def entry(token, logprob):
-        data = tokenizer.token_bytes(token)
-        return {"token": data.decode("utf-8", "replace"), "logprob": logprob, "bytes": list(data)}
-    return {"content": [{**entry(t, lp), "top_logprobs": [entry(*alt) for alt in top]} for t, lp, top in scored],
-            "refusal": None}
-
-
-def usage(requests: list, n: int) -> dict:
-    """Each prompt counted once (a prompt's n choices share it), with how many of its tokens the prefix cache
-    held."""
-    firsts = requests[::n]
-    prompt, completion = sum(len(r.prompt) for r in firsts), sum(len(r.output) for r in requests)
-    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion,
-            "prompt_tokens_details": {"cached_tokens": sum(r.cached_tokens for r in firsts)}}
-
-
-def completion_response(body, requests: list, echoed: list[str], tokenizer, head: dict) -> dict:
-    """echoed: each choice's prompt text ("" without echo)."""
-    choices = []
-    for i, (r, prompt_text) in enumerate(zip(requests, echoed)):
-        logprobs = None
-        if body.logprobs is not None:
-            scored = (scored_prompt(r) if body.echo else []) + scored_output(r)
-            logprobs = completion_logprobs(tokenizer, scored, 0 if body.echo else len(tokenizer.decode(r.prompt)))
-        choices.append({"index": i, "text": prompt_text + r.text, "logprobs": logprobs,
-                        "finish_reason": r.finish_reason})
-    return {**head, "object": "text_completion", "choices": choices, "usage": usage(requests, body.n)}
-
-
-def chat_response(body, requests: list, tokenizer, head: dict) -> dict:
-    choices = [{"index": i, "message": {"role": "assistant", "content": r.text, "refusal": None},
-                "logprobs": chat_logprobs(tokenizer, scored_output(r)) if body.logprobs else None,
-                "finish_reason": r.finish_reason} for i, r in enumerate(requests)]
-    return {**head, "object": "chat.completion", "choices": choices, "usage": usage(requests, body.n)}
-
-
-def completion_chunk(body, i: int, r, text: str, scored: list, finish_reason, first: bool, echoed: str,
-                     tokenizer, head: dict, offset: int = 0) -> list:
-    """The stream events of choice i for one piece of text and the tokens it came from (none when there is no
-    text and the request goes on); the first carries the echoed prompt. offset: its first token's text_offset."""
-    if first and body.echo:
-        text = echoed + text
-        scored = (scored_prompt(r) if body.logprobs is not None else []) + scored
-    if not (text or finish_reason or scored):
-        return []
-    logprobs = completion_logprobs(tokenizer, scored, offset) if body.logprobs is not None else None
-    return [{**head, "object": "text_completion",
-             "choices": [{"index": i, "text": text, "logprobs": logprobs, "finish_reason": finish_reason}]}]
-
-
-def chat_chunk(body, i: int, r, text: str, scored: list, finish_reason, first: bool, echoed: str, tokenizer,
-               head: dict, offset: int = 0) -> list:
-    head = {**head, "object": "chat.completion.chunk"}
-    events = []
-    if first:
-        events.append({**head, "choices": [{"index": i, "delta": {"role": "assistant", "content": ""},
-                                            "logprobs": None, "finish_reason": None}]})
-    if text or finish_reason or scored:
-        delta = {"content": text} if text else {}
-        logprobs = chat_logprobs(tokenizer, scored) if body.logprobs else None
-        events.append({**head, "choices": [{"index": i, "delta": delta, "logprobs": logprobs,
-                                            "finish_reason": finish_reason}]})
-    return events
-
-
-def usage_chunk(body, requests: list, head: dict, chat: bool) -> dict:
-    return {**head, "object": "chat.completion.chunk" if chat else "text_completion", "choices": [],
-            "usage": usage(requests, body.n)}

@@ -178,8 +178,8 @@ class Engine:
     def warm_up(self):
         """Run each kind of step once, so that a compiled forward pass has its graph for each before the first
         client (the graphs specialise on whether a group is empty, one or more): one prompt chunk, then one
-        decoding row; two chunks, then two rows; one row beside a chunk, two rows beside two chunks. The counters
-        start again from zero."""
+        decoding row; two chunks, then two rows; one row beside a chunk, two rows beside two chunks; on CUDA, a
+        decode step of every padded shape (ModelRunner.capture_decode_graphs). The counters start again from zero."""
         self.generate([[1, 2]], 2)
         self.generate([[1, 2, 3], [1, 2, 3, 4]], 2)
         first = Request([1, 2, 3], 4)
@@ -192,6 +192,8 @@ class Engine:
         self.add(later[2])
         while not all(r.finish_reason for r in (first, *later)):
             self.step()
+        if self.runner.padded:  # CUDA: every decode shape's graph
+            self.runner.capture_decode_graphs()
         for key in self.stats:
             self.stats[key] = 0
 

@@ -100,32 +100,41 @@ class Grammars:
         self.vocabulary = llguidance.LLTokenizer(llguidance.TokenizerWrapper(Vocabulary(tokenizer, vocab_size)),
                                                  eos_token=list(tokenizer.eos_ids))
         # SentencePiece's first word carries its space ("▁{"), and decoding drops it: allow one before the JSON
-        self.leading_space = type(tokenizer).__name__ == "SentencePieceTokenizer"
+        self.space = '" "? ' if type(tokenizer).__name__ == "SentencePieceTokenizer" else ""
         # a batch's masks on several threads: on 2 cores, 8 rows of stories110M decoded at 0.88 of unconstrained
         # speed with one thread, 0.93 with two (BENCHMARKS.md)
         self.executor = llguidance.LLExecutor(num_threads=min(8, os.cpu_count() or 1))
         self.compiled = collections.OrderedDict()  # schema text -> a matcher at the start, copied for each request
         self.lock = threading.Lock()  # HTTP handlers compile on threads of their own
 
-    def grammar(self, schema: dict | None) -> str:
-        schema = {"type": "object"} if schema is None else closed(schema)
-        options = {"whitespace_flexible": False}
-        if not self.leading_space:
-            return llguidance.LLMatcher.grammar_from_json_schema(schema, overrides=options)
-        wrapped = {**schema, "x-guidance": {**schema.get("x-guidance", {}), **options}}
-        return llguidance.LLMatcher.grammar_from_lark('start: " "? j\nj: %json ' + json.dumps(wrapped))
-
     def matcher(self, schema: dict | None) -> Matcher:
-        """A matcher at the start of schema's grammar (None: any JSON object). The key keeps the properties'
-        order: it is the order the model writes them in."""
-        key = json.dumps(schema, separators=(",", ":"))
+        """A matcher at the start of schema's grammar (None: any JSON object). The properties' order is kept: it
+        is the order the model writes them in."""
+        return self.compile(f"start: {self.space}j\nj: %json {compact(schema or {'type': 'object'})}")
+
+    def tool_matcher(self, fmt, tools: list[dict], named: str | None, parallel: bool) -> Matcher:
+        """A matcher that lets the model write only calls of these tools (OpenAI's), in the tool-call format fmt
+        (chat/tool_calls.py), each call's arguments valid for its function's parameters; named: that function
+        only, once; parallel: one call or more."""
+        chosen = [t for t in tools if named is None or t["function"]["name"] == named]
+        calls = [{"type": "object", "properties": {"name": {"const": t["function"]["name"]},
+                                                   fmt.arguments: t["function"].get("parameters") or {}},
+                  "required": ["name", fmt.arguments]} for t in chosen]
+        call = [json.dumps(fmt.begin)] * bool(fmt.begin) + ["j"] + [json.dumps(fmt.end)] * bool(fmt.end)
+        several = f"call ({json.dumps(fmt.separator)} call)*" if parallel and named is None else "call"
+        return self.compile(f"start: {self.space}{several}\ncall: {' '.join(call)}\n"
+                            f"j: %json {compact(calls[0] if len(calls) == 1 else {'anyOf': calls})}")
+
+    def compile(self, grammar: str) -> Matcher:
+        """A matcher at the start of a Lark grammar (llguidance's), compiled once and then copied."""
+        key = grammar
         with self.lock:
             start = self.compiled.get(key)
             if start is not None:
                 self.compiled.move_to_end(key)
         if start is None:
             try:
-                start = llguidance.LLMatcher(self.vocabulary, self.grammar(schema), log_level=0)
+                start = llguidance.LLMatcher(self.vocabulary, grammar, log_level=0)
             except ValueError as e:
                 raise GrammarError(first_line(str(e))) from None
             if start.is_error():
@@ -144,6 +153,12 @@ class Grammars:
                                               words.shape[1] * 4, len(matchers))
         bits = (words.unsqueeze(-1) >> torch.arange(32, dtype=torch.int32)) & 1
         return bits.flatten(1)[:, :self.vocab_size].bool()
+
+
+def compact(schema: dict) -> str:
+    """The schema closed (below), as llguidance's %json takes it: the JSON written without whitespace."""
+    schema = closed(schema)
+    return json.dumps({**schema, "x-guidance": {**schema.get("x-guidance", {}), "whitespace_flexible": False}})
 
 
 def closed(schema):

@@ -13,10 +13,12 @@ from fastapi.responses import JSONResponse, PlainTextResponse, Response, Streami
 from prometheus_client import generate_latest
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from llama_fast.serving.api import (ChatRequest, CompletionRequest, DetokenizeRequest, TokenizeRequest, chat_chunk,
-                                    chat_response, completion_chunk, completion_response, scored_output, usage_chunk)
+from llama_fast.chat.templates import NO_TEMPLATE
+from llama_fast.serving.api import ChatRequest, CompletionRequest, DetokenizeRequest, TokenizeRequest
 from llama_fast.serving.grammar import GrammarError
 from llama_fast.serving.request import Request
+from llama_fast.serving.responses import (ToolCallStream, chat_chunk, chat_response, completion_chunk,
+                                          completion_response, scored_output, usage_chunk)
 from llama_fast.serving.server import OpenAIError, Server
 
 GUARDED = ("/v1", "/tokenize", "/detokenize")  # the routes --api_key protects (not /health and /metrics)
@@ -25,9 +27,10 @@ CLIENT_POLL_S = 0.5  # how often a non-streaming request checks that its client 
 
 def engine_requests(server: Server, body, prompts: list[list[int]], chat: bool) -> list[Request]:
     """The engine's Requests for an API request: n for each prompt, choice j seeded with seed + j, the others
-    reusing the first's prompt from the prefix cache; eos: the tokenizer's, and with chat its end-of-turn token."""
-    tok = server.tokenizer
-    eos = [] if body.ignore_eos else list(tok.eos_ids) + ([tok.eot_id] if chat and tok.eot_id is not None else [])
+    reusing the first's prompt from the prefix cache; eos: the tokenizer's, and with chat the template's
+    end-of-turn token."""
+    end_of_turn = [server.template.end_of_turn] if chat and server.template.end_of_turn is not None else []
+    eos = [] if body.ignore_eos else list(dict.fromkeys([*server.tokenizer.eos_ids, *end_of_turn]))
     spec = body.speculation
     requests = []
     for prompt in prompts:
@@ -46,37 +49,51 @@ async def tokenize(server: Server, body, chat: bool) -> tuple[list[list[int]], l
     """Each prompt's token ids, and its text for echo; on a thread of its own (a prompt of megabytes takes a while,
     and the event loop serves everybody). A prompt the tokenizer or the chat template refuses is a 400."""
     tok = server.tokenizer
+    if chat and server.template is None:
+        raise OpenAIError(400, f"messages: {NO_TEMPLATE} when starting the server, or use /v1/completions")
+    tools = body.tool_dicts()
+    if tools and server.tool_format is None:
+        raise OpenAIError(400, f"tools: the chat template ({server.template.name}) does not show the model tools in "
+                          "a format this server reads calls in (Qwen's <tool_call>, Llama-3.1's JSON)", param="tools")
 
     def work():
         check_unicode(body.prompts())
         if chat:
-            return [tok.encode_chat(messages) for messages in body.prompts()], [""] * len(body.prompts())
+            prompts = [server.template.encode(messages, tools=tools) for messages in body.prompts()]
+            return prompts, [""] * len(prompts)
         prompts = [tok.encode(p, bos=body.add_special_tokens) if isinstance(p, str) else list(p)
                    for p in body.prompts()]
         echoed = [(p if isinstance(p, str) else tok.decode(p)) if body.echo else "" for p in body.prompts()]
         return prompts, echoed
     try:
         prompts, echoed = await asyncio.to_thread(work)
-    except (ValueError, jinja2.TemplateError) as e:  # TokenizerError, a lone surrogate, turns out of order
+    except (ValueError, TypeError, jinja2.TemplateError) as e:
+        # a lone surrogate, turns out of order, a template meeting a value it cannot take (a null content)
         raise OpenAIError(400, f"{'messages' if chat else 'prompt'}: {e}") from None
     n = body.n
     return prompts, [text for text in echoed for _ in range(n)]
 
 
 async def constrain(server: Server, body, requests: list[Request]) -> list[Request]:
-    """Structured output: each request's grammar matcher (a schema compiled once, then cached), on a thread of its
-    own; a schema the grammar library cannot enforce is a 400."""
-    if (structured := body.structured()) is None:
+    """Structured output, and calls a request requires: each request's grammar matcher (compiled once, then
+    cached), on a thread of its own; a schema the grammar library cannot enforce is a 400."""
+    structured, calls = body.structured(), body.calls_tools()
+    if structured is None and calls not in ("required", "named"):
         return requests
+    grammars, param = server.engine.grammars, "response_format" if structured else "tools"
 
     def work():
         for r in requests:
-            r.grammar = server.engine.grammars.matcher(*structured)
+            if structured:
+                r.grammar = grammars.matcher(*structured)
+            else:
+                named = body.tool_choice.function.name if calls == "named" else None
+                r.grammar = grammars.tool_matcher(server.tool_format, body.tool_dicts(), named,
+                                                  body.parallel_tool_calls)
     try:
         await asyncio.to_thread(work)
     except GrammarError as e:
-        raise OpenAIError(400, f"response_format: the schema cannot be enforced: {e}",
-                          param="response_format") from None
+        raise OpenAIError(400, f"{param}: the schema cannot be enforced: {e}", param=param) from None
     return requests
 
 
@@ -211,17 +228,19 @@ async def respond(server: Server, http: HTTPRequest, body, requests: list[Reques
     chat = isinstance(body, ChatRequest)
     head = {"id": f"{'chatcmpl' if chat else 'cmpl'}-{requests[0].id}", "created": int(time.time()),
             "model": server.model_name}
+    tools = body.calls_tools()  # "auto", "required" or "named": the replies may be tool calls
     outputs = server.run(requests)
     if not body.stream:
         if not await finished_unless_gone(outputs, http):
             return Response(status_code=499)  # nginx's "client closed request": nobody reads it
         if chat:
-            return chat_response(body, requests, server.tokenizer, head)
+            return chat_response(body, requests, server.tokenizer, head, server.tool_format if tools else None)
         return completion_response(body, requests, echoed, server.tokenizer, head)
     first = await anext(outputs)  # errors (a prompt too long, a busy server) still become a status code
 
     async def events():
         given, started = [0] * len(requests), set()
+        held = [ToolCallStream(server.tool_format, tools != "auto") if tools else None for _ in requests]
         scores = not chat and body.logprobs is not None  # (text offsets: only completions' logprobs have them)
         offsets = [len(server.tokenizer.decode(r.prompt)) if scores and not body.echo else 0 for r in requests]
         try:
@@ -229,9 +248,10 @@ async def respond(server: Server, http: HTTPRequest, body, requests: list[Reques
                 r = requests[i]
                 scored = scored_output(r, given[i], given[i] + len(tokens)) if r.logprobs is not None else []
                 given[i] += len(tokens)
+                extra = {"tools": held[i]} if chat else {}
                 make = chat_chunk if chat else completion_chunk
                 for event in make(body, i, r, text, scored, finish_reason, i not in started, echoed[i],
-                                  server.tokenizer, head, offsets[i]):
+                                  server.tokenizer, head, offsets[i], **extra):
                     offsets[i] += sum(map(len, (event["choices"][0].get("logprobs") or {}).get("tokens", [])))
                     yield f"data: {json.dumps(event)}\n\n"
                 started.add(i)

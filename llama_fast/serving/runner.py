@@ -55,6 +55,20 @@ class ModelRunner:
         nobody.blocks = [0]
         self.forward([(nobody, 1)])
 
+    def decode_shapes(self) -> list[tuple[int, int]]:
+        """The (rows, blocks) a padded decode step can take (batch_tensors): each one CUDA graph."""
+        return [(rows, blocks) for rows in padded_sizes(self.max_batch_size)
+                for blocks in padded_sizes(self.max_blocks)]
+
+    def capture_decode_graphs(self) -> int:
+        """Run every padded decode shape once, so that CUDA graphs are captured at start-up and not in the middle
+        of live traffic: rows at position 0 of block 0, the padding rows' block. The number of shapes."""
+        for rows, blocks in self.decode_shapes():
+            nobody = Request([1], 1)
+            nobody.blocks = [0] * blocks
+            self.forward([(nobody, 1)] * rows)
+        return len(self.decode_shapes())
+
     def batch_tensors(self, rows: list[tuple[Request, int]]) -> tuple[Tensor, ...]:
         """paged_forward's inputs for the rows (one row of all the new tokens; see PagedIndex). Compiled on CUDA, a
         step of one-token rows only is padded so that a bounded number of CUDA graphs serves every such step: the
@@ -125,6 +139,11 @@ def token_bytes(model: Transformer, cache_class=PagedKVCache) -> int:
 
 def next_power_of_two(n: int) -> int:
     return 1 << (n - 1).bit_length()
+
+
+def padded_sizes(limit: int) -> list[int]:
+    """What min(next_power_of_two(n), limit) takes for n in 1..limit."""
+    return sorted({min(1 << k, limit) for k in range(limit.bit_length() + 1)})
 
 
 def run_model(forward, tensors: tuple[Tensor, ...], decode_only: bool) -> Tensor:

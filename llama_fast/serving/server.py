@@ -9,6 +9,7 @@ import traceback
 from prometheus_client import CollectorRegistry, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
+from llama_fast.chat.tool_calls import tool_call_format
 from llama_fast.serving.engine import Engine
 from llama_fast.serving.request import Request
 from llama_fast.serving.runner import WORKER_PING_S, ping_workers
@@ -25,8 +26,10 @@ class OpenAIError(Exception):
 class Server:
     """The engine's loop, and what the HTTP handlers (on uvicorn's thread) ask of it."""
 
-    def __init__(self, engine: Engine, tokenizer, model_name: str, max_waiting: int):
-        self.engine, self.tokenizer, self.model_name, self.max_waiting = engine, tokenizer, model_name, max_waiting
+    def __init__(self, engine: Engine, tokenizer, template, model_name: str, max_waiting: int):
+        self.engine, self.tokenizer, self.template = engine, tokenizer, template  # template: None when it has none
+        self.tool_format = tool_call_format(template)  # how the model writes tool calls; None: tools are refused
+        self.model_name, self.max_waiting = model_name, max_waiting
         self.created = int(time.time())
         self.failed = None  # why the engine stopped, if it did: the process then exits non-zero
         self.shutting_down = False  # the shutdown's grace period is over: what still runs is aborted
