@@ -28,8 +28,9 @@ from tqdm import tqdm
 
 from decoding import StreamDecoder, compile_dynamic, generate, make_steps
 from llama_fast.checkpoint import (check_is_file, check_vocab, device_bytes, files_read, load_model, read_config,
-                                   tokenizer_file, write_json)
+                                   tokenizer_file)
 from llama_fast.quant.kv_cache import use_int8_kv_cache
+from llama_fast.writing import write_json
 from sampling import SamplingConfig
 from tokenizer import load_tokenizer
 import tp

@@ -19,15 +19,16 @@ import torch
 
 from decoding import (GenerationResult, StreamDecoder, compile_cache_counts, generate, make_steps, peak_memory_bytes,
                       weight_bytes)
-from llama_fast.checkpoint import (atomic_save, check_is_file, check_vocab, device_bytes, files_read, load_model,
-                                   read_config, save_trace, tokenizer_file, write_json)
 from llama_fast.chat.interactive import chat
 from llama_fast.chat.templates import NO_TEMPLATE, chat_template
+from llama_fast.checkpoint import (check_is_file, check_vocab, device_bytes, files_read, load_model, read_config,
+                                   tokenizer_file)
 from llama_fast.cpu.choice import metrics as cpu_kernel_metrics
 from llama_fast.quant.kv_cache import use_int8_kv_cache
 from llama_fast.speculate.lookahead import LookaheadConfig, lookahead_config, lookahead_generate, lookahead_stats
 from llama_fast.speculate.speculative import (DraftModel, PromptLookup, acceptance_stats, check_speculation,
                                               speculative_generate)
+from llama_fast.writing import atomic_save, save_trace, write_json
 from sampling import SamplingConfig
 from tokenizer import load_tokenizer
 import tp

@@ -17,7 +17,8 @@ import sys
 import time
 from pathlib import Path
 
-from llama_fast.checkpoint import atomic_save, check_is_file, check_vocab, files_read, load_model, tokenizer_file
+from llama_fast.checkpoint import check_is_file, check_vocab, files_read, load_model, tokenizer_file
+from llama_fast.integrity import save_checkpoint
 from llama_fast.quant.gptq import calibration_sequences, gptq_quantize_model, read_calibration_text
 from llama_fast.quant.qlinear import GROUP_SIZES, quantize_model
 from tokenizer import load_tokenizer
@@ -113,7 +114,7 @@ def quantize(args) -> tuple[Path, int]:
         state, meta = quantize_model(model, args.mode, args.groupsize, args.quantize_output)
     meta["source"] = str(args.checkpoint_path)
     state = {k: v.cpu() for k, v in state.items()}
-    atomic_save({"quantization": meta, "state_dict": state}, out)
+    save_checkpoint({"quantization": meta, "state_dict": state}, out)
     kept = [f"{n} ({why})" for n, why in meta["layers"].items() if why not in ("int8", "int4")]
     if kept:
         print(f"not quantized: {'; '.join(kept)}", file=sys.stderr)

@@ -1,5 +1,5 @@
-"""Checkpoint files: reading a state dict (one set of rules for every reader), building the model a checkpoint
-describes, the tokenizer beside it, and writing files so that a crash never leaves a half-written one.
+"""Checkpoint files: reading a state dict (one set of rules for every reader, verified by integrity.py), building
+the model a checkpoint describes, and the tokenizer beside it.
 
     model = load_model("checkpoints/<repo>/model.pth", "cuda", torch.bfloat16)
 
@@ -7,15 +7,7 @@ A checkpoint is model.pth (or .safetensors) with model_config.json (ModelArgs) b
 {"quantization": {...}, "state_dict": {...}} and load with their quantized modules. No pickled code is executed:
 torch.load runs with weights_only=True, or the file is safetensors.
 """
-import ctypes
-import errno
-import json
-import mmap
-import os
 import pickle
-import shutil
-import struct
-import tempfile
 import warnings
 import zipfile
 from concurrent.futures import ThreadPoolExecutor
@@ -23,11 +15,11 @@ from pathlib import Path
 
 import torch
 from safetensors.torch import load_file
-from zlib_ng import zlib_ng
 
 from llama_fast.cpu.choice import choose_kernels, use_cpu_kernels
 from llama_fast.cpu.toolchain import openmp_warning, say_once
 from llama_fast.cpu.tune import tuned_kernels
+from llama_fast.integrity import check_integrity
 from llama_fast.quant.qlinear import GROUP_SIZES, pack_for_device, swap_in_quantized
 from model import Transformer
 from model_config import CONFIG_NAME, ModelArgs
@@ -65,106 +57,6 @@ def read_state_dict(path, verify: bool = True) -> dict:
     if verify:
         check_integrity(path, state)
     return state
-
-
-def check_integrity(path: Path, state: dict):
-    """The CRCs of a torch.save zip, and no NaN or infinite weight, once per version of the file: a file verified
-    before (same inode, size, mtime and ctime: any write changes ctime) is not again. The two passes run side by
-    side, the CRCs on a thread of their own (zlib-ng's CRC-32 lets go of Python's lock), and load_model runs them
-    while it builds the model (scripts/bench_load.py measures what is left: README, Errors)."""
-    key, stamp = str(path.resolve()), file_stamp(path)
-    table = read_json(verified_path(), {})
-    if table.get(key) == stamp:
-        return
-    with ThreadPoolExecutor(1) as pool:
-        crcs = pool.submit(check_zip_crcs, path, state) if zipfile.is_zipfile(path) else None
-        try:
-            check_finite(state, path)
-        finally:
-            if crcs is not None:
-                crcs.result()  # its error first if both fail: a damaged file is what explains the NaN
-    table.pop(key, None)
-    table[key] = stamp
-    try:  # a read-only home only costs the verification next time
-        verified_path().parent.mkdir(parents=True, exist_ok=True)
-        write_json(verified_path(), dict(list(table.items())[-VERIFIED_KEPT:]))
-    except OSError:
-        pass
-
-
-VERIFIED_KEPT = 256  # files remembered as verified (the oldest forgotten first)
-
-
-def verified_path() -> Path:
-    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "llama-fast" / "verified.json"
-
-
-def file_stamp(path: Path) -> list:
-    st = path.stat()
-    return [st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns]
-
-
-def read_json(path: Path, default):
-    try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError):
-        return default
-
-
-def check_zip_crcs(path: Path, state: dict | None = None):
-    """torch.save's zip stores each tensor's bytes with a CRC-32 that torch.load never checks: a damaged copy would
-    load as garbage. zlib-ng's CRC-32 (carry-less multiplication) ran at 32 GB/s where zlib's ran at 7 (2-core AMD
-    EPYC). A member is read where torch.load mapped it (state's storages), so that its pages are brought in once
-    for the CRC and the model both; else through a mapping of our own."""
-    with zipfile.ZipFile(path) as archive, open(path, "rb") as f, \
-            mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as mapped, memoryview(mapped) as data:
-        members = []
-        for info in archive.infolist():
-            if info.compress_type != zipfile.ZIP_STORED:  # not torch.save's: zipfile decompresses and checks it
-                archive.read(info)
-                continue
-            name_len, extra_len = struct.unpack("<HH", data[info.header_offset + 26:info.header_offset + 30])
-            members.append((info, info.header_offset + 30 + name_len + extra_len))  # after its local header
-        loaded = loaded_members(members, state or {})
-        for info, start in members:
-            if zlib_ng.crc32(loaded.get(info.filename, data[start:start + info.file_size])) != info.CRC:
-                raise ValueError(f"checkpoint {path} is damaged: {info.filename} does not match its CRC-32 (changed "
-                                 "after it was written: a bad copy or disk?)")
-
-
-def loaded_members(members: list, state: dict) -> dict:
-    """{member name: its bytes in torch.load's mapping}: the state's storages paired with the tensor members (both
-    in file order) when every pair is one distance apart, as they are in a single mapping of the file; else {}."""
-    storages = sorted({(s.data_ptr(), s.nbytes()) for s in map(torch.Tensor.untyped_storage, tensors_of(state))
-                       if s.nbytes() and s.device.type == "cpu"})
-    tensors = [(start, info) for info, start in members if "/data/" in info.filename and info.file_size]
-    if len(storages) != len(tensors) or not storages:
-        return {}
-    pairs = list(zip(storages, sorted(tensors, key=lambda m: m[0])))
-    if any(size != info.file_size for (_, size), (_, info) in pairs) or \
-            len({address - start for (address, _), (start, _) in pairs}) != 1:
-        return {}
-    return {info.filename: (ctypes.c_ubyte * size).from_address(address) for (address, size), (_, info) in pairs}
-
-
-def tensors_of(state: dict):
-    for value in state.values():
-        if isinstance(value, dict):
-            yield from tensors_of(value)
-        elif isinstance(value, torch.Tensor):
-            yield value
-
-
-def check_finite(state: dict, path: Path, prefix: str = ""):
-    """No weight is NaN or infinite (a damaged file, a training run that diverged): a tensor's smallest and largest
-    values (one pass in its own dtype, no copy; NaN propagates) are finite exactly when all its values are."""
-    for name, t in state.items():
-        if isinstance(t, dict):
-            check_finite(t, path, f"{prefix}{name}.")
-        elif isinstance(t, torch.Tensor) and t.is_floating_point() and t.numel() and \
-                not torch.isfinite(torch.stack(torch.aminmax(t))).all():
-            raise ValueError(f"checkpoint {path}: tensor {prefix}{name} holds NaN or infinite values (a damaged file, "
-                             "or weights that diverged in training)")
 
 
 def check_is_file(path: Path, what: str):
@@ -374,69 +266,3 @@ def check_vocab(tokenizer, model: Transformer | ModelArgs):
     if n < rows and not config.vocab_padded:
         raise ValueError(f"tokenizer has {n} tokens but the model {rows}: ids past {n - 1} would decode to nothing "
                          "(wrong --tokenizer_path? if the embedding is padded, set vocab_padded in model_config.json)")
-
-
-def atomic_save(obj, path: Path, save=torch.save):
-    """Write to a temporary file beside `path`, then rename: a crash never leaves a half-written file there, and a
-    failed write leaves no temporary file. A symlink stays one (its target is replaced); a device, a FIFO or
-    /dev/stdout is written in place (renaming over it would replace the device node with a file). A full disk is
-    reported as such (torch.save says "unexpected pos"); any other failure names `path` and its cause."""
-    path = Path(path)
-    if written_in_place(path):
-        return save(obj, path)
-    target = path.resolve()  # through a symlink: the file it points to is replaced, the link kept
-    tmp = target.with_name(f".{target.name}.tmp{os.getpid()}")
-    try:
-        save(obj, tmp)
-        if not tmp.is_file() or tmp.stat().st_size == 0:  # a silent writer (the profiler's) that wrote nothing
-            raise OSError(errno.EIO, "the writer produced no data", str(path))
-        os.replace(tmp, target)
-    except Exception as e:
-        if disk_full(e, tmp):
-            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path)) from None
-        if isinstance(e, OSError) and e.errno:  # named by the file the user asked for, not the temporary one
-            raise OSError(e.errno, e.strerror, str(path)) from None
-        raise
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
-def written_in_place(path: Path) -> bool:
-    """A path that is not a regular file to replace: a device, a FIFO, a socket, or anything under /dev or /proc
-    (/dev/stdout, /proc/self/fd/1), whatever it points to."""
-    if Path(os.path.abspath(path)).parts[1:2] in (("dev",), ("proc",)):
-        return True
-    return path.exists() and not path.is_file() and not path.is_dir()
-
-
-def disk_full(e: Exception, written: Path) -> bool:
-    if isinstance(e, OSError) and e.errno == errno.ENOSPC or "No space left on device" in str(e):
-        return True
-    if isinstance(e, OSError) and e.errno == errno.EIO:  # a writer that failed silently: was it the disk?
-        return shutil.disk_usage(written.parent).free < 1 << 20
-    # torch.save's own writer reports only a position mismatch: look at the disk while the partial file is there
-    return isinstance(e, RuntimeError) and written.exists() and shutil.disk_usage(written.parent).free < 1 << 20
-
-
-def write_json(path: Path, obj):
-    atomic_save(obj, path, save=lambda o, p: Path(p).write_text(json.dumps(o, indent=2) + "\n"))
-
-
-def save_trace(prof, path):
-    """The profiler's trace. Kineto writes PATH.tmp, then renames it to PATH (over a device too) and leaves it
-    behind when the write fails; it reports no error (a full disk leaves a short file), so the end is checked."""
-    if written_in_place(Path(path)):  # /dev/null, /dev/stdout: written through, never renamed over
-        with tempfile.TemporaryDirectory() as tmp:
-            save_trace(prof, Path(tmp) / "trace.json")
-            with open(Path(tmp) / "trace.json", "rb") as trace, open(path, "wb") as out:
-                shutil.copyfileobj(trace, out)
-        return
-    try:
-        prof.export_chrome_trace(str(path))
-    finally:
-        Path(f"{path}.tmp").unlink(missing_ok=True)
-    if Path(path).is_file():
-        with open(path, "rb") as f:
-            f.seek(max(0, Path(path).stat().st_size - 64))
-            if not f.read().rstrip().endswith(b"}"):
-                raise OSError(errno.EIO, "the profiler's trace was cut short", str(path))

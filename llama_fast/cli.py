@@ -39,7 +39,7 @@ import re  # noqa: E402
 
 import torch  # noqa: E402
 
-from llama_fast.checkpoint import written_in_place  # noqa: E402
+from llama_fast.writing import written_in_place  # noqa: E402
 from llama_fast.cpu.kernels import KERNELS  # noqa: E402
 from tokenizer import TokenizerError  # noqa: E402
 import tp  # noqa: E402
@@ -314,7 +314,7 @@ def _peer_lost(message: str) -> bool:
 
 def cli_main(run, args):
     """Return when run(args) returns 0, else exit with its code. A user mistake (ValueError, FileNotFoundError,
-    TokenizerError) or a fault (see fault_message; a full disk arrives as checkpoint.atomic_save's ENOSPC OSError)
+    TokenizerError) or a fault (see fault_message; a full disk arrives as writing.atomic_save's ENOSPC OSError)
     exits 1 with one "error: ..." line instead of a traceback; Ctrl-C exits 130 and SIGTERM 143, with one line each.
     Under torchrun only rank 0 prints; errors are reported by every rank, and the process group is torn down however
     the run ends."""

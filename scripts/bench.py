@@ -25,7 +25,8 @@ from llama_fast.cli import (CPU_GEMM_CHOICES, CPU_GEMM_HELP, CPU_KERNEL_CHOICES,
 import torch  # noqa: E402
 
 from decoding import compile_cache_counts, generate, make_steps, peak_memory_bytes, weight_bytes  # noqa: E402
-from llama_fast.checkpoint import cpu_kernels_for, load_model, tokenizer_file, write_json  # noqa: E402
+from llama_fast.checkpoint import cpu_kernels_for, load_model, tokenizer_file  # noqa: E402
+from llama_fast.writing import write_json  # noqa: E402
 from llama_fast.cpu.choice import metrics as cpu_kernel_metrics, use_cpu_kernels  # noqa: E402
 from llama_fast.cpu.tune import randomize  # noqa: E402
 from llama_fast.quant.qlinear import GROUP_SIZES, quantize_model  # noqa: E402

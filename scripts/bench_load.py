@@ -1,4 +1,4 @@
-"""What verifying a checkpoint on load costs (llama_fast/checkpoint.py's check_integrity: the zip's CRCs and no NaN
+"""What verifying a checkpoint on load costs (llama_fast/integrity.py's check_integrity: the zip's CRCs and no NaN
 or infinite weight). One process, the page cache warm, the three kinds of load alternating round by round:
 
     off     the checks skipped: the baseline
@@ -24,7 +24,7 @@ from llama_fast.cli import PRECISIONS, cli_main  # noqa: E402  (first: it sets u
 import torch  # noqa: E402
 
 from decoding import generate  # noqa: E402
-from llama_fast import checkpoint  # noqa: E402
+from llama_fast import checkpoint, integrity  # noqa: E402
 from sampling import SamplingConfig  # noqa: E402
 
 KINDS = ("off", "first", "again")
@@ -36,7 +36,7 @@ def one_load(path: Path, kind: str, precision) -> tuple[float, float]:
     if kind == "off":
         checkpoint.check_integrity = lambda *args: None
     elif kind == "first":
-        checkpoint.verified_path().unlink(missing_ok=True)
+        integrity.verified_path().unlink(missing_ok=True)
     try:
         t0 = time.perf_counter()
         model = checkpoint.load_model(path, "cpu", precision)

@@ -20,7 +20,7 @@ import torch  # noqa: E402
 
 from bench import random_model  # noqa: E402
 from decoding import make_steps, sync  # noqa: E402
-from llama_fast.checkpoint import write_json  # noqa: E402
+from llama_fast.writing import write_json  # noqa: E402
 from llama_fast.cpu.choice import choose_kernels, use_cpu_kernels  # noqa: E402
 from llama_fast.speculate.lookahead import LookaheadConfig, layout, lookahead_step  # noqa: E402
 from model_config import PRESETS  # noqa: E402

@@ -23,7 +23,7 @@ import httpx
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
-from llama_fast.checkpoint import write_json  # noqa: E402
+from llama_fast.writing import write_json  # noqa: E402
 from llama_fast.cli import check_at_least, check_output_path, cli_main  # noqa: E402
 
 WORDS = "the a small big red old new dog cat bird tree house river city king queen runs sees makes and but".split()

@@ -21,8 +21,10 @@ import torch  # noqa: E402
 from safetensors.torch import save_file  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
-from llama_fast.checkpoint import (HF_TOKENIZER_NAME, READ_BESIDE, TOKENIZER_NAME, atomic_save,  # noqa: E402
-                                   check_shapes, read_state_dict)
+from llama_fast.checkpoint import (HF_TOKENIZER_NAME, READ_BESIDE, TOKENIZER_NAME, check_shapes,  # noqa: E402
+                                   read_state_dict)
+from llama_fast.integrity import save_checkpoint  # noqa: E402
+from llama_fast.writing import atomic_save  # noqa: E402
 from model import Transformer  # noqa: E402
 from model_config import CONFIG_NAME, ModelArgs  # noqa: E402
 
@@ -181,9 +183,9 @@ def convert(checkpoint_dir, output_name: str = "model.pth", force: bool = False)
     if output_name.endswith(".safetensors"):
         if config.tie_embeddings:
             state.pop("output.weight")  # safetensors refuses shared storage; loaders re-tie from the config
-        atomic_save(state, out_path, save=lambda s, p: save_file(s, str(p)))
+        save_checkpoint(state, out_path, save=lambda s, p: save_file(s, str(p)))
     else:
-        atomic_save(state, out_path)  # tied weights share one storage, so torch.save writes them once
+        save_checkpoint(state, out_path)  # tied weights share one storage, so torch.save writes them once
     atomic_save(config, config_out, save=lambda c, p: c.save(p))
     if not (checkpoint_dir / TOKENIZER_NAME).exists():
         if (checkpoint_dir / "original/tokenizer.model").exists():  # Llama-3 ships it only there

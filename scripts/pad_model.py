@@ -25,7 +25,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from llama_fast.cli import check_output_folder, check_output_path, cli_main  # noqa: E402
 import torch  # noqa: E402
 
-from llama_fast.checkpoint import TOKENIZER_NAME, atomic_save, check_is_file, read_config, read_state_dict  # noqa: E402
+from llama_fast.checkpoint import TOKENIZER_NAME, check_is_file, read_config, read_state_dict  # noqa: E402
+from llama_fast.integrity import save_checkpoint  # noqa: E402
+from llama_fast.writing import atomic_save  # noqa: E402
 from model_config import CONFIG_NAME, PRESETS, ModelArgs  # noqa: E402
 
 
@@ -108,7 +110,7 @@ def run(args) -> int:
         raise ValueError("pad a float checkpoint, then quantize the padded one")
     padded = pad_state(state, small, big)
     args.out.mkdir(parents=True, exist_ok=True)
-    atomic_save({k: v.to(torch.bfloat16) for k, v in padded.items()}, args.out / "model.pth")
+    save_checkpoint({k: v.to(torch.bfloat16) for k, v in padded.items()}, args.out / "model.pth")
     atomic_save(big, args.out / CONFIG_NAME, save=lambda c, path: c.save(path))
     tokenizer, link = args.checkpoint_path.parent / TOKENIZER_NAME, args.out / TOKENIZER_NAME
     if tokenizer.exists() and not link.exists():

@@ -24,8 +24,10 @@ from llama_fast.cli import (SEED_RANGE, check_at_least, check_output_folder, che
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
-from llama_fast.checkpoint import (TOKENIZER_NAME, atomic_save, check_is_file, check_shapes,  # noqa: E402
-                                   read_config, read_state_dict)
+from llama_fast.checkpoint import (TOKENIZER_NAME, check_is_file, check_shapes, read_config,  # noqa: E402
+                                   read_state_dict)
+from llama_fast.integrity import save_checkpoint  # noqa: E402
+from llama_fast.writing import atomic_save  # noqa: E402
 from llama_fast.cpu.choice import has_16bit_gemm  # noqa: E402
 from model import Transformer  # noqa: E402
 from model_config import CONFIG_NAME, ModelArgs  # noqa: E402
@@ -181,7 +183,8 @@ def run(args) -> int:
     train(model, data, args.steps, args.seq_len, args.batch_size, args.lr, args.minutes, args.seed,
           log=lambda s: print(s, file=sys.stderr, flush=True), repeat=repeat, bf16=bf16)
     args.out.mkdir(parents=True, exist_ok=True)
-    atomic_save({k: v.detach().to(torch.bfloat16) for k, v in model.state_dict().items()}, args.out / "model.pth")
+    save_checkpoint({k: v.detach().to(torch.bfloat16) for k, v in model.state_dict().items()},
+                    args.out / "model.pth")
     atomic_save(config, args.out / CONFIG_NAME, save=lambda c, path: c.save(path))
     link = args.out / TOKENIZER_NAME
     if not link.exists() and not args.vocab_size:

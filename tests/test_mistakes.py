@@ -471,7 +471,7 @@ MISTAKES = {
     "generate/config_rope_type_yarn": ("generate.py", lambda u, w: [
         "--checkpoint_path", checkpoint_in(w, u, {"rope_scaling": {"rope_type": "yarn", "factor": 4.0}}), *GEN],
         "unsupported rope_scaling rope_type 'yarn'"),
-    # ---- damage noticed on load (checkpoint.check_zip_crcs, check_finite)
+    # ---- damage noticed on load (integrity.check_zip_crcs, check_finite)
     "generate/random_bytes_inside_the_checkpoint": ("generate.py", lambda u, w: [
         "--checkpoint_path", checkpoint_in(w, u, weights=damaged(u["model"].read_bytes())), *GEN],
         "does not match its CRC-32"),
@@ -1023,16 +1023,36 @@ def test_word_perplexity_past_a_float_is_left_out_with_a_note(tmp_path):
 def test_a_checkpoint_is_verified_once_per_version(user, tmp_path, monkeypatch):
     """A verified file is not read through again on the next load (the pass costs more than a mapped load); any
     write to it makes it a new version, verified again: damage done in place is still found."""
-    from llama_fast import checkpoint
+    from llama_fast import checkpoint, integrity
 
     path = Path(shutil.copy(user["model"], tmp_path / "model.pth"))
     checkpoint.read_state_dict(path)
     with monkeypatch.context() as m:
-        m.setattr(checkpoint, "check_zip_crcs", lambda *args: pytest.fail("verified twice"))
+        m.setattr(integrity, "check_zip_crcs", lambda *args: pytest.fail("verified twice"))
         checkpoint.read_state_dict(path)
     path.write_bytes(damaged(path.read_bytes()))  # same size, same name
     with pytest.raises(ValueError, match="does not match its CRC-32"):
         checkpoint.read_state_dict(path)
+
+
+def test_a_checkpoint_we_write_is_remembered_as_verified(tmp_path, monkeypatch):
+    """save_checkpoint (the converter's, quantize.py's) checks the weights before writing and remembers the file
+    as verified: its first load makes no pass over it; a copy of it is a file of its own, verified on its first
+    load; weights that are not finite are refused before anything is written."""
+    from llama_fast import checkpoint, integrity
+
+    passes = []
+    monkeypatch.setattr(integrity, "check_zip_crcs", lambda *args: passes.append(args[0]))
+    path = tmp_path / "model.pth"
+    integrity.save_checkpoint({"w": torch.randn(4, 4), "b": torch.zeros(4)}, path)
+    checkpoint.read_state_dict(path)
+    assert passes == []
+    copy = Path(shutil.copy(path, tmp_path / "copy.pth"))
+    checkpoint.read_state_dict(copy)
+    assert passes == [copy]
+    with pytest.raises(ValueError, match="tensor w holds NaN or infinite"):
+        integrity.save_checkpoint({"w": torch.tensor([1.0, float("inf")])}, tmp_path / "bad.pth")
+    assert not (tmp_path / "bad.pth").exists()
 
 
 def test_load_model_reads_the_crcs_where_torch_mapped_the_tensors(user, tmp_path, monkeypatch):
@@ -1041,7 +1061,7 @@ def test_load_model_reads_the_crcs_where_torch_mapped_the_tensors(user, tmp_path
     before a model is returned, and so is one the CRCs pass but whose weights are not finite."""
     import zipfile
 
-    from llama_fast import checkpoint
+    from llama_fast import checkpoint, integrity
 
     path = Path(shutil.copy(user["model"], tmp_path / "model.pth"))
     (tmp_path / "model_config.json").write_bytes((user["model"].parent / "model_config.json").read_bytes())
@@ -1049,9 +1069,9 @@ def test_load_model_reads_the_crcs_where_torch_mapped_the_tensors(user, tmp_path
     with zipfile.ZipFile(path) as archive:
         n_tensors = sum("/data/" in info.filename and info.file_size > 0 for info in archive.infolist())
     found = []
-    real = checkpoint.loaded_members
-    monkeypatch.setattr(checkpoint, "loaded_members", lambda *args: found.append(real(*args)) or found[-1])
-    checkpoint.check_zip_crcs(path, state)
+    real = integrity.loaded_members
+    monkeypatch.setattr(integrity, "loaded_members", lambda *args: found.append(real(*args)) or found[-1])
+    integrity.check_zip_crcs(path, state)
     assert len(found[0]) == n_tensors > 0
     path.write_bytes(damaged(path.read_bytes()))
     with pytest.raises(ValueError, match="does not match its CRC-32"):
