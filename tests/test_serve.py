@@ -365,7 +365,8 @@ def test_busy_server_503_and_sigterm_finishes_running_requests(hf_checkpoint):
     """One running request and one waiting fill --max_waiting 1 and --max_batch_size 1: a third gets a 503.
     SIGTERM then lets both finish and the server exits 0. (A model large enough that a request takes seconds.)"""
     _, d = hf_checkpoint("slow", hidden_size=512, num_hidden_layers=8, intermediate_size=1376)
-    s = ServerProcess(d, "--max_batch_size", "1", "--max_waiting", "1", "--model_name", "tiny")
+    # a grace period well past the two requests' time, even on a machine busy with other tests
+    s = ServerProcess(d, "--max_batch_size", "1", "--max_waiting", "1", "--model_name", "tiny", "--grace_period", "120")
     results = []
 
     def ask():
@@ -381,7 +382,7 @@ def test_busy_server_503_and_sigterm_finishes_running_requests(hf_checkpoint):
         assert busy.status_code == 503 and "busy" in busy.json()["error"]["message"]
         s.proc.send_signal(signal.SIGTERM)
         for t in threads:
-            t.join(timeout=120)
+            t.join(timeout=150)
         out, err = s.proc.communicate(timeout=60)
         assert s.proc.returncode == 0, err
         assert [r.status_code for r in results] == [200, 200]

@@ -312,6 +312,12 @@ def test_where_the_template_comes_from(files, tmp_path):
     (tmp_path / "empty.json").write_text("{}")
     with pytest.raises(TokenizerError, match="has no chat_template"):
         chat_template(sp_tok, str(tmp_path / "empty.json"))
+    (tmp_path / "t.jinja").write_text("{% if messages[0].role != 'system' %}{{ raise_exception('system first') }}"
+                                      "{% endif %}{% for m in messages %}{{ m.content }}</s>{% endfor %}")
+    assert chat_template(sp_tok, str(tmp_path / "t.jinja")).end_of_turn == sp_tok.eos_ids[0]
+    (tmp_path / "t.jinja").write_text("{{ raise_exception('never') }}")
+    with pytest.raises(TokenizerError, match="cannot render a user turn and a reply: never"):
+        chat_template(sp_tok, str(tmp_path / "t.jinja"))
     (tmp_path / "t.jinja").write_text("{% for m in messages %}{{ m.content }}{% endfor %}")  # no reply shown
     assert chat_template(sp_tok, str(tmp_path / "t.jinja")).end_of_turn is None
 

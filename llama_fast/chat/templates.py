@@ -90,9 +90,12 @@ class JinjaTemplate:
         <|eot_id|>, Llama-2's </s>), or None when replies end without one."""
         try:
             rendered = self.render(EXCHANGE, add_generation_prompt=False)
-        except Exception as e:  # the template's own raise_exception, or a mistake in it: it cannot chat
-            raise TokenizerError(f"the chat template ({self.name}) cannot render a user turn and a reply: "
-                                 f"{str(e)[:200]}") from None
+        except Exception:  # some templates want a system message first
+            try:
+                rendered = self.render([{"role": "system", "content": "S"}, *EXCHANGE], add_generation_prompt=False)
+            except Exception as e:  # the template's own raise_exception, or a mistake in it: it cannot chat
+                raise TokenizerError(f"the chat template ({self.name}) cannot render a user turn and a reply: "
+                                     f"{str(e)[:200]}") from None
         if REPLY not in rendered:
             raise TokenizerError(f"the chat template ({self.name}) does not show an assistant's reply")
         special = set(self.tokenizer.special_ids)
