@@ -4,12 +4,12 @@ import torch
 from torch import Tensor
 
 from llama_fast.serving.request import Request
-from sampling import apply_penalties, logits_to_probs
+from sampling import apply_penalties, draw, logits_to_probs
 
 
 def sample_rows(logits: Tensor, rows: list[Request]) -> list[int]:
     """logits (B, V) float, row i of rows[i]: the tokens. Rows with the same settings are filtered together
-    (penalties, temperature, top-k, top-p, min-p); a sampled row draws its exponential race (sampling.draw) from its
+    (penalties, temperature, top-k, top-p, min-p); a sampled row draws its uniform number (sampling.draw) from its
     own generator, so its token never depends on the other rows of the batch, and is what draw() would give it."""
     tokens = logits.argmax(-1)  # greedy rows without penalties: most of a batch, often
     groups = {}
@@ -25,9 +25,8 @@ def sample_rows(logits: Tensor, rows: list[Request]) -> list[int]:
         if cfg.greedy:
             tokens[where] = group.argmax(-1)
             continue
-        probs = logits_to_probs(group, cfg)
-        noise = torch.stack([torch.empty_like(probs[0]).exponential_(1, generator=rows[i].generator) for i in idx])
-        tokens[where] = (probs / noise).argmax(-1)
+        uniform = torch.cat([torch.rand(1, 1, generator=rows[i].generator, dtype=torch.float64) for i in idx])
+        tokens[where] = draw(logits_to_probs(group, cfg), uniform=uniform.to(logits.device))[:, 0]
     return tokens.tolist()
 
 
