@@ -334,8 +334,8 @@ CHATML = (
     "    {{- '<|im_start|>assistant\\n' }}\n"
     "{%- endif %}\n")
 
-# Qwen2.5-Instruct's chat template as its tokenizer_config.json has it (tools and all; the default system prompt
-# shortened)
+# Qwen2.5-Instruct's chat template, its tools section and tool messages included, written out after the one its
+# tokenizer_config.json has (the default system prompt shortened); the tests hold it to transformers' rendering
 QWEN_TOOLS_TEMPLATE = (Path(__file__).parent / "templates" / "qwen2.5-instruct.jinja").read_text()
 
 
