@@ -105,7 +105,7 @@ def check_zip_crcs(path: Path, state: dict | None = None):
 def loaded_members(members: list, state: dict) -> dict:
     """{member name: its bytes in torch.load's mapping}: the state's storages paired with the tensor members (both
     in file order) when every pair is one distance apart, as they are in a single mapping of the file; else {}."""
-    storages = sorted({(s.data_ptr(), s.nbytes()) for s in map(torch.Tensor.untyped_storage, tensors_of(state))
+    storages = sorted({(s.data_ptr(), s.nbytes()) for s in (t.untyped_storage() for _, t in named_tensors(state))
                        if s.nbytes() and s.device.type == "cpu"})
     tensors = [(start, info) for info, start in members if "/data/" in info.filename and info.file_size]
     if len(storages) != len(tensors) or not storages:
@@ -117,21 +117,19 @@ def loaded_members(members: list, state: dict) -> dict:
     return {info.filename: (ctypes.c_ubyte * size).from_address(address) for (address, size), (_, info) in pairs}
 
 
-def tensors_of(state: dict):
-    for value in state.values():
+def named_tensors(state: dict, prefix: str = ""):
+    """(name, tensor) of every tensor in a state dict, nested ones too (quantize.py's "state_dict"), dotted."""
+    for name, value in state.items():
         if isinstance(value, dict):
-            yield from tensors_of(value)
+            yield from named_tensors(value, f"{prefix}{name}.")
         elif isinstance(value, torch.Tensor):
-            yield value
+            yield f"{prefix}{name}", value
 
 
-def check_finite(state: dict, path: Path, prefix: str = ""):
+def check_finite(state: dict, path: Path):
     """No weight is NaN or infinite (a damaged file, a training run that diverged): a tensor's smallest and largest
     values (one pass in its own dtype, no copy; NaN propagates) are finite exactly when all its values are."""
-    for name, t in state.items():
-        if isinstance(t, dict):
-            check_finite(t, path, f"{prefix}{name}.")
-        elif isinstance(t, torch.Tensor) and t.is_floating_point() and t.numel() and \
-                not torch.isfinite(torch.stack(torch.aminmax(t))).all():
-            raise ValueError(f"checkpoint {path}: tensor {prefix}{name} holds NaN or infinite values (a damaged file, "
+    for name, t in named_tensors(state):
+        if t.is_floating_point() and t.numel() and not torch.isfinite(torch.stack(torch.aminmax(t))).all():
+            raise ValueError(f"checkpoint {path}: tensor {name} holds NaN or infinite values (a damaged file, "
                              "or weights that diverged in training)")

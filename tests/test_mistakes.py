@@ -141,6 +141,10 @@ def G(*args):  # generate.py on the user's checkpoint unless the case names anot
     return lambda u, w: ["--checkpoint_path", u["model"], *GEN, *args]
 
 
+def CPU(*args):  # serve.py or bench.py on the user's checkpoint, on CPU
+    return lambda u, w: ["--checkpoint_path", u["model"], "--device", "cpu", *args]
+
+
 MISTAKES = {
     # ---- generate.py: arguments
     "generate/top_p_0": ("generate.py", G("--top_p", "0"), "top_p"),
@@ -313,26 +317,20 @@ MISTAKES = {
     "download/checkpoint_dir_is_a_file": ("scripts/download.py", lambda u, w: [
         "--repo_id", "meta-llama/Llama-3.2-1B", "--checkpoint_dir", u["text"]], "--checkpoint_dir"),
     # ---- scripts/bench.py
-    "bench/num_samples_0": ("scripts/bench.py", lambda u, w: ["--checkpoint_path", u["model"], "--device", "cpu",
-                                                              "--num_samples", "0"], "--num_samples"),
-    "bench/batch_size_0": ("scripts/bench.py", lambda u, w: ["--checkpoint_path", u["model"], "--device", "cpu",
-                                                             "--batch_size", "0"], "--batch_size"),
-    "bench/prompt_length_0": ("scripts/bench.py", lambda u, w: ["--checkpoint_path", u["model"], "--device", "cpu",
-                                                                "--prompt_length", "0"], "--prompt_length"),
+    "bench/num_samples_0": ("scripts/bench.py", CPU("--num_samples", "0"), "--num_samples"),
+    "bench/batch_size_0": ("scripts/bench.py", CPU("--batch_size", "0"), "--batch_size"),
+    "bench/prompt_length_0": ("scripts/bench.py", CPU("--prompt_length", "0"), "--prompt_length"),
     "bench/max_new_tokens_negative": ("scripts/bench.py", lambda u, w: [
         "--checkpoint_path", u["model"], "--device", "cpu", "--max_new_tokens", "-5"], "--max_new_tokens"),
-    "bench/groupsize_48": ("scripts/bench.py", lambda u, w: ["--checkpoint_path", u["model"], "--device", "cpu",
-                                                             "--quantize", "int4", "--groupsize", "48"],
+    "bench/groupsize_48": ("scripts/bench.py", CPU("--quantize", "int4", "--groupsize", "48"),
                            "--groupsize"),
     "bench/unknown_model": ("scripts/bench.py", lambda u, w: ["--model", "llama-9", "--device", "cpu"], "llama-9"),
     "bench/context_too_short": ("scripts/bench.py", lambda u, w: [
         "--checkpoint_path", u["model"], "--device", "cpu", "--prompt_length", "200", "--max_new_tokens", "100"],
         "context"),
-    "bench/speculate_k_0": ("scripts/bench.py", lambda u, w: ["--checkpoint_path", u["model"], "--device", "cpu",
-                                                              "--prompt_lookup", "2", "--speculate_k", "0"],
+    "bench/speculate_k_0": ("scripts/bench.py", CPU("--prompt_lookup", "2", "--speculate_k", "0"),
                             "--speculate_k"),
-    "bench/lookahead_ngram_1": ("scripts/bench.py", lambda u, w: ["--checkpoint_path", u["model"], "--device", "cpu",
-                                                                  "--lookahead", "--lookahead_ngram", "1"],
+    "bench/lookahead_ngram_1": ("scripts/bench.py", CPU("--lookahead", "--lookahead_ngram", "1"),
                                 "lookahead ngram must be >= 2"),
     "bench/lookahead_and_lookup": ("scripts/bench.py", lambda u, w: [
         "--checkpoint_path", u["model"], "--device", "cpu", "--lookahead", "--prompt_lookup", "2"], "choose one"),
@@ -346,39 +344,27 @@ MISTAKES = {
     "pad/missing_checkpoint": ("scripts/pad_model.py", lambda u, w: ["--checkpoint_path", w / "nope.pth", "--shape",
                                                                     "stories110M", "--out", w / "big"], "nope.pth"),
     # ---- serve.py (each refused before the model loads)
-    "serve/port_negative": ("serve.py", lambda u, w: ["--checkpoint_path", u["model"], "--device", "cpu",
-                                                       "--port", "-1"], "--port"),
-    "serve/port_too_big": ("serve.py", lambda u, w: ["--checkpoint_path", u["model"], "--device", "cpu",
-                                                      "--port", "70000"], "--port"),
-    "serve/max_batch_size_0": ("serve.py", lambda u, w: ["--checkpoint_path", u["model"], "--device", "cpu",
-                                                          "--max_batch_size", "0"], "--max_batch_size"),
-    "serve/budget_below_batch": ("serve.py", lambda u, w: ["--checkpoint_path", u["model"], "--device", "cpu",
-                                                            "--max_batch_size", "32", "--max_num_batched_tokens",
-                                                            "16"], "--max_num_batched_tokens must be >= 32"),
-    "serve/kv_cache_gb_nan": ("serve.py", lambda u, w: ["--checkpoint_path", u["model"], "--device", "cpu",
-                                                         "--kv_cache_gb", "nan"], "--kv_cache_gb"),
-    "serve/no_such_host": ("serve.py", lambda u, w: ["--checkpoint_path", u["model"], "--device", "cpu",
-                                                      "--host", "10.255.255.254"], "cannot listen on 10.255.255.254"),
+    "serve/port_negative": ("serve.py", CPU("--port", "-1"), "--port"),
+    "serve/port_too_big": ("serve.py", CPU("--port", "70000"), "--port"),
+    "serve/max_batch_size_0": ("serve.py", CPU("--max_batch_size", "0"), "--max_batch_size"),
+    "serve/budget_below_batch": ("serve.py", CPU("--max_batch_size", "32", "--max_num_batched_tokens", "16"),
+                                 "--max_num_batched_tokens must be >= 32"),
+    "serve/kv_cache_gb_nan": ("serve.py", CPU("--kv_cache_gb", "nan"), "--kv_cache_gb"),
+    "serve/no_such_host": ("serve.py", CPU("--host", "10.255.255.254"), "cannot listen on 10.255.255.254"),
     "serve/chat_template_missing": ("serve.py", lambda u, w: ["--checkpoint_path", u["model"], "--device", "cpu",
                                                               "--chat_template", w / "none.jinja"], "no such file"),
     "serve/device_tpu": ("serve.py", lambda u, w: ["--checkpoint_path", u["model"], "--device", "tpu"], "tpu"),
     "serve/missing_checkpoint": ("serve.py", lambda u, w: ["--checkpoint_path", w / "nope.pth", "--device", "cpu"],
                                  "nope.pth"),
-    "serve/api_key_empty": ("serve.py", lambda u, w: ["--checkpoint_path", u["model"], "--device", "cpu",
-                                                       "--api_key", ""], "--api_key is empty"),
-    "serve/api_key_not_ascii": ("serve.py", lambda u, w: ["--checkpoint_path", u["model"], "--device", "cpu",
-                                                           "--api_key", "clé"], "printable ASCII"),
-    "serve/host_empty": ("serve.py", lambda u, w: ["--checkpoint_path", u["model"], "--device", "cpu",
-                                                    "--host", ""], "--host is empty"),
+    "serve/api_key_empty": ("serve.py", CPU("--api_key", ""), "--api_key is empty"),
+    "serve/api_key_not_ascii": ("serve.py", CPU("--api_key", "clé"), "printable ASCII"),
+    "serve/host_empty": ("serve.py", CPU("--host", ""), "--host is empty"),
     # ---- serve.py, refused once the model is loaded (before the pool is allocated, or before serving)
-    "serve/max_model_len_too_long": ("serve.py", lambda u, w: ["--checkpoint_path", u["model"], "--device", "cpu",
-                                                                "--max_model_len", "100000"],
+    "serve/max_model_len_too_long": ("serve.py", CPU("--max_model_len", "100000"),
                                      "longer than the model's context"),
-    "serve/kv_cache_below_one_context": ("serve.py", lambda u, w: ["--checkpoint_path", u["model"], "--device",
-                                                                    "cpu", "--kv_cache_tokens", "8"],
+    "serve/kv_cache_below_one_context": ("serve.py", CPU("--kv_cache_tokens", "8"),
                                          "fewer than one full context"),
-    "serve/kv_cache_gb_1000": ("serve.py", lambda u, w: ["--checkpoint_path", u["model"], "--device", "cpu",
-                                                          "--kv_cache_gb", "1000"], "GiB free"),
+    "serve/kv_cache_gb_1000": ("serve.py", CPU("--kv_cache_gb", "1000"), "GiB free"),
     # ---- scripts/train_small.py
     "train/heads_do_not_divide_width": ("scripts/train_small.py", lambda u, w: [
         "--text_file", u["text"], "--tokenizer_path", u["tokenizer"], "--out", w / "out", "--dim", "64",

@@ -8,12 +8,13 @@ re-encodes differently than it was generated is re-read from where the two part)
 import jinja2
 
 from decoding import StreamDecoder, generate
+from llama_fast.chat.templates import stop_ids
 
 
 def chat(model, tokenizer, template, sampling, system: str | None, max_seq_length: int, max_new_tokens: int, steps):
     cache_len = min(max_seq_length or model.config.max_seq_len, model.config.max_seq_len)
     model.setup_caches(1, cache_len)
-    stop = list(dict.fromkeys([*tokenizer.eos_ids, *([template.end_of_turn] if template.end_of_turn else [])]))
+    stop = stop_ids(template)
     start = [{"role": "system", "content": system}] if system is not None else []
     messages, cached = list(start), []  # cached: the token ids the KV cache holds, in order
     print(f"Chat ({cache_len}-token context, chat template: {template.name}). Empty line or Ctrl-D to quit.",

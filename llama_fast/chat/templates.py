@@ -42,6 +42,12 @@ def chat_template(tokenizer, choice: str | None = None):
     return None
 
 
+def stop_ids(template) -> list[int]:
+    """The ids that end a reply: the tokenizer's end-of-sequence ids and the template's end of turn."""
+    end = [template.end_of_turn] if template.end_of_turn is not None else []
+    return list(dict.fromkeys([*template.tokenizer.eos_ids, *end]))
+
+
 def read_template(path: str) -> str:
     """A Jinja file, or a tokenizer_config.json's chat_template."""
     try:
@@ -111,7 +117,7 @@ B_SYS, E_SYS = "<<SYS>>\n", "\n<</SYS>>\n\n"
 
 
 class Llama2Template:
-    name = "llama2"
+    name, source, takes_tools = "llama2", None, False
 
     def __init__(self, tokenizer):
         self.tokenizer = tokenizer
@@ -138,7 +144,7 @@ class Llama2Template:
 
 
 class Llama3Template:
-    name = "llama3"
+    name, source, takes_tools = "llama3", None, False
 
     def __init__(self, tokenizer):
         if not isinstance(tokenizer, TiktokenTokenizer):

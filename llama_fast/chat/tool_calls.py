@@ -12,7 +12,6 @@ A template that shows tools in neither format is not one this server can read ca
 (serving/grammar.py's Grammars.tool_matcher enforces the format when a call is required.)
 """
 import json
-import re
 import secrets
 from dataclasses import dataclass
 
@@ -56,7 +55,7 @@ LLAMA3_JSON = ToolCallFormat("llama3_json", "", "", "; ", "parameters")
 def tool_call_format(template) -> ToolCallFormat | None:
     """The format a chat template (chat/templates.py) teaches its model to call tools in, or None: it shows no
     tools (Meta's built-in formats, most base models' templates), or not in a format read here."""
-    if not getattr(template, "takes_tools", False):
+    if template is None or not template.takes_tools:
         return None
     if "<tool_call>" in template.source:
         return HERMES

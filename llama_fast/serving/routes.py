@@ -13,7 +13,7 @@ from fastapi.responses import JSONResponse, PlainTextResponse, Response, Streami
 from prometheus_client import generate_latest
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from llama_fast.chat.templates import NO_TEMPLATE
+from llama_fast.chat.templates import NO_TEMPLATE, stop_ids
 from llama_fast.serving.api import ChatRequest, CompletionRequest, DetokenizeRequest, TokenizeRequest
 from llama_fast.serving.grammar import GrammarError
 from llama_fast.serving.request import Request
@@ -29,8 +29,7 @@ def engine_requests(server: Server, body, prompts: list[list[int]], chat: bool) 
     """The engine's Requests for an API request: n for each prompt, choice j seeded with seed + j, the others
     reusing the first's prompt from the prefix cache; eos: the tokenizer's, and with chat the template's
     end-of-turn token."""
-    end_of_turn = [server.template.end_of_turn] if chat and server.template.end_of_turn is not None else []
-    eos = [] if body.ignore_eos else list(dict.fromkeys([*server.tokenizer.eos_ids, *end_of_turn]))
+    eos = [] if body.ignore_eos else stop_ids(server.template) if chat else list(server.tokenizer.eos_ids)
     spec = body.speculation
     requests = []
     for prompt in prompts:
@@ -77,19 +76,18 @@ async def tokenize(server: Server, body, chat: bool) -> tuple[list[list[int]], l
 async def constrain(server: Server, body, requests: list[Request]) -> list[Request]:
     """Structured output, and calls a request requires: each request's grammar matcher (compiled once, then
     cached), on a thread of its own; a schema the grammar library cannot enforce is a 400."""
-    structured, calls = body.structured(), body.calls_tools()
+    structured, calls, tools = body.structured(), body.calls_tools(), body.tool_dicts()
     if structured is None and calls not in ("required", "named"):
         return requests
     grammars, param = server.engine.grammars, "response_format" if structured else "tools"
+    named = body.tool_choice.function.name if calls == "named" else None
 
     def work():
-        for r in requests:
+        for r in requests:  # each its own matcher (copies of one compiled grammar)
             if structured:
                 r.grammar = grammars.matcher(*structured)
             else:
-                named = body.tool_choice.function.name if calls == "named" else None
-                r.grammar = grammars.tool_matcher(server.tool_format, body.tool_dicts(), named,
-                                                  body.parallel_tool_calls)
+                r.grammar = grammars.tool_matcher(server.tool_format, tools, named, body.parallel_tool_calls)
     try:
         await asyncio.to_thread(work)
     except GrammarError as e:

@@ -60,14 +60,13 @@ class ModelRunner:
         return [(rows, blocks) for rows in padded_sizes(self.max_batch_size)
                 for blocks in padded_sizes(self.max_blocks)]
 
-    def capture_decode_graphs(self) -> int:
+    def capture_decode_graphs(self):
         """Run every padded decode shape once, so that CUDA graphs are captured at start-up and not in the middle
-        of live traffic: rows at position 0 of block 0, the padding rows' block. The number of shapes."""
+        of live traffic: rows at position 0 of block 0, the padding rows' block."""
         for rows, blocks in self.decode_shapes():
             nobody = Request([1], 1)
             nobody.blocks = [0] * blocks
             self.forward([(nobody, 1)] * rows)
-        return len(self.decode_shapes())
 
     def batch_tensors(self, rows: list[tuple[Request, int]]) -> tuple[Tensor, ...]:
         """paged_forward's inputs for the rows (one row of all the new tokens; see PagedIndex). Compiled on CUDA, a
