@@ -56,6 +56,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="tokens one step computes, every request's together (decoding rows and prompt chunks)")
     p.add_argument("--prefill_chunk", type=int, default=EngineConfig.prefill_chunk,
                    help="the most prompt tokens of one request one step computes (0: the whole budget)")
+    p.add_argument("--itl_target_ms", type=float, default=EngineConfig.itl_target_ms, metavar="MS",
+                   help="a step with decoding rows reads only as many prompt tokens beside them as fit in MS "
+                   "milliseconds, timed as the server runs (0: 1.75x the usual gap, the median of recent steps; "
+                   "inf: the token budget alone)")
     p.add_argument("--prompt_lookup", type=int, default=0, metavar="N", help="greedy requests speculate by prompt "
                    "lookup with N-grams unless they say otherwise (\"speculation\" field; 0: off)")
     p.add_argument("--speculate_k", type=int, default=EngineConfig.speculate_k, help="tokens prompt lookup proposes "
@@ -100,6 +104,7 @@ def start(args):
                           max_model_len=args.max_model_len,
                           kv_cache_tokens=args.kv_cache_tokens, kv_cache_gb=args.kv_cache_gb,
                           max_num_batched_tokens=args.max_num_batched_tokens, prefill_chunk=args.prefill_chunk,
+                          itl_target_ms=args.itl_target_ms,
                           prefix_caching=not args.no_prefix_caching, kv_cache_dtype=args.kv_cache_dtype,
                           prompt_lookup=args.prompt_lookup,
                           speculate_k=args.speculate_k, compile=args.compile)
@@ -154,6 +159,9 @@ def check_args(args):
     check_at_least(args, port=0, max_model_len=0, max_batch_size=1, block_size=1, kv_cache_tokens=0, kv_cache_gb=0,
                    prefill_chunk=0, max_num_batched_tokens=args.max_batch_size, prompt_lookup=0, speculate_k=1,
                    max_waiting=1, grace_period=0)
+    if not args.itl_target_ms >= 0:  # (inf is a setting: no time limit)
+        raise ValueError(f"--itl_target_ms must be >= 0 (0: 1.75x the usual gap) or inf, got "
+                         f"{args.itl_target_ms}")
     if args.prompt_lookup > MAX_LOOKUP or args.speculate_k > MAX_LOOKUP:
         raise ValueError(f"--prompt_lookup and --speculate_k must be at most {MAX_LOOKUP}")
     if args.port > 65535:

@@ -5,7 +5,8 @@ measure what its clients see.
         --output_tokens 64 256 --concurrency 16 --json out.json
 
 Each request is a streamed POST /completions of random token ids (or, with --text_prompts, random words: for servers
-that take only text) with max_tokens drawn from --output_tokens, greedy, ignore_eos. Requests are sent with a fixed
+that take only text; or, with --prompt_file, the texts of a JSON-lines file in turn) with max_tokens drawn from
+--output_tokens, greedy, ignore_eos. Requests are sent with a fixed
 number in flight (--concurrency) or arriving as a Poisson process (--rate requests/s). Reported: output tokens/s
 and requests/s over the run, time to first token (TTFT), inter-token latency (ITL: the gaps between streamed
 chunks) and time per output token (TPOT: (last - first) / (tokens - 1)), p50 and p99; the JSON has every request.
@@ -42,6 +43,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--vocab", type=int, nargs=2, default=[3, 1000], metavar=("MIN_ID", "MAX_ID"),
                    help="range of the random prompt token ids")
     p.add_argument("--text_prompts", action="store_true", help="prompts of random words (one word ~ one token)")
+    p.add_argument("--prompt_file", type=Path, help="prompts from this file instead, one JSON object "
+                   "{\"prompt\": text} a line, taken in turn (a workload of real text: e.g. passages to repeat)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--speculation", type=int, nargs=2, metavar=("N", "K"), help="ask our server for prompt lookup "
                    "with N-grams, K tokens proposed per step (its \"speculation\" field)")
@@ -52,13 +55,33 @@ def build_parser() -> argparse.ArgumentParser:
 
 def workload(args) -> list:
     rng = random.Random(args.seed)
+    texts = read_prompt_file(args.prompt_file) if args.prompt_file else None
     jobs = []
-    for _ in range(args.num_requests):
+    for i in range(args.num_requests):
+        if texts:  # (its length in tokens comes back in the usage)
+            jobs.append({"prompt": texts[i % len(texts)], "prompt_tokens": None,
+                         "max_tokens": rng.randint(*args.output_tokens)})
+            continue
         n = rng.randint(*args.prompt_tokens)
         prompt = (" ".join(rng.choice(WORDS) for _ in range(n)) if args.text_prompts else
                   [rng.randint(*args.vocab) for _ in range(n)])
         jobs.append({"prompt": prompt, "prompt_tokens": n, "max_tokens": rng.randint(*args.output_tokens)})
     return jobs
+
+
+def read_prompt_file(path: Path) -> list[str]:
+    texts = []
+    with open(path, encoding="utf-8") as f:
+        for i, line in enumerate(f, 1):
+            if line.strip():
+                try:
+                    texts.append(json.loads(line)["prompt"])
+                    assert isinstance(texts[-1], str)
+                except (ValueError, KeyError, TypeError, AssertionError):
+                    raise ValueError(f"{path}:{i}: not a JSON object with a \"prompt\" string") from None
+    if not texts:
+        raise ValueError(f"{path} has no prompts")
+    return texts
 
 
 async def one_request(client: httpx.AsyncClient, args, job: dict) -> dict:
@@ -76,6 +99,7 @@ async def one_request(client: httpx.AsyncClient, args, job: dict) -> dict:
             event = json.loads(line[5:])
             if event.get("usage"):
                 tokens = event["usage"]["completion_tokens"]
+                job["prompt_tokens"] = job["prompt_tokens"] or event["usage"].get("prompt_tokens")
             if event.get("choices") and event["choices"][0].get("text"):
                 times.append(time.perf_counter() - t0)
     tokens = tokens or len(times)
@@ -135,6 +159,8 @@ def run(args) -> int:
         if not 1 <= low <= high:
             raise ValueError(f"--{name} {low} {high}: need 1 <= MIN <= MAX")
     check_output_path(args.json, "--json")
+    if args.prompt_file and args.text_prompts:
+        raise ValueError("--prompt_file and --text_prompts are two sources of prompts: give one")
     try:
         results, seconds = asyncio.run(run_workload(args, workload(args)))
     except httpx.TransportError as e:

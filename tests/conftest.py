@@ -8,6 +8,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import zlib
 from pathlib import Path
 
 import pytest
@@ -230,7 +231,8 @@ def hf_checkpoint(tmp_path_factory, sp_model_path):
         if key not in cache:
             if name in HF_CONFIGS and not overrides and max_shard_size is None:
                 overrides, max_shard_size = HF_CONFIGS[name]
-            seed = CONFIG_SEEDS.get(name, 100 + len(cache))  # different weights for every model
+            # different weights for every model, and the same whatever ran before (not the count of models made)
+            seed = CONFIG_SEEDS.get(name, 100 + zlib.crc32(repr(key).encode()) % 10_000)
             cache[key] = _build_hf_checkpoint(root, sp_model_path, f"{name}_{len(cache)}", overrides, max_shard_size,
                                               seed)
         return cache[key]

@@ -6,6 +6,7 @@ import itertools
 import json
 import math
 import random
+import statistics
 from pathlib import Path
 
 import pytest
@@ -18,6 +19,7 @@ from llama_fast.quant.kv_cache import Int8PagedKVCache
 from llama_fast.serving.paged_cache import BlockPool, PagedKVCache
 from llama_fast.serving.request import Request
 from llama_fast.serving.sampler import sample_rows
+from llama_fast.serving.step_time import StepTimes
 from sampling import SamplingConfig, apply_penalties, draw, logits_to_probs
 
 pytestmark = pytest.mark.device
@@ -78,7 +80,7 @@ def test_a_burst_runs_one_forward_pass_per_step_within_the_token_budget(hf_check
     model = load_ours(d)
     reference = copy.deepcopy(model)
     config = EngineConfig(max_batch_size=8, block_size=8, kv_cache_tokens=160, max_num_batched_tokens=24,
-                          prefill_chunk=16)
+                          prefill_chunk=16, itl_target_ms=math.inf)  # the token budget alone (times: the next test)
     engine = Engine(model, None, config)
     passes, forward = [], engine.runner.forward
 
@@ -104,6 +106,61 @@ def test_a_burst_runs_one_forward_pass_per_step_within_the_token_budget(hf_check
     for r in requests:
         assert r.output == alone(reference, r.prompt, r.max_tokens), (len(r.prompt), r.max_tokens)
     assert engine.scheduler.pool.n_used == 0
+
+
+@pytest.mark.parametrize("target_ms, cap", [(20, 56), (1, 8)])
+def test_steps_with_decoding_rows_keep_to_the_time_target(target_ms, cap, hf_checkpoint, load_ours, prompt_ids):
+    """The time target (itl_target_ms) bounds the prompt tokens beside decoding rows. The engine's clock is replaced
+    by a step cost known exactly, 6 ms plus 0.25 ms a token of the rows that do not decode one token, so that what
+    fits is arithmetic: in 20 ms, (20 - 6) / 0.25 = 56 tokens; in 1 ms, none, so a block (8) a step (the default
+    target follows the load: the next test). Before decoding rows alone are timed, the token budget (64) alone
+    bounds a step; then a block a step until three tokens' costs are known; steps without decoding rows always
+    have the whole budget. Every response is still token for token what its prompt gives alone."""
+    _, d = hf_checkpoint("gqa")
+    model = load_ours(d)
+    reference = copy.deepcopy(model)
+    engine = Engine(model, None, EngineConfig(max_batch_size=8, block_size=8, max_num_batched_tokens=64,
+                                              itl_target_ms=target_ms))
+    observe, steps = engine.scheduler.times.observe, []
+
+    def step_cost(decoding, others, seconds):
+        known = engine.scheduler.times.tokens_within(decoding, None) is not None  # before this step's time
+        steps.append((decoding, others, known))
+        observe(decoding, others, 0.006 + 0.00025 * others)
+    engine.scheduler.times.observe = step_cost
+    rng = random.Random(8)
+    requests = [Request(prompt_ids(rng.randint(40, 120), seed=900 + i), rng.randint(10, 30)) for i in range(12)]
+    run_arriving(engine, requests, every=3)
+    with_rows = [others for decoding, others, known in steps if decoding and known]
+    assert len(with_rows) > 20 and max(with_rows) == cap
+    assert max(others for decoding, others, _ in steps if not decoding) == 64
+    for r in requests:
+        assert r.output == alone(reference, r.prompt, r.max_tokens), (len(r.prompt), r.max_tokens)
+
+
+def test_step_times_are_medians_of_what_the_engine_measured():
+    """StepTimes' arithmetic: a decoding step's time is the median of the last ones of its batch size (a 10 s
+    outlier, a compile, moves nothing), else the nearest batch size measured; the cost per other token is what a
+    step took beyond its decoding rows' time, over those tokens; the tokens that fit are the room over that cost
+    (none, so a block, while that cost is not known; no limit while nothing is). The default target is 1.75 times
+    the usual gap (the median step with decoding rows): while most steps only decode, 1.75 times theirs; once most
+    steps read prompts too, 1.75 times such a step, so that heavy load keeps its big steps."""
+    times = StepTimes()
+    assert times.tokens_within(4, 0.02) is None  # nothing measured: no limit but the token budget
+    for seconds in (0.010, 0.011, 10.0, 0.012):
+        times.observe(4, 0, seconds)
+    assert times.decoding_time(4) == pytest.approx(0.0115) and times.decoding_time(6) == pytest.approx(0.0115)
+    assert times.tokens_within(4, 0.02) == 0  # the cost of a token beside them is not known yet: a block
+    for others, seconds in ((10, 0.0215), (20, 0.0315), (40, 0.0515)):
+        times.observe(4, others, seconds)
+    assert statistics.median(times.per_token) == pytest.approx(0.001)
+    assert times.tokens_within(4, 0.0315) == 20 and times.tokens_within(4, math.inf) is None
+    assert times.tokens_within(0, 0.02) is None
+    # gaps 10, 11, 10000, 12, 21.5, 31.5, 51.5 ms: usual 21.5; 1.75 x 21.5 - 11.5 = 26.1 ms of tokens at 1 ms
+    assert times.tokens_within(4, None) == 26
+    for _ in range(8):
+        times.observe(4, 0, 0.0115)
+    assert times.tokens_within(4, None) == 8  # usual 11.5 ms: 1.75 x 11.5 - 11.5 = 8.6 ms
 
 
 def test_a_request_that_fails_fails_alone(hf_checkpoint, load_ours, prompt_ids):

@@ -1,6 +1,8 @@
 """llama_fast/quant/kv_cache.py: the int8 KV caches. The quantization against exact math; the static cache
 (generate.py --kv_cache_dtype int8) against itself read other ways (compiled, speculative verification) and against
 the float cache. The paged pool's tests are in test_engine.py (Int8PagedKVCache under load)."""
+import unittest.mock
+
 import pytest
 import torch
 from helpers import BASE, N_NEW, assert_ran_cleanly, run_cli
@@ -28,6 +30,35 @@ def test_quantization_is_within_half_a_step():
     assert (err <= scale.float()[..., None] / 2 * (1 + 1e-3)).all()
     assert (dequantize(q, scale, torch.float32)[3] == 0).all() and not err.isnan().any()
     assert scale[5, 0] < scale[5, 1] / 100
+
+
+@pytest.mark.parametrize("n_rep", [1, 2])
+def test_compiled_verification_reads_the_int8_cache_in_fused_sums(n_rep):
+    """A compiled CPU step of several tokens per row (speculative or lookahead verification: 5 tokens, a causal
+    block or a tree mask) reads the int8 cache in attend_several's fused sums, never a dequantized copy of it, and
+    gives the attention of exact math (float64) over what the cache then holds, float32 within 1e-5; one KV head
+    per query head and two."""
+    torch.manual_seed(3)
+    B, Hkv, S, D, T, n = 2, 2, 48, 16, 5, 30  # n keys written before the step's T
+    cache = Int8KVCache(B, S, Hkv, D, torch.float32)
+    k, v = torch.randn(2, B, Hkv, n + T, D).unbind()
+    cache.update(torch.arange(n), k[:, :, :n], v[:, :, :n])
+    q = torch.randn(B, Hkv, n_rep * T, D)  # model.attention's layout: a KV head's query heads as rows
+    positions = torch.arange(n, n + T)
+    causal = torch.arange(S)[None, :] <= positions[:, None]
+    tree = causal.clone()
+    tree[3, n + 1:n + 3] = False  # a later token that sees the first new one but not the second and third
+    for visible in (causal, tree):
+        mask = visible[None, None].expand(B, 1, T, S)
+        step = torch.compile(lambda q, k, v: cache.attend(q, k, v, positions, mask), fullgraph=True)
+        torch._dynamo.reset()
+        with unittest.mock.patch("llama_fast.quant.kv_cache.dequantize", side_effect=AssertionError("dequantized")):
+            got = step(q, k[:, :, n:], v[:, :, n:])
+        keys, values = (dequantize(x, s, torch.float64)
+                        for x, s in ((cache.k_cache, cache.k_scale), (cache.v_cache, cache.v_scale)))
+        scores = (q.double() @ keys.transpose(-1, -2) / D ** 0.5).masked_fill(~mask.repeat(1, 1, n_rep, 1),
+                                                                              float("-inf"))
+        torch.testing.assert_close(got, (scores.softmax(-1) @ values).float(), rtol=1e-5, atol=1e-5)
 
 
 def test_int8_static_cache_decodes_like_itself_every_way(hf_checkpoint, load_ours, prompt_ids):

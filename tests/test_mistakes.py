@@ -350,6 +350,7 @@ MISTAKES = {
     "serve/budget_below_batch": ("serve.py", CPU("--max_batch_size", "32", "--max_num_batched_tokens", "16"),
                                  "--max_num_batched_tokens must be >= 32"),
     "serve/kv_cache_gb_nan": ("serve.py", CPU("--kv_cache_gb", "nan"), "--kv_cache_gb"),
+    "serve/itl_target_negative": ("serve.py", CPU("--itl_target_ms", "-5"), "--itl_target_ms must be >= 0"),
     "serve/no_such_host": ("serve.py", CPU("--host", "10.255.255.254"), "cannot listen on 10.255.255.254"),
     "serve/chat_template_missing": ("serve.py", lambda u, w: ["--checkpoint_path", u["model"], "--device", "cpu",
                                                               "--chat_template", w / "none.jinja"], "no such file"),

@@ -546,3 +546,22 @@ def test_bench_serve_measures_a_workload(server, tmp_path):
     assert result["total_output_tokens"] == sum(r["output_tokens"] for r in result["requests"])
     assert result["output_tokens_per_s"] > 0 and result["ttft_s"]["p50"] <= result["ttft_s"]["p99"]
     assert "output tokens/s" in proc.stdout
+
+
+def test_bench_serve_takes_prompts_from_a_file(server, tmp_path, sp_tokenizer):
+    """--prompt_file: the texts of a JSON-lines file, in turn; each request's prompt length is what the server's
+    usage says, checked against the tokenizer."""
+    texts = ["the quick dog sees a red bird", "a small cat and the old king of the city"]
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text("".join(json.dumps({"prompt": t}) + "\n" for t in texts))
+    out = tmp_path / "bench.json"
+    proc = subprocess.run([sys.executable, "scripts/bench_serve.py", "--url", server.url + "/v1", "--api_key", KEY,
+                           "--num_requests", "4", "--output_tokens", "3", "6", "--prompt_file", str(prompts),
+                           "--json", str(out)], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    lengths = [len(sp_tokenizer.encode(t)) for t in texts]
+    assert [r["prompt_tokens"] for r in json.loads(out.read_text())["requests"]] == lengths * 2
+    prompts.write_text('{"text": "no prompt field"}\n')
+    proc = subprocess.run([sys.executable, "scripts/bench_serve.py", "--url", server.url + "/v1", "--prompt_file",
+                           str(prompts)], cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert proc.returncode != 0 and 'prompts.jsonl:1: not a JSON object with a "prompt" string' in proc.stderr

@@ -135,7 +135,7 @@ def test_required_calls_always_validate(qwen, fmt, named, parallel):
     _, tok, model = qwen
     engine = Engine(model, tok, EngineConfig(block_size=8, max_batch_size=8))
     prompt = chat_template(tok).encode(ASK, tools=TOOLS)
-    requests = [Request(prompt, 160, SamplingConfig(temperature=1.0), (), tuple(tok.eos_ids), seed)
+    requests = [Request(prompt, 320, SamplingConfig(temperature=1.0), (), tuple(tok.eos_ids), seed)
                 for seed in range(8)]
     for r in requests:
         r.grammar = engine.grammars.tool_matcher(fmt, TOOLS, named, parallel)

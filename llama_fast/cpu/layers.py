@@ -43,19 +43,31 @@ class CpuKVCache(KVCache):
 def attend_one(q: Tensor, keys: Tensor, values: Tensor, mask: Tensor, key_scale: Tensor | None = None,
                value_scale: Tensor | None = None) -> Tensor:
     """Attention of one new token per row, for compiled CPU graphs: q (B, n_kv_heads, n_rep, head_dim), keys and
-    values (B, S, n_kv_heads, head_dim) (views: a static cache transposed, or a paged pool indexed), mask (B, S).
-    Written as products and sums, which inductor fuses into a few reductions with float32 accumulation. ATen's
-    flash-attention kernel pays a fixed cost per (row, head), so with one query row per KV head (n_rep = 1: Llama-2,
-    stories) this is 2-7x faster on a 2-core CPU (llama-2-7b's 32 heads x 1024 keys: 1.1 ms a layer against 4.2);
-    with n_rep >= 2 they are even and with 8 SDPA wins (scripts/bench_attention.py). Eager, it would materialise
-    every product: the eager path is SDPA. Keys and values stored as integers (an int8 KV cache) come with a scale
-    per vector, key_scale and value_scale (B, S, n_kv_heads), applied outside the sums over head_dim: once per
-    (key, query head), not once per number."""
+    values (B, S, n_kv_heads, head_dim) (views: a static cache transposed, or a paged pool indexed), mask (B, S),
+    or (B, S, 1, n_rep) when each query row sees its own keys (attend_several). Written as products and sums,
+    which inductor fuses into a few reductions with float32 accumulation. ATen's flash-attention kernel pays a
+    fixed cost per (row, head), so with one query row per KV head (n_rep = 1: Llama-2, stories) this is 2-7x
+    faster on a 2-core CPU (llama-2-7b's 32 heads x 1024 keys: 1.1 ms a layer against 4.2); with n_rep >= 2 they
+    are even and with 8 SDPA wins (scripts/bench_attention.py). Eager, it would materialise every product: the
+    eager path is SDPA. Keys and values stored as integers (an int8 KV cache) come with a scale per vector,
+    key_scale and value_scale (B, S, n_kv_heads), applied outside the sums over head_dim: once per (key, query
+    head), not once per number."""
     scores = (q[:, None] * keys[:, :, :, None]).sum(-1, dtype=torch.float32) * q.shape[-1] ** -0.5
     if key_scale is not None:
         scores = scores * key_scale[..., None].float()
-    probs = scores.masked_fill(~mask[:, :, None, None], float("-inf")).softmax(1)  # (B, S, n_kv_heads, n_rep)
+    visible = mask[:, :, None, None] if mask.dim() == 2 else mask
+    probs = scores.masked_fill(~visible, float("-inf")).softmax(1)  # (B, S, n_kv_heads, n_rep)
     if value_scale is not None:
         probs = probs * value_scale[..., None].float()
     return (probs[..., None] * values[:, :, :, None].float()).sum(1).to(q.dtype)
 
+
+def attend_several(q: Tensor, keys: Tensor, values: Tensor, mask: Tensor, key_scale: Tensor | None = None,
+                   value_scale: Tensor | None = None) -> Tensor:
+    """attend_one for T new tokens per row (a verification step): q (B, n_kv_heads, n_rep * T, head_dim), the
+    query heads of a KV head as rows (model.attention's layout), mask (B, 1, T, S); keys, values and scales as
+    attend_one's. The T tokens are more query rows of their KV head, each row with its own mask, so that an int8
+    cache is read in the fused sums too, never dequantized whole."""
+    n_rep = q.shape[2] // mask.shape[2]
+    visible = mask[:, 0].transpose(1, 2).repeat(1, 1, n_rep)  # (B, S, n_rep * T): row rep * T + t sees mask t
+    return attend_one(q, keys, values, visible[:, :, None], key_scale, value_scale)

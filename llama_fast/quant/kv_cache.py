@@ -12,10 +12,13 @@ import torch
 import torch.nn as nn
 from torch import Tensor
 
-from llama_fast.cpu.layers import attend_one
+from llama_fast.cpu.layers import attend_one, attend_several
 from llama_fast.serving.paged_cache import PagedKVCache, take
 from model import KVCache, Transformer, attention
 
+# Compiled CPU steps of up to this many tokens per row read the cache in fused sums (generated reductions); longer
+# ones (a compiled prefill) dequantize it for SDPA, whose blocked kernel is the faster at that size
+FUSED_TOKENS = 32
 SMALLEST_SCALE = 2.0 ** -14  # float16's smallest normal number: a vector of near-zeros keeps a usable scale
 
 
@@ -63,9 +66,10 @@ class Int8PagedKVCache(PagedKVCache):
 
 class Int8KVCache(KVCache):
     """The static KV cache in int8 with a float16 scale per vector, (batch, n_kv_heads, cache_len, head_dim) and
-    (batch, n_kv_heads, cache_len). A compiled CPU step of one token per row reads it in attend_one's fused sums.
-    Other steps (prefill, speculative and lookahead verification, eager decoding, CUDA) dequantize the positions up
-    to the last one written (eager: known on the host) or the whole cache (compiled: one graph for every length)."""
+    (batch, n_kv_heads, cache_len). A compiled CPU step reads it in fused sums: attend_one for one token per row,
+    attend_several for up to FUSED_TOKENS (speculative and lookahead verification). Other steps (prefill, eager,
+    CUDA) dequantize the positions up to the last one written (eager: known on the host) or the whole cache
+    (compiled: one graph for every length)."""
 
     def __init__(self, max_batch_size, cache_len, n_kv_heads, head_dim, dtype, device=None):
         nn.Module.__init__(self)
@@ -87,9 +91,11 @@ class Int8KVCache(KVCache):
         B = k.shape[0]
         keys, values = self.update(input_pos, k, v)
         key_scale, value_scale = self.k_scale[:B], self.v_scale[:B]
-        if q.is_cpu and mask.shape[2] == 1 and torch.compiler.is_compiling():  # one token per row, any n_rep
-            return attend_one(q, keys.transpose(1, 2), values.transpose(1, 2), mask[:, 0, 0],
-                              key_scale.transpose(1, 2), value_scale.transpose(1, 2))
+        if q.is_cpu and torch.compiler.is_compiling() and mask.shape[2] <= FUSED_TOKENS:  # the whole cache: one
+            one = mask.shape[2] == 1  # graph serves every length
+            return (attend_one if one else attend_several)(q, keys.transpose(1, 2), values.transpose(1, 2),
+                                                           mask[:, 0, 0] if one else mask, key_scale.transpose(1, 2),
+                                                           value_scale.transpose(1, 2))
         n = keys.shape[2] if torch.compiler.is_compiling() else int(input_pos.max()) + 1
         keys, values = (dequantize(x[:, :, :n], s[:, :, :n], self.dtype) for x, s in ((keys, key_scale),
                                                                                      (values, value_scale)))

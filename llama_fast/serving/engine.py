@@ -14,7 +14,6 @@ request whose next token is known, and chunks of the prompts being read, within 
 import contextlib
 import functools
 import itertools
-import random
 import sys
 import threading
 import time
@@ -29,8 +28,9 @@ from llama_fast.serving.grammar import Grammars
 from llama_fast.serving.paged_cache import BlockPool, PagedKVCache
 from llama_fast.serving.request import GREEDY, Request, n_logits
 from llama_fast.serving.runner import ModelRunner, pool_tokens
-from llama_fast.serving.sampler import logprobs_of, sample_rows
+from llama_fast.serving.sampler import logprobs_of, sample_rows, seeded_generator
 from llama_fast.serving.scheduler import Scheduler
+from llama_fast.serving.step_time import StepTimes
 from llama_fast.speculate.speculative import PromptLookup
 from model import Transformer
 from sampling import SamplingConfig
@@ -62,10 +62,13 @@ class EngineConfig:
     block_size: int = 16  # tokens per KV block
     kv_cache_tokens: int = 0  # the pool's size in tokens; 0: from kv_cache_gb
     kv_cache_gb: float = 0.0  # the pool's size in memory; 0: max_batch_size full contexts, if memory allows
-    # tokens one step computes, all rows together (the token budget): a step with prompt chunks in it delays the
-    # tokens of decoding rows; 128 kept ITL p99 near 2x p50 on a 2-core CPU, with 256 and 512 no faster (BENCHMARKS)
+    # tokens one step computes, all rows together (the token budget; on a 2-core CPU 256 and 512 were no faster)
     max_num_batched_tokens: int = 128
     prefill_chunk: int = 0  # the most prompt tokens of one request one step computes; 0: the whole budget
+    # a step with decoding rows gives prompt chunks (and drafts) only as many tokens as fit in this many milliseconds,
+    # by the times of the steps run so far (scheduler.py, step_time.py); 0: 1.75x the usual gap (step_time.py);
+    # inf: no limit but the token budget
+    itl_target_ms: float = 0.0
     prefix_caching: bool = True
     kv_cache_dtype: str = "auto"  # "auto": the model's activations' dtype; "int8": int8 with a scale per vector
     prompt_lookup: int = 0  # requests speculate by prompt lookup with n-grams of this length unless they say (0: off)
@@ -86,6 +89,9 @@ class EngineConfig:
         if self.kv_cache_dtype not in KV_CACHE_CLASSES:
             raise ValueError(f"kv_cache_dtype must be one of {', '.join(KV_CACHE_CLASSES)}, not "
                              f"{self.kv_cache_dtype!r}")
+        if not (isinstance(self.itl_target_ms, (int, float)) and self.itl_target_ms >= 0):
+            raise ValueError(f"itl_target_ms must be 0 (1.75x the usual gap), more, or inf, not "
+                             f"{self.itl_target_ms!r}")
         if self.kv_cache_tokens < 0 or not self.kv_cache_gb >= 0:
             raise ValueError("kv_cache_tokens and kv_cache_gb must be >= 0")
 
@@ -107,7 +113,8 @@ class Engine:
                           prefill_tokens=0, generation_tokens=0, draft_tokens=0, accepted_draft_tokens=0, steps=0)
         pool = BlockPool(self.runner.n_blocks, config.block_size, config.prefix_caching)
         self.scheduler = Scheduler(pool, config.max_batch_size, config.max_num_batched_tokens,
-                                   config.prefill_chunk or config.max_num_batched_tokens, self.stats)
+                                   config.prefill_chunk or config.max_num_batched_tokens, self.stats,
+                                   config.itl_target_ms / 1000 if config.itl_target_ms else None)
         self.inbox: list[Request] = []
         self.aborted: set[str] = set()
         self.lock = threading.Condition()
@@ -179,7 +186,8 @@ class Engine:
         """Run each kind of step once, so that a compiled forward pass has its graph for each before the first
         client (the graphs specialise on whether a group is empty, one or more): one prompt chunk, then one
         decoding row; two chunks, then two rows; one row beside a chunk, two rows beside two chunks; on CUDA, a
-        decode step of every padded shape (ModelRunner.capture_decode_graphs). The counters start again from zero."""
+        decode step of every padded shape (ModelRunner.capture_decode_graphs). The counters, and the step times
+        (the compiles in them), start again from zero."""
         self.generate([[1, 2]], 2)
         self.generate([[1, 2, 3], [1, 2, 3, 4]], 2)
         first = Request([1, 2, 3], 4)
@@ -196,6 +204,7 @@ class Engine:
             self.runner.capture_decode_graphs()
         for key in self.stats:
             self.stats[key] = 0
+        self.scheduler.times = StepTimes()
 
     # ------------------------------------------------------------------------------- the engine's thread
 
@@ -222,7 +231,7 @@ class Engine:
             if self.tokenizer is not None:
                 r.decoder = StreamDecoder(self.tokenizer)
             r.speculation = r.speculation or (self.config.prompt_lookup, self.config.speculate_k)
-            if r.speculation[0] and plain_greedy(r):  # exact: verified against what decoding gives
+            if r.speculation[0] and r.plain_greedy:  # exact: verified against what decoding gives
                 r.lookup = PromptLookup(r.speculation[0], r.prompt)
             if r.logit_bias:
                 r.bias = (torch.tensor(list(r.logit_bias), device=self.device),
@@ -240,10 +249,13 @@ class Engine:
         """The step's forward pass; each row whose prompt is then read samples its next token. If the pass fails,
         each row is computed alone (its keys are written again, to the same slots), and those that fail alone are
         failed: one request cannot take the others down. If none succeeds and the model fails even a one-token
-        pass of nobody's (runner.probe), the engine cannot go on: EngineFailure."""
+        pass of nobody's (runner.probe), the engine cannot go on: EngineFailure. The scheduler is told how long a
+        step took (from the pass to the sampled tokens: what its decoding rows' clients wait)."""
+        start, timed = time.perf_counter(), True
         try:
             logits = self.runner.forward(rows)
         except Exception as e:
+            timed = False
             ok = []
             for row in rows if len(rows) > 1 else []:
                 try:
@@ -261,7 +273,11 @@ class Engine:
             rows, logits = [row for row, _ in ok], torch.cat([x for _, x in ok])
         self.stats["prefill_tokens"] += sum(min(n, len(r.prompt) - r.n_computed) for r, n in rows
                                             if r.n_computed < len(r.prompt))
+        decoding = sum(n == 1 or bool(r.draft) for r, n in rows)  # a row verifying a draft decodes a token too
+        tokens = sum(n for _, n in rows)
         self.take_tokens(rows, logits)
+        if timed:  # (a step whose rows were computed alone says nothing of a step's time)
+            self.scheduler.times.observe(decoding, tokens - decoding, time.perf_counter() - start)
 
     def take_tokens(self, rows: list[tuple[Request, int]], logits: Tensor):
         """After the pass (logits: each row's last computed token's, every one of a row verifying a draft): a row
@@ -423,14 +439,3 @@ class Engine:
             r.on_output(r, r.text[r.sent:], token)
             r.sent = len(r.text)
 
-
-def plain_greedy(r: Request) -> bool:
-    """Whether r's next token is the argmax of the model's logits (what prompt lookup's verification assumes)."""
-    return (r.sampling.greedy and not r.sampling.penalized and not r.logit_bias and r.logprobs is None
-            and r.grammar is None)
-
-
-def seeded_generator(seed: int | None, device) -> torch.Generator:
-    g = torch.Generator(device=device)
-    g.manual_seed(seed if seed is not None else random.getrandbits(63))
-    return g

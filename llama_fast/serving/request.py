@@ -67,6 +67,12 @@ class Request:
         return len(self.tokens) - self.n_computed
 
     @property
+    def plain_greedy(self) -> bool:
+        """Whether the next token is the argmax of the model's logits (what prompt lookup's verification assumes)."""
+        return (self.sampling.greedy and not self.sampling.penalized and not self.logit_bias and self.logprobs is None
+                and self.grammar is None)
+
+    @property
     def reads_prompt_logprobs(self) -> bool:
         return self.prompt_logprobs is not None and self.n_computed < len(self.prompt)
 

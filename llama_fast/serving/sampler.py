@@ -1,5 +1,7 @@
 """The next token of every row of a batch, each drawn with its request's own settings and random generator, with
 one host sync for the whole batch (nano-vllm's Sampler, with per-request settings)."""
+import random
+
 import torch
 from torch import Tensor
 
@@ -38,3 +40,10 @@ def logprobs_of(logits: Tensor, tokens: list[int], k: int) -> list[tuple[float, 
     top = logprobs.topk(k, -1) if k else None
     alternatives = zip(top.indices.tolist(), top.values.tolist()) if k else [([], [])] * len(tokens)
     return [(lp, list(zip(ids, lps))) for lp, (ids, lps) in zip(chosen, alternatives)]
+
+
+def seeded_generator(seed: int | None, device) -> torch.Generator:
+    """A request's own random generator: seeded by its seed, else at random."""
+    g = torch.Generator(device=device)
+    g.manual_seed(seed if seed is not None else random.getrandbits(63))
+    return g

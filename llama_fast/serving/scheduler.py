@@ -4,6 +4,7 @@ from collections import deque
 
 from llama_fast.serving.paged_cache import BlockPool, block_digest
 from llama_fast.serving.request import Request
+from llama_fast.serving.step_time import StepTimes
 
 
 class Scheduler:
@@ -12,13 +13,17 @@ class Scheduler:
     decoding one computes its next token, each still reading its prompt its next chunk (at most prefill_chunk
     tokens, so that one long prompt cannot take the whole budget); then waiting requests are admitted while the
     budget, the batch (max_batch_size requests) and the pool have room, reusing the KV blocks of a prefix already
-    cached, and start reading their prompts in the same step. A request that needs a KV block when none is free
-    preempts the most recently admitted one, whose blocks are freed and which is computed again (prompt and tokens
-    so far) when it is admitted again. stats: the engine's counters."""
+    cached, and start reading their prompts in the same step. Beside decoding rows, the tokens of prompt chunks and
+    drafts are also bounded in time: as many as times (StepTimes) says fit in a step of step_target seconds (None:
+    1.75 times the usual gap: step_time.py), and at least a block's worth, so that every prompt goes on. A request
+    that needs a KV block when none is free preempts the most recently admitted one, whose blocks are freed and
+    which is computed again (prompt and tokens so far) when it is admitted again. stats: the engine's counters."""
 
-    def __init__(self, pool: BlockPool, max_batch_size: int, max_tokens: int, prefill_chunk: int, stats: dict):
+    def __init__(self, pool: BlockPool, max_batch_size: int, max_tokens: int, prefill_chunk: int, stats: dict,
+                 step_target: float | None = None):
         self.pool, self.max_batch_size, self.stats = pool, max_batch_size, stats
-        self.max_tokens, self.prefill_chunk = max_tokens, prefill_chunk
+        self.max_tokens, self.prefill_chunk, self.step_target = max_tokens, prefill_chunk, step_target
+        self.times = StepTimes()  # the engine tells it how long each step took
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []  # in the order they were admitted
 
@@ -26,25 +31,39 @@ class Scheduler:
         """This step's rows: (request, how many of its pending tokens it computes), each with the KV blocks for
         them; the one-token rows first (the model runner's layout)."""
         budget, rows, preemptions = self.max_tokens, [], self.stats["preemptions"]
-        for r in sorted(self.running, key=lambda r: r.n_pending > 1):  # decoding rows first: clients wait on them
-            n = min(r.n_pending, self.prefill_chunk, budget)
+        decoding = [r for r in self.running if r.n_pending == 1]  # first: clients wait on them
+        for r in decoding:
+            if self.reserve(r, 1):
+                rows.append((r, 1))
+                budget -= 1
+        rows = [(r, n) for r, n in rows if r in self.running]  # a later row's blocks may have preempted it
+        others = self.others_budget(len(rows), budget)  # tokens of the rows that are not one-token rows
+        for r in [r for r in self.running if r.n_pending > 1]:
+            n = min(r.n_pending, self.prefill_chunk, others)
             if n and self.reserve(r, n):
                 rows.append((r, n))
-                budget -= n
-        rows = [(r, n) for r, n in rows if r in self.running]  # a later row's blocks may have preempted it
+                others -= n
+        rows = [(r, n) for r, n in rows if r in self.running]
         # no admission in a step that had to preempt: the pool is full, and whoever is let in would be next out
-        while budget and self.stats["preemptions"] == preemptions and (r := self.admit()):
-            n = min(r.n_pending, self.prefill_chunk, budget)
+        while others and self.stats["preemptions"] == preemptions and (r := self.admit()):
+            n = min(r.n_pending, self.prefill_chunk, others)
             if not self.reserve(r, n):  # its prefix's cached blocks left too few free: it waits for the next step
                 break
             rows.append((r, n))
-            budget -= n
-        for i, (r, n) in enumerate(rows):  # what is left of the budget: drafts of speculating requests
-            if r.lookup and n == r.n_pending == 1 and budget:
-                r.draft = self.draft(r, budget)
+            others -= n
+        for i, (r, n) in enumerate(rows):  # what is left: drafts of speculating requests
+            if r.lookup and n == r.n_pending == 1 and others:
+                r.draft = self.draft(r, others)
                 rows[i] = (r, 1 + len(r.draft))
-                budget -= len(r.draft)
+                others -= len(r.draft)
         return sorted(rows, key=lambda row: row[1] > 1)
+
+    def others_budget(self, decoding_rows: int, budget: int) -> int:
+        """The tokens a step may give to prompt chunks and drafts beside decoding_rows one-token rows: what is left
+        of the token budget, and no more than fits in the step's time target (at least a block, so that prompts
+        go on however slow the decoding rows are)."""
+        fit = self.times.tokens_within(decoding_rows, self.step_target)
+        return budget if fit is None else min(budget, max(fit, self.pool.block_size))
 
     def draft(self, r: Request, budget: int) -> list[int]:
         """The tokens prompt lookup proposes to follow a speculating request's next one, at most budget and only
