@@ -73,12 +73,15 @@ def read_prompt_file(path: Path) -> list[str]:
     texts = []
     with open(path, encoding="utf-8") as f:
         for i, line in enumerate(f, 1):
-            if line.strip():
-                try:
-                    texts.append(json.loads(line)["prompt"])
-                    assert isinstance(texts[-1], str)
-                except (ValueError, KeyError, TypeError, AssertionError):
-                    raise ValueError(f"{path}:{i}: not a JSON object with a \"prompt\" string") from None
+            if not line.strip():
+                continue
+            try:
+                prompt = json.loads(line)["prompt"]
+            except (ValueError, KeyError, TypeError):
+                prompt = None
+            if not isinstance(prompt, str):
+                raise ValueError(f"{path}:{i}: not a JSON object with a \"prompt\" string")
+            texts.append(prompt)
     if not texts:
         raise ValueError(f"{path} has no prompts")
     return texts

@@ -64,10 +64,12 @@ def attend_one(q: Tensor, keys: Tensor, values: Tensor, mask: Tensor, key_scale:
 
 def attend_several(q: Tensor, keys: Tensor, values: Tensor, mask: Tensor, key_scale: Tensor | None = None,
                    value_scale: Tensor | None = None) -> Tensor:
-    """attend_one for T new tokens per row (a verification step): q (B, n_kv_heads, n_rep * T, head_dim), the
-    query heads of a KV head as rows (model.attention's layout), mask (B, 1, T, S); keys, values and scales as
-    attend_one's. The T tokens are more query rows of their KV head, each row with its own mask, so that an int8
-    cache is read in the fused sums too, never dequantized whole."""
+    """attend_one for T new tokens per row (a verification step; T = 1: attend_one itself): q (B, n_kv_heads,
+    n_rep * T, head_dim), the query heads of a KV head as rows (model.attention's layout), mask (B, 1, T, S); keys,
+    values and scales as attend_one's. The T tokens are more query rows of their KV head, each row with its own
+    mask, so that an int8 cache is read in the fused sums too, never dequantized whole."""
+    if mask.shape[2] == 1:
+        return attend_one(q, keys, values, mask[:, 0, 0], key_scale, value_scale)
     n_rep = q.shape[2] // mask.shape[2]
     visible = mask[:, 0].transpose(1, 2).repeat(1, 1, n_rep)  # (B, S, n_rep * T): row rep * T + t sees mask t
     return attend_one(q, keys, values, visible[:, :, None], key_scale, value_scale)

@@ -12,7 +12,7 @@ import torch
 import torch.nn as nn
 from torch import Tensor
 
-from llama_fast.cpu.layers import attend_one, attend_several
+from llama_fast.cpu.layers import attend_several
 from llama_fast.serving.paged_cache import PagedKVCache, take
 from model import KVCache, Transformer, attention
 
@@ -91,11 +91,10 @@ class Int8KVCache(KVCache):
         B = k.shape[0]
         keys, values = self.update(input_pos, k, v)
         key_scale, value_scale = self.k_scale[:B], self.v_scale[:B]
-        if q.is_cpu and torch.compiler.is_compiling() and mask.shape[2] <= FUSED_TOKENS:  # the whole cache: one
-            one = mask.shape[2] == 1  # graph serves every length
-            return (attend_one if one else attend_several)(q, keys.transpose(1, 2), values.transpose(1, 2),
-                                                           mask[:, 0, 0] if one else mask, key_scale.transpose(1, 2),
-                                                           value_scale.transpose(1, 2))
+        # compiled on CPU, the whole cache (one graph for every length) read in fused sums
+        if q.is_cpu and torch.compiler.is_compiling() and mask.shape[2] <= FUSED_TOKENS:
+            return attend_several(q, keys.transpose(1, 2), values.transpose(1, 2), mask, key_scale.transpose(1, 2),
+                                  value_scale.transpose(1, 2))
         n = keys.shape[2] if torch.compiler.is_compiling() else int(input_pos.max()) + 1
         keys, values = (dequantize(x[:, :, :n], s[:, :, :n], self.dtype) for x, s in ((keys, key_scale),
                                                                                      (values, value_scale)))

@@ -60,9 +60,9 @@ class StepTimes:
         """How many tokens of other rows fit beside decoding_rows one-token rows in a step of target seconds
         (None: AUTO_TARGET times the usual gap, or the rows' own time if longer). 0 while the cost of a token beside
         them is not known yet (the scheduler then gives a block: small steps, so the first ones to time them are
-        short too). None, the
-        step then bounded by its token budget alone, when no row decodes, the target is infinite, or no step of
-        decoding rows alone has been timed yet (a burst: every row was reading its prompt until now)."""
+        short too). None, the step then bounded by its token budget alone, when no row decodes, the target is
+        infinite, or no step of decoding rows alone has been timed yet (a burst: every row was reading its prompt
+        until now)."""
         alone = self.decoding_time(decoding_rows) if decoding_rows else None
         if alone is None or target == math.inf:
             return None
