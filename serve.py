@@ -24,7 +24,8 @@ import uvicorn
 from llama_fast.chat.templates import chat_template
 from llama_fast.chat.tool_calls import tool_call_format
 from llama_fast.checkpoint import check_is_file, check_vocab, load_model, tokenizer_file
-from llama_fast.serving.engine import KV_CACHE_CLASSES, MAX_LOOKUP, Engine, EngineConfig
+from llama_fast.serving.engine import KV_CACHE_CLASSES, Engine, EngineConfig
+from llama_fast.serving.request import MAX_LOOKUP
 from llama_fast.serving.routes import create_app
 from llama_fast.serving.runner import stop_workers, token_bytes, worker_loop
 from llama_fast.serving.server import Server
@@ -116,12 +117,17 @@ def start(args):
     t1 = time.perf_counter()
     engine.grammars.matcher(None)  # structured output's vocabulary, read now rather than in a client's request
     print(f"Read the vocabulary for structured output in {time.perf_counter() - t1:.1f}s", file=sys.stderr)
-    if args.compile:  # every kind of step compiled before the first client, not in the middle of live traffic
+    # every kind of step compiled before the first client, not in the middle of live traffic, and a few steps timed
+    # for the time target (Engine.time_first_steps); under tensor parallelism rank 0 runs the steps and the other
+    # ranks the same passes, from their worker_loop (steps of their own would wait in collectives rank 0 never makes)
+    if tp.rank() == 0 and args.compile:
         t1 = time.perf_counter()
         engine.warm_up()
         graphs = f" (CUDA graphs of {len(engine.runner.decode_shapes())} decode shapes)" if engine.runner.padded else ""
         print(f"Compiled the forward pass for every kind of step{graphs} in {time.perf_counter() - t1:.1f}s",
               file=sys.stderr)
+    elif tp.rank() == 0:
+        engine.time_first_steps()
     tools = tool_call_format(template)
     print(f"Chat template: {template.name}; tool calls: {tools.name if tools else 'none'}" if template else
           "Chat: none (this checkpoint has no chat template; --chat_template gives one)", file=sys.stderr)

@@ -14,6 +14,7 @@ import math
 import os
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -35,11 +36,11 @@ from tokenizer import load_tokenizer  # noqa: E402
 
 
 def train(model: Transformer, data: torch.Tensor, steps: int, seq_len: int, batch_size: int, lr: float,
-          minutes: float = 0.0, seed: int = 0, log=print, repeat: tuple = (0.0, []), bf16: bool = True) -> list:
+          minutes: float = 0.0, seed: int = 0, log=print, repeat: "Repeats | None" = None, bf16: bool = True) -> list:
     """AdamW on random windows of `data` with linear warm-up and cosine decay, in bfloat16 autocast if bf16 (AMX on
     recent Intel CPUs; without AVX-512 BF16 a bf16 GEMM is ~8x slower than float32's, and a step 40x: main() asks
-    llama_fast.cpu.choice.has_16bit_gemm). Stops after `steps`, or earlier after `minutes` > 0. Returns the loss per step.
-    repeat = (fraction, request token ids): that fraction of each batch are repeat windows (repeat_window)."""
+    llama_fast.cpu.choice.has_16bit_gemm). Stops after `steps`, or earlier after `minutes` > 0. Returns the loss per
+    step. repeat: that fraction of each batch are repeat windows (Repeats.window)."""
     gen = torch.Generator().manual_seed(seed)
     opt = torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.95), weight_decay=0.1)
     warmup, losses, t0 = max(1, steps // 20), [], time.perf_counter()
@@ -49,8 +50,8 @@ def train(model: Transformer, data: torch.Tensor, steps: int, seq_len: int, batc
             group["lr"] = lr * min(1.0, (step + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * step / steps))
         starts = torch.randint(0, len(data) - seq_len - 1, (batch_size,), generator=gen)
         batch = torch.stack([data[s : s + seq_len + 1] for s in starts.tolist()])
-        for row in range(round(repeat[0] * batch_size)):
-            batch[row] = repeat_window(batch[row], torch.tensor(repeat[1], dtype=torch.long), gen)
+        for row in range(round(repeat.fraction * batch_size) if repeat else 0):
+            batch[row] = repeat.window(batch[row], gen)
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
             logits = model(batch[:, :-1])
         loss = F.cross_entropy(logits.flatten(0, 1), batch[:, 1:].flatten())
@@ -67,14 +68,40 @@ def train(model: Transformer, data: torch.Tensor, steps: int, seq_len: int, batc
     return losses
 
 
-def repeat_window(window: torch.Tensor, request: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
-    """A training window that teaches a request to repeat: a passage of the text, the request, the passage again
-    (cut to the window's length), so that the model learns what an instruction-tuned model does when asked to copy,
-    the case prompt lookup exists for. The passage takes 30-50% of the window."""
-    n = len(window)
-    length = int(n * (0.3 + 0.2 * torch.rand((), generator=gen).item()))
-    passage = window[:length]
-    return torch.cat([passage, request, passage, window[length:]])[:n]
+@dataclass
+class Repeats:
+    """Training windows that teach a request to repeat, what an instruction-tuned model does when asked to copy (the
+    case prompt lookup exists for): BOS, a passage, the request, the passage again, cut to the window's length. The
+    passage takes 10-45% of the window; random_fraction of the passages are random token ids instead of the text:
+    copying is then the only way to lower the loss, and a small model learns it in minutes instead of hours. The
+    request comes as it is encoded alone or as it is encoded after text (a prompt encoded whole: SentencePiece's
+    word-start piece is then not there), half each."""
+    fraction: float  # of each batch
+    requests: tuple[list[int], list[int]]  # the request's ids alone and after text
+    bos: int | None  # a prompt's first token (None: the tokenizer has none)
+    random_ids: tuple[int, int] = (0, 0)  # [lo, hi) of the random passages' ids
+    random_fraction: float = 0.0
+
+    def window(self, window: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+        n = len(window)
+        length = int(n * (0.1 + 0.35 * uniform(gen)))
+        passage = torch.randint(*self.random_ids, (length,), generator=gen) if uniform(gen) < self.random_fraction \
+            else window[:length]
+        request = torch.tensor(self.requests[uniform(gen) < 0.5], dtype=torch.long)
+        bos = torch.tensor([] if self.bos is None else [self.bos], dtype=torch.long)
+        return torch.cat([bos, passage, request, passage, window[length:]])[:n]
+
+
+def uniform(gen: torch.Generator) -> float:
+    return torch.rand((), generator=gen).item()
+
+
+def request_ids(tokenizer, request: str) -> tuple[list[int], list[int]]:
+    """The request's token ids encoded alone, and as they follow text in a prompt encoded whole."""
+    alone = tokenizer.encode(request, bos=False)
+    lead = tokenizer.encode("x", bos=False)
+    after = tokenizer.encode("x" + request, bos=False)
+    return alone, after[len(lead):] if after[:len(lead)] == lead else alone
 
 
 def main(argv=None):
@@ -96,6 +123,8 @@ def main(argv=None):
     p.add_argument("--repeat_fraction", type=float, default=0.0, help="this fraction of the training windows are a "
                    "passage, --repeat_request, and the passage again (a model that copies when asked)")
     p.add_argument("--repeat_request", default="\n\nThe same text again, unchanged:\n\n")
+    p.add_argument("--random_passages", type=float, default=0.0, help="this fraction of the repeat windows copy random "
+                   "token ids instead of a passage of the text (the model learns to copy much sooner)")
     p.add_argument("--init", type=Path, help="go on training this model.pth (its shape: --dim etc. are not used; "
                    "the same tokenizer) instead of starting from random weights")
     p.add_argument("--force", action="store_true", help="replace a model already in --out")
@@ -104,10 +133,12 @@ def main(argv=None):
 
 def check_args(args):
     check_at_least(args, dim=1, n_layers=1, n_heads=1, n_kv_heads=1, seq_len=2, batch_size=1, steps=1,
-                   minutes=0.0, lr=0.0, vocab_size=260, repeat_fraction=0.0)  # vocab: 256 byte-fallback ids + 4
+                   minutes=0.0, lr=0.0, vocab_size=260,  # vocab: 256 byte-fallback ids + 4
+                   repeat_fraction=0.0, random_passages=0.0)
     check_ranges(args, seed=SEED_RANGE)
-    if args.repeat_fraction > 1:
-        raise ValueError(f"--repeat_fraction must be at most 1, not {args.repeat_fraction}")
+    for name in ("repeat_fraction", "random_passages"):
+        if getattr(args, name) > 1:
+            raise ValueError(f"--{name} must be at most 1, not {getattr(args, name)}")
     if (args.tokenizer_path is None) == (args.vocab_size is None):
         raise ValueError("give one of --tokenizer_path and --vocab_size")
     if args.init and args.vocab_size:
@@ -176,7 +207,9 @@ def run(args) -> int:
     config = model.config
     print(f"{sum(p.numel() for p in model.parameters()) / 1e6:.1f}M parameters, {len(data)} training tokens",
           file=sys.stderr)
-    repeat = (args.repeat_fraction, tokenizer.encode(args.repeat_request, bos=False))
+    # random passages: ids past unk, bos, eos and the 256 byte pieces of a SentencePiece tokenizer like ours
+    repeat = Repeats(args.repeat_fraction, request_ids(tokenizer, args.repeat_request), tokenizer.bos_id,
+                     (min(259, tokenizer.vocab_size - 1), tokenizer.vocab_size), args.random_passages)
     bf16 = has_16bit_gemm()
     print(f"training in {'bfloat16 autocast' if bf16 else 'float32 (the bf16 GEMM is slow on this CPU)'}",
           file=sys.stderr)

@@ -19,7 +19,7 @@ from llama_fast.quant.kv_cache import Int8PagedKVCache
 from llama_fast.serving.paged_cache import BlockPool, PagedKVCache
 from llama_fast.serving.request import Request
 from llama_fast.serving.sampler import sample_rows
-from llama_fast.serving.step_time import StepTimes
+from llama_fast.serving.step_time import MIN_DECODE_SAMPLES, StepTimes
 from sampling import SamplingConfig, apply_penalties, draw, logits_to_probs
 
 pytestmark = pytest.mark.device
@@ -161,6 +161,25 @@ def test_step_times_are_medians_of_what_the_engine_measured():
     for _ in range(8):
         times.observe(4, 0, 0.0115)
     assert times.tokens_within(4, None) == 8  # usual 11.5 ms: 1.75 x 11.5 - 11.5 = 8.6 ms
+    fresh = StepTimes()  # estimates but no gaps yet (warm_up's): 1.75 times the rows' own time
+    for others, seconds in ((0, 0.010),) * 3 + ((10, 0.020),) * 3:
+        fresh.observe(4, others, seconds)
+    fresh.gaps.clear()
+    assert fresh.tokens_within(4, None) == 7  # 1.75 x 10 - 10 = 7.5 ms at 1 ms a token
+
+
+def test_warm_up_leaves_the_first_step_time_estimates(hf_checkpoint, load_ours):
+    """After warm_up the scheduler knows how long a step of decoding rows takes and what a prompt token beside them
+    costs, timed on the model itself, so that the first burst of clients is held to the time target too; the
+    counters are zero, no gap is the load's yet, and nothing is left running or holding blocks."""
+    _, d = hf_checkpoint("gqa")
+    engine = Engine(load_ours(d), None, EngineConfig(max_batch_size=4, block_size=8))
+    engine.warm_up()
+    times = engine.scheduler.times
+    assert times.decoding_time(1) > 0 and len(times.per_token) >= MIN_DECODE_SAMPLES
+    assert times.tokens_within(1, None) is not None and not times.gaps
+    assert all(value == 0 for value in engine.stats.values())
+    assert not engine.has_work() and engine.scheduler.pool.n_used == 0
 
 
 def test_a_request_that_fails_fails_alone(hf_checkpoint, load_ours, prompt_ids):

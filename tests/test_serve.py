@@ -19,7 +19,7 @@ from helpers import KEY, ServerProcess
 
 from decoding import generate
 from llama_fast.chat.templates import Llama2Template
-from llama_fast.serving import api, responses
+from llama_fast.serving import responses
 from sampling import SamplingConfig
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -9,7 +9,6 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 
 import httpx
-import pytest
 from helpers import KEY, ServerProcess
 
 N_REQUESTS = 320

@@ -211,8 +211,9 @@ def test_a_failing_rank_ends_the_launch(checkpoints, tmp_path):
 
 
 def test_serve_under_torchrun(checkpoints, load_cpu, sp_tokenizer):
-    """serve.py with 2 ranks: rank 0 schedules and answers HTTP, rank 1 runs the same forward passes; concurrent
-    requests (batched, int8 weights) answer what one process's generate() gives; SIGTERM stops both ranks."""
+    """serve.py --compile with 2 ranks: rank 0 schedules and answers HTTP, rank 1 runs the same forward passes (the
+    warm-up's too: a warm-up of its own waited forever in collectives rank 0 did not make); concurrent requests
+    (batched, int8 weights) answer what one process's generate() gives; SIGTERM stops both ranks."""
     import threading
 
     import openai
@@ -222,7 +223,7 @@ def test_serve_under_torchrun(checkpoints, load_cpu, sp_tokenizer):
     port = free_port()
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "serve.py",
            "--checkpoint_path", str(path), "--device", "cpu", "--precision", "float32", "--port", str(port),
-           "--tokenizer_path", str(path.parent / "tokenizer.model"), "--model_name", "tiny"]
+           "--compile", "--tokenizer_path", str(path.parent / "tokenizer.model"), "--model_name", "tiny"]
     proc = subprocess.Popen(cmd, cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"}, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True)
     try:

@@ -56,15 +56,29 @@ def test_cli_trains_its_own_tokenizer(tmp_path):
     assert tok.decode(tok.encode(sample)) == sample
 
 
-def test_repeat_windows_hold_a_passage_the_request_and_the_passage_again():
-    window, request = torch.arange(100, 200), torch.tensor([7, 8, 9])
-    gen = torch.Generator().manual_seed(0)
-    for _ in range(20):
-        out = train_small.repeat_window(window, request, gen)
-        n = int((out == 7).nonzero()[0])  # the passage's length
-        assert len(out) == 100 and 30 <= n <= 50
-        assert torch.equal(out[:n], window[:n]) and torch.equal(out[n : n + 3], request)
-        assert torch.equal(out[n + 3 : 2 * n + 3], window[:n]) and torch.equal(out[2 * n + 3 :], window[n : 97 - n])
+def test_repeat_windows_hold_bos_a_passage_the_request_and_the_passage_again(sp_model_path):
+    """A repeat window is BOS, a passage (10-45% of the window: the text's, or random ids past the byte pieces), the
+    request (encoded alone, or as it follows text), the passage again, and the text after the passage."""
+    from tokenizer import load_tokenizer
+
+    window, gen = torch.arange(1000, 1100), torch.Generator().manual_seed(0)
+    repeats = train_small.Repeats(1.0, ([7, 8, 9], [8, 9]), bos=1, random_ids=(300, 400), random_fraction=0.5)
+    kinds = set()
+    for _ in range(40):
+        out = repeats.window(window, gen).tolist()
+        start = out.index(8) - (out[out.index(8) - 1] == 7)  # the request's ids are in neither kind of passage
+        passage, request, after = out[1:start], out[start:out.index(8) + 2], out[out.index(8) + 2:]
+        again, rest = after[:len(passage)], after[len(passage):]
+        assert len(out) == 100 and out[0] == 1 and 10 <= len(passage) <= 45 and again == passage[:len(again)]
+        assert rest == window[len(passage):len(passage) + len(rest)].tolist()
+        from_text = passage == window[:len(passage)].tolist()
+        assert from_text or all(300 <= t < 400 for t in passage)
+        kinds.add((from_text, tuple(request)))
+    assert kinds == {(True, (7, 8, 9)), (True, (8, 9)), (False, (7, 8, 9)), (False, (8, 9))}
+    tok = load_tokenizer(sp_model_path)
+    alone, after = train_small.request_ids(tok, "\n\nThe same text again:\n\n")
+    assert tok.encode("Some text.\n\nThe same text again:\n\n", bos=False)[-len(after):] == after
+    assert tok.decode(alone) == tok.decode(after) == "\n\nThe same text again:\n\n"
 
 
 def test_init_goes_on_from_a_checkpoint(sp_model_path, tmp_path):

@@ -10,7 +10,8 @@ from typing import ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from llama_fast.serving.engine import MAX_LOGPROBS, MAX_LOOKUP, EngineConfig
+from llama_fast.serving.engine import EngineConfig
+from llama_fast.serving.request import MAX_LOGPROBS, MAX_LOOKUP
 from sampling import SamplingConfig
 
 COMPLETIONS_DEFAULT_MAX_TOKENS = 16  # OpenAI's legacy completions default; chat defaults to the rest of the context

@@ -26,19 +26,16 @@ from torch import Tensor
 from llama_fast.quant.kv_cache import Int8PagedKVCache
 from llama_fast.serving.grammar import Grammars
 from llama_fast.serving.paged_cache import BlockPool, PagedKVCache
-from llama_fast.serving.request import GREEDY, Request, n_logits
+from llama_fast.serving.request import GREEDY, Request, check_lookup, check_request, n_logits
 from llama_fast.serving.runner import ModelRunner, pool_tokens
 from llama_fast.serving.sampler import logprobs_of, sample_rows, seeded_generator
 from llama_fast.serving.scheduler import Scheduler
-from llama_fast.serving.step_time import StepTimes
+from llama_fast.serving.step_time import MIN_DECODE_SAMPLES, StepTimes
 from llama_fast.speculate.speculative import PromptLookup
 from model import Transformer
 from sampling import SamplingConfig
 from decoding import StreamDecoder
 
-SEED_RANGE = (-2**63, 2**64 - 1)  # what torch.Generator.manual_seed takes
-MAX_LOOKUP = 16  # the longest prompt-lookup n-gram and proposal
-MAX_LOGPROBS = 20  # the most alternatives a token's logprobs list (OpenAI's limit)
 KV_CACHE_CLASSES = {"auto": PagedKVCache, "int8": Int8PagedKVCache}
 # A speculating request whose last LOOKUP_WINDOW verifications accepted fewer than LOOKUP_MIN_ACCEPTED tokens each on
 # average stops proposing: each proposed token costs about a prompt token's compute, which a miss wastes
@@ -47,13 +44,6 @@ LOOKUP_WINDOW, LOOKUP_MIN_ACCEPTED = 8, 0.5
 
 class EngineFailure(RuntimeError):
     """The engine cannot go on (the device or the model fails whatever it computes): its server should exit."""
-
-
-def check_lookup(n_gram: int, k: int):
-    """Prompt lookup's settings: n-grams of 0 (off) to MAX_LOOKUP tokens, 1 to MAX_LOOKUP tokens proposed."""
-    if not (0 <= n_gram <= MAX_LOOKUP and 1 <= k <= MAX_LOOKUP):
-        raise ValueError(f"prompt lookup: the n-gram length must be in [0, {MAX_LOOKUP}] and the tokens proposed "
-                         f"per step in [1, {MAX_LOOKUP}], not {n_gram} and {k}")
 
 
 @dataclass
@@ -123,35 +113,9 @@ class Engine:
 
     def check(self, r: Request):
         """Raise ValueError (a client's mistake) if the request cannot be served."""
-        n, vocab = len(r.prompt), self.model.config.vocab_size
-        if n == 0:
-            raise ValueError("the prompt is empty")
-        if n >= self.context:
-            raise ValueError(f"this model's maximum context length is {self.context} tokens; the prompt has {n}")
-        if any(not 0 <= t < vocab for t in r.prompt):
-            raise ValueError(f"prompt token ids must be in [0, {vocab})")
-        if not isinstance(r.max_tokens, int) or r.max_tokens < 0:
-            raise ValueError(f"max_tokens must be at least 0, not {r.max_tokens}")
-        if n + r.max_tokens > self.context:
-            raise ValueError(f"this model's maximum context length is {self.context} tokens; the request needs "
-                             f"{n + r.max_tokens} ({n} in the prompt, {r.max_tokens} for the completion)")
-        if -(-(n + r.max_tokens) // self.scheduler.pool.block_size) > self.scheduler.pool.n_blocks - 1:
-            raise ValueError(f"the request needs {n + r.max_tokens} tokens of KV cache; the server's holds "
-                             f"{(self.scheduler.pool.n_blocks - 1) * self.scheduler.pool.block_size}")
-        if r.stop and self.tokenizer is None:
-            raise ValueError("stop strings need a tokenizer")
-        if r.speculation is not None:
-            check_lookup(*r.speculation)
-        if r.seed is not None and not SEED_RANGE[0] <= r.seed <= SEED_RANGE[1]:  # the engine's thread would fail
-            raise ValueError(f"seed must be in [{SEED_RANGE[0]}, {SEED_RANGE[1]}] (64 bits), not {r.seed}")
-        for name in ("logprobs", "prompt_logprobs"):
-            k = getattr(r, name)
-            if k is not None and not (isinstance(k, int) and 0 <= k <= MAX_LOGPROBS):
-                raise ValueError(f"{name} must be in [0, {MAX_LOGPROBS}], not {k!r}")
-        for token, bias in (r.logit_bias or {}).items():
-            if not (isinstance(token, int) and 0 <= token < vocab and -100 <= bias <= 100):
-                raise ValueError(f"logit_bias: token ids must be in [0, {vocab}) and biases in [-100, 100], not "
-                                 f"{token!r}: {bias!r}")
+        pool = self.scheduler.pool
+        check_request(r, self.model.config.vocab_size, self.context, (pool.n_blocks - 1) * pool.block_size,
+                      self.tokenizer is not None)
 
     def add(self, r: Request):
         self.check(r)
@@ -186,8 +150,8 @@ class Engine:
         """Run each kind of step once, so that a compiled forward pass has its graph for each before the first
         client (the graphs specialise on whether a group is empty, one or more): one prompt chunk, then one
         decoding row; two chunks, then two rows; one row beside a chunk, two rows beside two chunks; on CUDA, a
-        decode step of every padded shape (ModelRunner.capture_decode_graphs). The counters, and the step times
-        (the compiles in them), start again from zero."""
+        decode step of every padded shape (ModelRunner.capture_decode_graphs). Then the step times start again
+        from a few steps timed without compiles (time_first_steps), and the counters from zero."""
         self.generate([[1, 2]], 2)
         self.generate([[1, 2, 3], [1, 2, 3, 4]], 2)
         first = Request([1, 2, 3], 4)
@@ -202,9 +166,26 @@ class Engine:
             self.step()
         if self.runner.padded:  # CUDA: every decode shape's graph
             self.runner.capture_decode_graphs()
+        self.scheduler.times = StepTimes()
+        self.time_first_steps()
         for key in self.stats:
             self.stats[key] = 0
-        self.scheduler.times = StepTimes()
+
+    def time_first_steps(self):
+        """Time a few steps, the compiles done, so that the scheduler has its first estimates (StepTimes) when the
+        first clients come: without them a burst of requests at start-up would be bounded by the token budget alone
+        until some step of decoding rows alone was timed. A row decoding alone, then beside a prompt read a block a
+        step. The gaps the default target follows are the load's, not these."""
+        bs = self.scheduler.pool.block_size
+        alone = Request([1, 2, 3], min(MIN_DECODE_SAMPLES + 8, self.context - 3))
+        self.add(alone)
+        while len(alone.output) <= MIN_DECODE_SAMPLES and not alone.finish_reason:
+            self.step()
+        beside = Request([1] * max(2, min(4 * bs, self.context - 8)), 1)
+        self.add(beside)
+        while not (alone.finish_reason and beside.finish_reason):
+            self.step()
+        self.scheduler.times.gaps.clear()
 
     # ------------------------------------------------------------------------------- the engine's thread
 

@@ -1,4 +1,5 @@
-"""A request to the serving engine and its state as the engine computes it (nano-vllm's Sequence)."""
+"""A request to the serving engine, its state as the engine computes it (nano-vllm's Sequence), and what one may ask
+(check_request)."""
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -10,6 +11,9 @@ if TYPE_CHECKING:
     from llama_fast.serving.grammar import Matcher
 
 GREEDY = SamplingConfig(temperature=0)
+SEED_RANGE = (-2**63, 2**64 - 1)  # what torch.Generator.manual_seed takes
+MAX_LOOKUP = 16  # the longest prompt-lookup n-gram and proposal
+MAX_LOGPROBS = 20  # the most alternatives a token's logprobs list (OpenAI's limit)
 
 
 @dataclass(eq=False)
@@ -81,3 +85,43 @@ def n_logits(r: Request, n: int) -> int:
     """How many logits a forward pass computing n of r's tokens gives back: one after each token when it verifies a
     draft or scores its prompt, else one after the last (what its next token is sampled from)."""
     return n if r.draft or r.reads_prompt_logprobs else 1
+
+
+def check_request(r: Request, vocab: int, context: int, kv_tokens: int, has_tokenizer: bool):
+    """Raise ValueError (a client's mistake) if an engine with this vocabulary, context and KV cache (kv_tokens
+    tokens in all) cannot serve the request."""
+    n = len(r.prompt)
+    if n == 0:
+        raise ValueError("the prompt is empty")
+    if n >= context:
+        raise ValueError(f"this model's maximum context length is {context} tokens; the prompt has {n}")
+    if any(not 0 <= t < vocab for t in r.prompt):
+        raise ValueError(f"prompt token ids must be in [0, {vocab})")
+    if not isinstance(r.max_tokens, int) or r.max_tokens < 0:
+        raise ValueError(f"max_tokens must be at least 0, not {r.max_tokens}")
+    if n + r.max_tokens > context:
+        raise ValueError(f"this model's maximum context length is {context} tokens; the request needs "
+                         f"{n + r.max_tokens} ({n} in the prompt, {r.max_tokens} for the completion)")
+    if n + r.max_tokens > kv_tokens:
+        raise ValueError(f"the request needs {n + r.max_tokens} tokens of KV cache; the server's holds {kv_tokens}")
+    if r.stop and not has_tokenizer:
+        raise ValueError("stop strings need a tokenizer")
+    if r.speculation is not None:
+        check_lookup(*r.speculation)
+    if r.seed is not None and not SEED_RANGE[0] <= r.seed <= SEED_RANGE[1]:  # the engine's thread would fail
+        raise ValueError(f"seed must be in [{SEED_RANGE[0]}, {SEED_RANGE[1]}] (64 bits), not {r.seed}")
+    for name in ("logprobs", "prompt_logprobs"):
+        k = getattr(r, name)
+        if k is not None and not (isinstance(k, int) and 0 <= k <= MAX_LOGPROBS):
+            raise ValueError(f"{name} must be in [0, {MAX_LOGPROBS}], not {k!r}")
+    for token, bias in (r.logit_bias or {}).items():
+        if not (isinstance(token, int) and 0 <= token < vocab and -100 <= bias <= 100):
+            raise ValueError(f"logit_bias: token ids must be in [0, {vocab}) and biases in [-100, 100], not "
+                             f"{token!r}: {bias!r}")
+
+
+def check_lookup(n_gram: int, k: int):
+    """Prompt lookup's settings: n-grams of 0 (off) to MAX_LOOKUP tokens, 1 to MAX_LOOKUP tokens proposed."""
+    if not (0 <= n_gram <= MAX_LOOKUP and 1 <= k <= MAX_LOOKUP):
+        raise ValueError(f"prompt lookup: the n-gram length must be in [0, {MAX_LOOKUP}] and the tokens proposed "
+                         f"per step in [1, {MAX_LOOKUP}], not {n_gram} and {k}")

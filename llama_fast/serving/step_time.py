@@ -70,6 +70,7 @@ class StepTimes:
             return 0
         per_token = statistics.median(self.per_token)
         if target is None:
-            target = AUTO_TARGET * max(statistics.median(self.gaps), alone)
+            usual = statistics.median(self.gaps) if self.gaps else alone
+            target = AUTO_TARGET * max(usual, alone)
         room = target - alone
         return int(room / per_token) if per_token > 0 else None
