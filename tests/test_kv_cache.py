@@ -96,3 +96,35 @@ def test_generate_cli_with_an_int8_kv_cache(hf_checkpoint, load_cpu, sp_tokenize
                    "--compile", "--prompt_lookup", "2")
     assert_ran_cleanly(proc)
     assert proc.stdout == want
+
+
+def test_kv_agreement_script_reports_what_the_two_caches_give(hf_checkpoint, load_cpu, sp_tokenizer, tmp_path):
+    """scripts/kv_agreement.py (float32): its figures are those of generate()'s greedy tokens through the static
+    float cache and the static int8 cache, computed here, for the same prompts: the serving engine's pools give
+    what generate() gives."""
+    import json
+    import re
+    import statistics
+    import subprocess
+    import sys
+
+    _, d = hf_checkpoint("gqa")
+    texts = ["Once upon a time there was", "The little dog ran to the", "A bird sat on the old tree and"]
+    (tmp_path / "prompts.jsonl").write_text("".join(json.dumps({"prompt": t}) + "\n" for t in texts))
+    proc = subprocess.run([sys.executable, "scripts/kv_agreement.py", "--checkpoint_path", str(d / "model.pth"),
+                           "--prompt_file", str(tmp_path / "prompts.jsonl"), "--max_tokens", "40",
+                           "--precision", "float32"], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    prompts = [sp_tokenizer.encode(t, bos=True) for t in texts]
+    floats = [generate(load_cpu(d), [p], 40, GREEDY).tokens[0] for p in prompts]
+    int8 = use_int8_kv_cache(load_cpu(d))
+    quantized = [generate(int8, [p], 40, GREEDY).tokens[0] for p in prompts]
+    firsts = [min(i for i in range(40) if a[i] != b[i]) for a, b in zip(floats, quantized) if a != b]
+    same = sum(a[i] == b[i] for a, b in zip(floats, quantized) for i in range(40))
+    numbers = re.fullmatch(r"(\d+) of 3 outputs of 40 tokens identical with an int8 KV cache; the others first "
+                           r"differ at token (\S+) \(median; earliest (\S+)\); ([\d.]+)% of positions hold the same "
+                           r"token\n", proc.stdout)
+    assert numbers, proc.stdout
+    figures = (3 - len(firsts), statistics.median(firsts) if firsts else None, min(firsts) if firsts else None)
+    assert numbers.groups() == (*map(str, figures), f"{100 * same / 120:.1f}")
+    print(proc.stdout)

@@ -519,6 +519,14 @@ MISTAKES = {
     "bench/compile_prefill_without_compile": ("scripts/bench.py", lambda u, w: [
         "--checkpoint_path", u["model"], "--device", "cpu", "--compile_prefill"], "--compile_prefill needs --compile"),
     "tp/run_as_a_command": ("tp.py", lambda u, w: [], "tp.py is the tensor-parallelism library, not a command"),
+    # ---- scripts/kv_agreement.py
+    "kv_agreement/max_tokens_0": ("scripts/kv_agreement.py", lambda u, w: [
+        "--checkpoint_path", u["model"], "--prompt_file", write(w / "p.jsonl", '{"prompt": "hi"}\n'),
+        "--max_tokens", "0"], "--max_tokens"),
+    "kv_agreement/missing_prompt_file": ("scripts/kv_agreement.py", lambda u, w: [
+        "--checkpoint_path", u["model"], "--prompt_file", "/nonexistent/p.jsonl"], "/nonexistent/p.jsonl"),
+    "kv_agreement/prompt_not_text": ("scripts/kv_agreement.py", lambda u, w: [
+        "--checkpoint_path", u["model"], "--prompt_file", write(w / "p.jsonl", '{"prompt": 5}\n')], "p.jsonl:1: not a JSON"),
 }
 
 
