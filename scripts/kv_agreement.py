@@ -11,6 +11,7 @@ go their own ways, so the share of identical outputs falls with their length. Ho
 other's perplexity is eval.py --kv_cache_dtype int8's to say.
 """
 import argparse
+import math
 import statistics
 import sys
 from pathlib import Path
@@ -19,7 +20,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 # first, before torch: cli's Ctrl-C handler must be in place while the libraries load (see cli.py)
 from llama_fast.cli import PRECISIONS, check_at_least, cli_main  # noqa: E402
 
-from llama_fast.checkpoint import check_is_file, load_model, tokenizer_file  # noqa: E402
+from llama_fast.checkpoint import check_is_file, load_model, read_config, tokenizer_file  # noqa: E402
 from llama_fast.serving.engine import Engine, EngineConfig  # noqa: E402
 from scripts.bench_serve import read_prompt_file  # noqa: E402
 from tokenizer import load_tokenizer  # noqa: E402
@@ -37,8 +38,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def greedy_outputs(model, prompts: list, max_tokens: int, kv_cache_dtype: str, compile: bool) -> list:
-    """Each prompt's max_tokens greedy tokens from an engine whose KV pool is kv_cache_dtype."""
-    engine = Engine(model, None, EngineConfig(max_batch_size=8, kv_cache_dtype=kv_cache_dtype, compile=compile))
+    """Each prompt's max_tokens greedy tokens from an engine whose KV pool is kv_cache_dtype. Its steps are bounded
+    by the token budget alone (no time target, whose steps follow the clock), so that both pools' runs batch the
+    same rows the same way: in 16 bits a row's numbers depend on what it is batched with."""
+    config = EngineConfig(max_batch_size=8, kv_cache_dtype=kv_cache_dtype, compile=compile, itl_target_ms=math.inf)
+    engine = Engine(model, None, config)
     return [r.output for r in engine.generate(prompts, max_tokens)]
 
 
@@ -59,14 +63,25 @@ def run(args) -> int:
     texts = read_prompt_file(args.prompt_file)[:args.num_prompts]
     tokenizer = load_tokenizer(tokenizer_file(args.checkpoint_path, None))
     prompts = [tokenizer.encode(t, bos=True) for t in texts]
+    context = read_config(args.checkpoint_path).max_seq_len
+    for i, prompt in enumerate(prompts, 1):  # before the model loads
+        if len(prompt) + args.max_tokens > context:
+            raise ValueError(f"prompt {i} has {len(prompt)} tokens: with --max_tokens {args.max_tokens}, more than "
+                             f"the model's context of {context}")
     model = load_model(args.checkpoint_path, "cpu", PRECISIONS[args.precision])
     outputs = {kv: greedy_outputs(model, prompts, args.max_tokens, kv, args.compile) for kv in ("auto", "int8")}
-    figures = agreement(outputs["auto"], outputs["int8"])
-    print(f"{figures['identical']} of {figures['outputs']} outputs of {args.max_tokens} tokens identical with an "
-          f"int8 KV cache; the others first differ at token {figures['first_difference_median']} (median; "
-          f"earliest {figures['first_difference_min']}); {100 * figures['same_position']:.1f}% of positions hold "
-          "the same token")
+    print(summary(agreement(outputs["auto"], outputs["int8"]), args.max_tokens))
     return 0
+
+
+def summary(figures: dict, max_tokens: int) -> str:
+    """The figures of agreement() in one line."""
+    identical, outputs = figures["identical"], figures["outputs"]
+    line = f"{identical} of {outputs} outputs of {max_tokens} tokens identical with an int8 KV cache"
+    if identical < outputs:
+        line += (f"; the others first differ at token {figures['first_difference_median']:g} (median; earliest "
+                 f"{figures['first_difference_min']})")
+    return line + f"; {100 * figures['same_position']:.1f}% of positions hold the same token"
 
 
 def main(argv=None):

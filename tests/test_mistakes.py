@@ -525,6 +525,9 @@ MISTAKES = {
         "--max_tokens", "0"], "--max_tokens"),
     "kv_agreement/missing_prompt_file": ("scripts/kv_agreement.py", lambda u, w: [
         "--checkpoint_path", u["model"], "--prompt_file", "/nonexistent/p.jsonl"], "/nonexistent/p.jsonl"),
+    "kv_agreement/prompt_too_long": ("scripts/kv_agreement.py", lambda u, w: [
+        "--checkpoint_path", u["model"], "--prompt_file", write(w / "p.jsonl", '{"prompt": "hi"}\n'),
+        "--max_tokens", "100000"], "more than the model's context"),
     "kv_agreement/prompt_not_text": ("scripts/kv_agreement.py", lambda u, w: [
         "--checkpoint_path", u["model"], "--prompt_file", write(w / "p.jsonl", '{"prompt": 5}\n')], "p.jsonl:1: not a JSON"),
 }
