@@ -171,7 +171,8 @@ def test_step_times_are_medians_of_what_the_engine_measured():
 def test_warm_up_leaves_the_first_step_time_estimates(hf_checkpoint, load_ours):
     """After warm_up the scheduler knows how long a step of decoding rows takes and what a prompt token beside them
     costs, timed on the model itself, so that the first burst of clients is held to the time target too; the
-    counters are zero, no gap is the load's yet, and nothing is left running or holding blocks."""
+    counters are zero, no gap is the load's yet, and nothing is left running or holding blocks. The same from
+    time_first_steps alone."""
     _, d = hf_checkpoint("gqa")
     engine = Engine(load_ours(d), None, EngineConfig(max_batch_size=4, block_size=8))
     engine.warm_up()
@@ -180,6 +181,10 @@ def test_warm_up_leaves_the_first_step_time_estimates(hf_checkpoint, load_ours):
     assert times.tokens_within(1, None) is not None and not times.gaps
     assert all(value == 0 for value in engine.stats.values())
     assert not engine.has_work() and engine.scheduler.pool.n_used == 0
+    eager = Engine(load_ours(d), None, EngineConfig(max_batch_size=4, block_size=8))
+    eager.time_first_steps()  # what serve.py runs without --compile: its requests are not the server's either
+    assert eager.scheduler.times.tokens_within(1, None) is not None
+    assert all(value == 0 for value in eager.stats.values())
 
 
 def test_a_request_that_fails_fails_alone(hf_checkpoint, load_ours, prompt_ids):

@@ -150,8 +150,8 @@ class Engine:
         """Run each kind of step once, so that a compiled forward pass has its graph for each before the first
         client (the graphs specialise on whether a group is empty, one or more): one prompt chunk, then one
         decoding row; two chunks, then two rows; one row beside a chunk, two rows beside two chunks; on CUDA, a
-        decode step of every padded shape (ModelRunner.capture_decode_graphs). Then the step times start again
-        from a few steps timed without compiles (time_first_steps), and the counters from zero."""
+        decode step of every padded shape (ModelRunner.capture_decode_graphs). Then time_first_steps: the step
+        times start again from steps timed without compiles, and the counters from zero."""
         self.generate([[1, 2]], 2)
         self.generate([[1, 2, 3], [1, 2, 3, 4]], 2)
         first = Request([1, 2, 3], 4)
@@ -166,16 +166,14 @@ class Engine:
             self.step()
         if self.runner.padded:  # CUDA: every decode shape's graph
             self.runner.capture_decode_graphs()
-        self.scheduler.times = StepTimes()
         self.time_first_steps()
-        for key in self.stats:
-            self.stats[key] = 0
 
     def time_first_steps(self):
         """Time a few steps, the compiles done, so that the scheduler has its first estimates (StepTimes) when the
         first clients come: without them a burst of requests at start-up would be bounded by the token budget alone
         until some step of decoding rows alone was timed. A row decoding alone, then beside a prompt read a block a
-        step. The gaps the default target follows are the load's, not these."""
+        step. The gaps the default target follows are the load's, not these, and the counters start from zero."""
+        self.scheduler.times = StepTimes()
         bs = self.scheduler.pool.block_size
         alone = Request([1, 2, 3], min(MIN_DECODE_SAMPLES + 8, self.context - 3))
         self.add(alone)
@@ -186,6 +184,8 @@ class Engine:
         while not (alone.finish_reason and beside.finish_reason):
             self.step()
         self.scheduler.times.gaps.clear()
+        for key in self.stats:
+            self.stats[key] = 0
 
     # ------------------------------------------------------------------------------- the engine's thread
 
