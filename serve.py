@@ -59,8 +59,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="the most prompt tokens of one request one step computes (0: the whole budget)")
     p.add_argument("--itl_target_ms", type=float, default=EngineConfig.itl_target_ms, metavar="MS",
                    help="a step with decoding rows reads only as many prompt tokens beside them as fit in MS "
-                   "milliseconds, timed as the server runs (0: 1.75x the usual gap, the median of recent steps; "
-                   "inf: the token budget alone)")
+                   "milliseconds, timed as the server runs (0: 1.75x the decoding rows' own time, and at least the "
+                   "prompt tokens the load brings per step; inf: the token budget alone)")
     p.add_argument("--prompt_lookup", type=int, default=0, metavar="N", help="greedy requests speculate by prompt "
                    "lookup with N-grams unless they say otherwise (\"speculation\" field; 0: off)")
     p.add_argument("--speculate_k", type=int, default=EngineConfig.speculate_k, help="tokens prompt lookup proposes "
@@ -166,7 +166,7 @@ def check_args(args):
                    prefill_chunk=0, max_num_batched_tokens=args.max_batch_size, prompt_lookup=0, speculate_k=1,
                    max_waiting=1, grace_period=0)
     if not args.itl_target_ms >= 0:  # (inf is a setting: no time limit)
-        raise ValueError(f"--itl_target_ms must be >= 0 (0: 1.75x the usual gap) or inf, got "
+        raise ValueError(f"--itl_target_ms must be >= 0 (0: the default target) or inf, got "
                          f"{args.itl_target_ms}")
     if args.prompt_lookup > MAX_LOOKUP or args.speculate_k > MAX_LOOKUP:
         raise ValueError(f"--prompt_lookup and --speculate_k must be at most {MAX_LOOKUP}")

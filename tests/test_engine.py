@@ -19,6 +19,7 @@ from llama_fast.quant.kv_cache import Int8PagedKVCache
 from llama_fast.serving.paged_cache import BlockPool, PagedKVCache
 from llama_fast.serving.request import Request
 from llama_fast.serving.sampler import sample_rows
+from llama_fast.serving.scheduler import BACKLOG_STEPS, LOAD_MARGIN, LOAD_WINDOW, Scheduler
 from llama_fast.serving.step_time import MIN_DECODE_SAMPLES, StepTimes
 from sampling import SamplingConfig, apply_penalties, draw, logits_to_probs
 
@@ -143,8 +144,7 @@ def test_step_times_are_medians_of_what_the_engine_measured():
     outlier, a compile, moves nothing), else the nearest batch size measured; the cost per other token is what a
     step took beyond its decoding rows' time, over those tokens; the tokens that fit are the room over that cost
     (none, so a block, while that cost is not known; no limit while nothing is). The default target is 1.75 times
-    the usual gap (the median step with decoding rows): while most steps only decode, 1.75 times theirs; once most
-    steps read prompts too, 1.75 times such a step, so that heavy load keeps its big steps."""
+    the decoding rows' own time, however long the steps beside prompts were."""
     times = StepTimes()
     assert times.tokens_within(4, 0.02) is None  # nothing measured: no limit but the token budget
     for seconds in (0.010, 0.011, 10.0, 0.012):
@@ -156,16 +156,56 @@ def test_step_times_are_medians_of_what_the_engine_measured():
     assert statistics.median(times.per_token) == pytest.approx(0.001)
     assert times.tokens_within(4, 0.0315) == 20 and times.tokens_within(4, math.inf) is None
     assert times.tokens_within(0, 0.02) is None
-    # gaps 10, 11, 10000, 12, 21.5, 31.5, 51.5 ms: usual 21.5; 1.75 x 21.5 - 11.5 = 26.1 ms of tokens at 1 ms
-    assert times.tokens_within(4, None) == 26
+    assert times.tokens_within(4, None) == 8  # 1.75 x 11.5 - 11.5 = 8.6 ms of tokens at 1 ms
     for _ in range(8):
-        times.observe(4, 0, 0.0115)
-    assert times.tokens_within(4, None) == 8  # usual 11.5 ms: 1.75 x 11.5 - 11.5 = 8.6 ms
-    fresh = StepTimes()  # estimates but no gaps yet (warm_up's): 1.75 times the rows' own time
-    for others, seconds in ((0, 0.010),) * 3 + ((10, 0.020),) * 3:
-        fresh.observe(4, others, seconds)
-    fresh.gaps.clear()
-    assert fresh.tokens_within(4, None) == 7  # 1.75 x 10 - 10 = 7.5 ms at 1 ms a token
+        times.observe(4, 40, 0.0515)
+    assert times.tokens_within(4, None) == 8  # (long steps beside prompts do not move it)
+
+
+def test_the_default_target_reads_at_least_the_prompt_tokens_the_load_brings():
+    """With the default target, a step with decoding rows may read beside them at least the load's share: LOAD_MARGIN
+    times the prompt tokens admitted per step over the last LOAD_WINDOW steps, or a BACKLOG_STEPS-th of the prompt
+    tokens still to read by the running requests and the waiting ones the batch has room for, if more, even where
+    its time would fit fewer (so that a heavy load's prompts are read as fast as they come, a little in every step),
+    within what is left of the token budget; a block when the load brings less. An explicit target is not widened,
+    and a step without decoding rows has the whole budget."""
+    times = StepTimes()
+    for others, seconds in ((0, 0.010),) * 3 + ((10, 0.020),) * 3:  # rows alone 10 ms, 1 ms a token beside them
+        times.observe(4, others, seconds)
+    default = Scheduler(BlockPool(64, 8), 8, 512, 512, {}, None)
+    explicit = Scheduler(BlockPool(64, 8), 8, 512, 512, {}, 0.0175)  # 7.5 ms of tokens: 7, so a block
+    for scheduler in (default, explicit):
+        scheduler.times = times
+        assert scheduler.others_budget(4, 500) == 8  # 1.75 x 10 ms - 10 ms = 7 tokens: a block
+        scheduler.admitted.extend([1024] * 10)
+    assert LOAD_WINDOW == 128 and LOAD_MARGIN == 1.25
+    assert default.load_share() == 100  # 1.25 x 10240 / 128
+    assert default.others_budget(4, 500) == 100 and default.others_budget(4, 60) == 60
+    assert explicit.others_budget(4, 500) == 8 and default.others_budget(0, 500) == 500
+    default.running.append(Request([1] * 6400, 1))  # prompt tokens still to read: at least 6400 / BACKLOG_STEPS
+    assert BACKLOG_STEPS == 32 and default.load_share() == 200 and default.others_budget(4, 500) == 200
+    default.waiting.extend(Request([1] * 3200, 1) for _ in range(8))  # and those of the 7 the batch has room for
+    assert default.load_share() == (6400 + 7 * 3200) // 32
+    default.running.clear()
+    default.waiting.clear()
+    default.admitted.extend([0] * LOAD_WINDOW)  # the load has gone: a block again
+    assert default.others_budget(4, 500) == 8
+
+
+def test_the_load_is_counted_in_prompt_tokens_to_compute(hf_checkpoint, load_ours, prompt_ids):
+    """What a step admits counts as the tokens it leaves to compute: a prompt less the blocks the prefix cache
+    holds."""
+    _, d = hf_checkpoint("gqa")
+    engine = Engine(load_ours(d), None, EngineConfig(max_batch_size=4, block_size=8))
+    prompt = prompt_ids(40, seed=71)
+    for cached in (0, 32):  # the second time, its first 4 blocks (of the 39 tokens before the last) are cached
+        r = Request(prompt, 2)
+        engine.add(r)
+        engine.step()
+        assert engine.scheduler.admitted[-1] == 40 - cached and r.cached_tokens == cached
+        while not r.finish_reason:
+            engine.step()
+            assert engine.scheduler.admitted[-1] == 0
 
 
 def test_warm_up_leaves_the_first_step_time_estimates(hf_checkpoint, load_ours):
@@ -178,7 +218,7 @@ def test_warm_up_leaves_the_first_step_time_estimates(hf_checkpoint, load_ours):
     engine.warm_up()
     times = engine.scheduler.times
     assert times.decoding_time(1) > 0 and len(times.per_token) >= MIN_DECODE_SAMPLES
-    assert times.tokens_within(1, None) is not None and not times.gaps
+    assert times.tokens_within(1, None) is not None and not any(engine.scheduler.admitted)
     assert all(value == 0 for value in engine.stats.values())
     assert not engine.has_work() and engine.scheduler.pool.n_used == 0
     eager = Engine(load_ours(d), None, EngineConfig(max_batch_size=4, block_size=8))

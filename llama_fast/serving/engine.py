@@ -56,8 +56,8 @@ class EngineConfig:
     max_num_batched_tokens: int = 128
     prefill_chunk: int = 0  # the most prompt tokens of one request one step computes; 0: the whole budget
     # a step with decoding rows gives prompt chunks (and drafts) only as many tokens as fit in this many milliseconds,
-    # by the times of the steps run so far (scheduler.py, step_time.py); 0: 1.75x the usual gap (step_time.py);
-    # inf: no limit but the token budget
+    # by the times of the steps run so far (scheduler.py, step_time.py); 0: 1.75x the decoding rows' own time, and
+    # at least the prompt tokens the load brings (Scheduler.load_share); inf: no limit but the token budget
     itl_target_ms: float = 0.0
     prefix_caching: bool = True
     kv_cache_dtype: str = "auto"  # "auto": the model's activations' dtype; "int8": int8 with a scale per vector
@@ -80,7 +80,7 @@ class EngineConfig:
             raise ValueError(f"kv_cache_dtype must be one of {', '.join(KV_CACHE_CLASSES)}, not "
                              f"{self.kv_cache_dtype!r}")
         if not (isinstance(self.itl_target_ms, (int, float)) and self.itl_target_ms >= 0):
-            raise ValueError(f"itl_target_ms must be 0 (1.75x the usual gap), more, or inf, not "
+            raise ValueError(f"itl_target_ms must be 0 (the default target), more, or inf, not "
                              f"{self.itl_target_ms!r}")
         if self.kv_cache_tokens < 0 or not self.kv_cache_gb >= 0:
             raise ValueError("kv_cache_tokens and kv_cache_gb must be >= 0")
@@ -172,7 +172,7 @@ class Engine:
         """Time a few steps, the compiles done, so that the scheduler has its first estimates (StepTimes) when the
         first clients come: without them a burst of requests at start-up would be bounded by the token budget alone
         until some step of decoding rows alone was timed. A row decoding alone, then beside a prompt read a block a
-        step. The gaps the default target follows are the load's, not these, and the counters start from zero."""
+        step. The load the default target follows is the clients', not these, and the counters start from zero."""
         self.scheduler.times = StepTimes()
         bs = self.scheduler.pool.block_size
         alone = Request([1, 2, 3], min(MIN_DECODE_SAMPLES + 8, self.context - 3))
@@ -183,7 +183,7 @@ class Engine:
         self.add(beside)
         while not (alone.finish_reason and beside.finish_reason):
             self.step()
-        self.scheduler.times.gaps.clear()
+        self.scheduler.admitted.clear()
         for key in self.stats:
             self.stats[key] = 0
 

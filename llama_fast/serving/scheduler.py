@@ -1,10 +1,16 @@
 """Which requests run in a step and where their keys and values go (nano-vllm's Scheduler with its BlockManager):
 the waiting queue, the running batch in the order it was admitted, and the pool of KV blocks they hold."""
+import itertools
+import math
 from collections import deque
 
 from llama_fast.serving.paged_cache import BlockPool, block_digest
 from llama_fast.serving.request import Request
 from llama_fast.serving.step_time import StepTimes
+
+LOAD_WINDOW = 128  # steps over which the prompt tokens the load brings are averaged (load_share)
+LOAD_MARGIN = 1.25  # a step with decoding rows reads at least this many times that average, so a backlog drains
+BACKLOG_STEPS = 32  # and at least the prompt tokens still to read of the running requests over this many steps
 
 
 class Scheduler:
@@ -15,15 +21,17 @@ class Scheduler:
     budget, the batch (max_batch_size requests) and the pool have room, reusing the KV blocks of a prefix already
     cached, and start reading their prompts in the same step. Beside decoding rows, the tokens of prompt chunks and
     drafts are also bounded in time: as many as times (StepTimes) says fit in a step of step_target seconds (None:
-    1.75 times the usual gap: step_time.py), and at least a block's worth, so that every prompt goes on. A request
-    that needs a KV block when none is free preempts the most recently admitted one, whose blocks are freed and
-    which is computed again (prompt and tokens so far) when it is admitted again. stats: the engine's counters."""
+    1.75 times the decoding rows' own time, step_time.py, and at least the load's share: load_share), and at least
+    a block's worth, so that every prompt goes on. A request that needs a KV block when none is free preempts the
+    most recently admitted one, whose blocks are freed and which is computed again (prompt and tokens so far) when
+    it is admitted again. stats: the engine's counters."""
 
     def __init__(self, pool: BlockPool, max_batch_size: int, max_tokens: int, prefill_chunk: int, stats: dict,
                  step_target: float | None = None):
         self.pool, self.max_batch_size, self.stats = pool, max_batch_size, stats
         self.max_tokens, self.prefill_chunk, self.step_target = max_tokens, prefill_chunk, step_target
         self.times = StepTimes()  # the engine tells it how long each step took
+        self.admitted: deque[int] = deque(maxlen=LOAD_WINDOW)  # prompt tokens admitted in each of the last steps
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []  # in the order they were admitted
 
@@ -45,12 +53,15 @@ class Scheduler:
                 others -= n
         rows = [(r, n) for r, n in rows if r in self.running]
         # no admission in a step that had to preempt: the pool is full, and whoever is let in would be next out
+        admitted = 0
         while others and self.stats["preemptions"] == preemptions and (r := self.admit()):
+            admitted += r.n_pending
             n = min(r.n_pending, self.prefill_chunk, others)
             if not self.reserve(r, n):  # its prefix's cached blocks left too few free: it waits for the next step
                 break
             rows.append((r, n))
             others -= n
+        self.admitted.append(admitted)
         for i, (r, n) in enumerate(rows):  # what is left: drafts of speculating requests
             if r.lookup and n == r.n_pending == 1 and others:
                 r.draft = self.draft(r, others)
@@ -60,10 +71,26 @@ class Scheduler:
 
     def others_budget(self, decoding_rows: int, budget: int) -> int:
         """The tokens a step may give to prompt chunks and drafts beside decoding_rows one-token rows: what is left
-        of the token budget, and no more than fits in the step's time target (at least a block, so that prompts
-        go on however slow the decoding rows are)."""
+        of the token budget, and no more than fits in the step's time target; but at least a block, so that prompts
+        go on however slow the decoding rows are, and with the default target at least the load's share, so that
+        prompts are read as fast as they come, a little in every step rather than much in a few."""
         fit = self.times.tokens_within(decoding_rows, self.step_target)
-        return budget if fit is None else min(budget, max(fit, self.pool.block_size))
+        if fit is None:
+            return budget
+        least = max(self.pool.block_size, self.load_share() if self.step_target is None else 0)
+        return min(budget, max(fit, least))
+
+    def load_share(self) -> int:
+        """LOAD_MARGIN times the prompt tokens admitted per step over the last LOAD_WINDOW steps (a prompt less what
+        the prefix cache held; a preempted request's every token again): what each step must read for prompts to
+        keep up with the load. On tinyllama with 4 in flight on a 2-core CPU, gathering them into fewer, longer
+        steps made one gap in nine more than twice the median; spreading them, one in a hundred. And at least a
+        BACKLOG_STEPS-th of the prompt tokens still to read by the running requests and by the waiting ones the
+        batch has room for: a burst of prompts arriving together is read in a few dozen steps, not at the pace of
+        the load that follows it."""
+        room = max(self.max_batch_size - len(self.running), 0)
+        backlog = sum(r.n_pending for r in (*self.running, *itertools.islice(self.waiting, room)) if r.n_pending > 1)
+        return math.ceil(max(LOAD_MARGIN * sum(self.admitted) / LOAD_WINDOW, backlog / BACKLOG_STEPS))
 
     def draft(self, r: Request, budget: int) -> list[int]:
         """The tokens prompt lookup proposes to follow a speculating request's next one, at most budget and only

@@ -7,19 +7,18 @@ The model is the simplest that fits a step: the time of its decoding rows alone 
 many there are), plus a cost per token of the other rows (prompt chunks, drafts to verify). Both are medians of the
 last WINDOW steps that measured them, so a slow step (a compile, a busy machine) moves neither far.
 
-The default target follows the load: AUTO_TARGET times the usual gap, the median of the last GAPS steps that had
-decoding rows. Under a light load most steps only decode, so a prompt chunk may make a step at most that much
-longer than usual; under a heavy one most steps read prompts, the usual gap is such a step, and the token budget
-alone bounds them: a CPU's step costs less per token the more tokens it has (its weights are read once), so
-throughput and time to first token are not traded away where every gap is long anyway."""
+By default a step with decoding rows may take AUTO_TARGET times their own time. That alone would starve prompts
+under a heavy load (on 2 cores, 16 rows of tinyllama decode in ~104 ms, and the 78 ms more allowed read ~27 prompt
+tokens, where prompts 3.3 times as long as the outputs bring ~53 a step), so the scheduler also gives every such
+step at least the prompt tokens the load brings (Scheduler.load_share), spread over the steps instead of gathered
+into a few long ones."""
 import math
 import statistics
 from collections import deque
 
 WINDOW = 16  # steps each estimate is the median of
 MIN_DECODE_SAMPLES = 3  # decode-only steps of a batch size before its time is trusted
-GAPS = 64  # steps with decoding rows the usual gap is the median of
-# By default a step that reads prompt tokens beside decoding rows may take this many times the usual gap: below 2,
+# By default a step that reads prompt tokens beside decoding rows may take this many times their own time: below 2,
 # so that with the estimate's error (a step took 0.87-1.09x its prediction, p10-p90, tinyllama on a 2-core CPU) the
 # longest gaps between a client's tokens stay within twice the usual one
 AUTO_TARGET = 1.75
@@ -32,12 +31,9 @@ class StepTimes:
     def __init__(self):
         self.decode: dict[int, deque] = {}  # rows -> the last WINDOW decode-only steps' seconds
         self.per_token: deque = deque(maxlen=WINDOW)
-        self.gaps: deque = deque(maxlen=GAPS)  # the steps with decoding rows: the gaps their clients saw
 
     def observe(self, decoding_rows: int, other_tokens: int, seconds: float):
         """A step of decoding_rows one-token rows and other_tokens tokens of longer rows took seconds."""
-        if decoding_rows:
-            self.gaps.append(seconds)
         if not other_tokens:
             if decoding_rows:
                 self.decode.setdefault(decoding_rows, deque(maxlen=WINDOW)).append(seconds)
@@ -58,19 +54,15 @@ class StepTimes:
 
     def tokens_within(self, decoding_rows: int, target: float | None) -> int | None:
         """How many tokens of other rows fit beside decoding_rows one-token rows in a step of target seconds
-        (None: AUTO_TARGET times the usual gap, or the rows' own time if longer). 0 while the cost of a token beside
-        them is not known yet (the scheduler then gives a block: small steps, so the first ones to time them are
-        short too). None, the step then bounded by its token budget alone, when no row decodes, the target is
-        infinite, or no step of decoding rows alone has been timed yet (a burst: every row was reading its prompt
-        until now)."""
+        (None: AUTO_TARGET times the rows' own time). 0 while the cost of a token beside them is not known yet
+        (the scheduler then gives a block: small steps, so the first ones to time them are short too). None, the
+        step then bounded by its token budget alone, when no row decodes, the target is infinite, or no step of
+        decoding rows alone has been timed yet (a burst: every row was reading its prompt until now)."""
         alone = self.decoding_time(decoding_rows) if decoding_rows else None
         if alone is None or target == math.inf:
             return None
         if len(self.per_token) < MIN_DECODE_SAMPLES:
             return 0
         per_token = statistics.median(self.per_token)
-        if target is None:
-            usual = statistics.median(self.gaps) if self.gaps else alone
-            target = AUTO_TARGET * max(usual, alone)
-        room = target - alone
+        room = (target if target is not None else AUTO_TARGET * alone) - alone
         return int(room / per_token) if per_token > 0 else None
