@@ -802,3 +802,24 @@ def test_pool_size_from_tokens_or_memory(hf_checkpoint, load_ours):
     assert engine.scheduler.pool.n_blocks == 100 + 1
     engine = Engine(load_ours(d), None, EngineConfig(max_batch_size=3, block_size=8))
     assert engine.scheduler.pool.n_blocks == 3 * 256 // 8 + 1  # max_batch_size full contexts: memory allows it
+
+
+def test_bench_engine_times_every_token_of_a_closed_loop(hf_checkpoint, load_ours):
+    """scripts/bench_engine.py keeps N requests in flight and times each token where the engine hands it out: every
+    request gets all of its max_tokens (no stop at EOS), and the steps it records computed every prompt token and
+    every output token but the last, once (random prompts: no cached prefix)."""
+    from scripts.bench_engine import build_parser, report, run_closed_loop, workload
+    _, d = hf_checkpoint("gqa")
+    model = load_ours(d)
+    args = build_parser().parse_args(["--checkpoint_path", "unused", "--num_requests", "7", "--prompt_tokens", "5",
+                                      "40", "--output_tokens", "3", "12", "--seed", "3"])
+    jobs = workload(args, model.config.vocab_size)
+    engine = Engine(model, None, EngineConfig(max_batch_size=3, block_size=8))
+    seconds, arrival, times, steps = run_closed_loop(engine, jobs, 3)
+    assert sorted(map(len, times.values())) == sorted(max_tokens for _, max_tokens in jobs)
+    # every prompt token and every output token but the last is computed once, as a decoding row (one token: as the
+    # engine's own step times count, a prompt's last chunk of one token too) or in a longer row
+    computed = sum(len(prompt) + max_tokens - 1 for prompt, max_tokens in jobs)
+    assert sum(decoding + prompt for _, decoding, prompt in steps) == computed
+    assert all(b > a for ts in times.values() for a, b in zip(ts, ts[1:]))
+    assert f"{sum(max_tokens for _, max_tokens in jobs)} tokens" in report(seconds, arrival, times, steps)

@@ -519,6 +519,13 @@ MISTAKES = {
     "bench/compile_prefill_without_compile": ("scripts/bench.py", lambda u, w: [
         "--checkpoint_path", u["model"], "--device", "cpu", "--compile_prefill"], "--compile_prefill needs --compile"),
     "tp/run_as_a_command": ("tp.py", lambda u, w: [], "tp.py is the tensor-parallelism library, not a command"),
+    # ---- scripts/bench_engine.py
+    "bench_engine/prompt_range_reversed": ("scripts/bench_engine.py", lambda u, w: [
+        "--checkpoint_path", u["model"], "--prompt_tokens", "40", "10"], "--prompt_tokens must be MIN MAX"),
+    "bench_engine/longer_than_the_context": ("scripts/bench_engine.py", lambda u, w: [
+        "--checkpoint_path", u["model"], "--output_tokens", "64", "100000"], "exceed the model's context"),
+    "bench_engine/concurrency_0": ("scripts/bench_engine.py", lambda u, w: [
+        "--checkpoint_path", u["model"], "--concurrency", "0"], "--concurrency"),
     # ---- scripts/kv_agreement.py
     "kv_agreement/max_tokens_0": ("scripts/kv_agreement.py", lambda u, w: [
         "--checkpoint_path", u["model"], "--prompt_file", write(w / "p.jsonl", '{"prompt": "hi"}\n'),
@@ -529,7 +536,8 @@ MISTAKES = {
         "--checkpoint_path", u["model"], "--prompt_file", write(w / "p.jsonl", '{"prompt": "hi"}\n'),
         "--max_tokens", "100000"], "more than the model's context"),
     "kv_agreement/prompt_not_text": ("scripts/kv_agreement.py", lambda u, w: [
-        "--checkpoint_path", u["model"], "--prompt_file", write(w / "p.jsonl", '{"prompt": 5}\n')], "p.jsonl:1: not a JSON"),
+        "--checkpoint_path", u["model"], "--prompt_file", write(w / "p.jsonl", '{"prompt": 5}\n')],
+        "p.jsonl:1: not a JSON"),
 }
 
 
