@@ -10,7 +10,6 @@ Steps are reported in three kinds: decoding rows alone, decoding rows beside pro
 chunks alone.
 """
 import argparse
-import random
 import statistics
 import sys
 import time
@@ -23,6 +22,7 @@ from llama_fast.cli import PRECISIONS, check_at_least, cli_main  # noqa: E402
 from llama_fast.checkpoint import check_is_file, load_model, read_config  # noqa: E402
 from llama_fast.serving.engine import Engine, EngineConfig  # noqa: E402
 from llama_fast.serving.request import Request  # noqa: E402
+from scripts.bench_serve import check_min_max, percentiles, workload  # noqa: E402
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -42,11 +42,10 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def workload(args, vocab_size: int) -> list[tuple[list[int], int]]:
-    """(prompt, max_tokens) for each request: token ids drawn uniformly, ids 0-2 (unk, BOS, EOS) left out."""
-    rng = random.Random(args.seed)
-    return [([rng.randint(3, vocab_size - 1) for _ in range(rng.randint(*args.prompt_tokens))],
-             rng.randint(*args.output_tokens)) for _ in range(args.num_requests)]
+def random_workload(args, vocab_size: int) -> list[dict]:
+    """bench_serve.py's workload of random token-id prompts (ids 0-2, unk, BOS and EOS, left out): with the same
+    --seed, the same requests as bench_serve.py --vocab 3 <vocab_size - 1> sends."""
+    return workload(argparse.Namespace(**vars(args), prompt_file=None, text_prompts=False, vocab=(3, vocab_size - 1)))
 
 
 def run_closed_loop(engine: Engine, jobs: list, concurrency: int) -> tuple[float, dict, dict, list]:
@@ -66,8 +65,8 @@ def run_closed_loop(engine: Engine, jobs: list, concurrency: int) -> tuple[float
     try:
         while pending or live:
             while pending and len(live) < concurrency:
-                prompt, max_tokens = pending.pop(0)
-                r = Request(prompt, max_tokens, on_output=lambda r, text, tokens: times[r.id].append(
+                job = pending.pop(0)
+                r = Request(job["prompt"], job["max_tokens"], on_output=lambda r, text, tokens: times[r.id].append(
                     time.perf_counter()) if tokens else None)
                 arrival[r.id], times[r.id] = time.perf_counter(), []
                 engine.add(r)
@@ -79,19 +78,15 @@ def run_closed_loop(engine: Engine, jobs: list, concurrency: int) -> tuple[float
     return time.perf_counter() - start, arrival, times, steps
 
 
-def quantile(xs: list, q: float) -> float:
-    xs = sorted(xs)
-    return xs[min(len(xs) - 1, int(q * len(xs)))]
-
-
 def report(seconds: float, arrival: dict, times: dict, steps: list) -> str:
     tokens = sum(map(len, times.values()))
     gaps = [b - a for ts in times.values() for a, b in zip(ts, ts[1:])]
     ttft = [ts[0] - arrival[i] for i, ts in times.items() if ts]
-    p50, p99 = 1000 * quantile(gaps, 0.5), 1000 * quantile(gaps, 0.99)
+    itl, ttft = percentiles(gaps), percentiles(ttft)
+    p50, p99 = 1000 * itl["p50"], 1000 * itl["p99"]
     lines = [f"{tokens / seconds:.1f} output tok/s ({tokens} tokens in {seconds:.1f} s; forward passes "
              f"{sum(s for s, _, _ in steps):.1f} s)",
-             f"TTFT p50 / p99 {quantile(ttft, 0.5):.2f} / {quantile(ttft, 0.99):.2f} s",
+             f"TTFT p50 / p99 {ttft['p50']:.2f} / {ttft['p99']:.2f} s",
              f"ITL p50 / p99 {p50:.1f} / {p99:.1f} ms ({p99 / p50:.2f}x); "
              f"{sum(g > 2 * p50 / 1000 for g in gaps) / len(gaps):.1%} of gaps above twice the median"]
     kinds = {"decoding rows alone": [s for s in steps if not s[2]],
@@ -108,10 +103,7 @@ def report(seconds: float, arrival: dict, times: dict, steps: list) -> str:
 
 def run(args) -> int:
     check_at_least(args, num_requests=1, concurrency=1, itl_target_ms=0.0)
-    for name in ("prompt_tokens", "output_tokens"):
-        low, high = getattr(args, name)
-        if not 1 <= low <= high:
-            raise ValueError(f"--{name} must be MIN MAX with 1 <= MIN <= MAX, got {low} {high}")
+    check_min_max(args, "prompt_tokens", "output_tokens")
     check_is_file(args.checkpoint_path, "checkpoint")
     config = read_config(args.checkpoint_path)
     if args.prompt_tokens[1] + args.output_tokens[1] > config.max_seq_len:
@@ -123,7 +115,7 @@ def run(args) -> int:
     model = load_model(args.checkpoint_path, "cpu", PRECISIONS[args.precision], compiled=args.compile)
     engine = Engine(model, None, engine_config)
     engine.warm_up()
-    print(report(*run_closed_loop(engine, workload(args, config.vocab_size), args.concurrency)))
+    print(report(*run_closed_loop(engine, random_workload(args, config.vocab_size), args.concurrency)))
     return 0
 
 

@@ -153,14 +153,19 @@ def summarize(args, results: list, seconds: float) -> dict:
             "tpot_s": percentiles([r["tpot"] for r in results])}
 
 
+def check_min_max(args, *names):
+    """Each named MIN MAX flag of args has 1 <= MIN <= MAX."""
+    for name in names:
+        low, high = getattr(args, name)
+        if not 1 <= low <= high:
+            raise ValueError(f"--{name} {low} {high}: need 1 <= MIN <= MAX")
+
+
 def run(args) -> int:
     check_at_least(args, num_requests=1, concurrency=1, timeout=1)
     if args.rate is not None and not args.rate > 0:
         raise ValueError(f"--rate must be > 0, not {args.rate}")
-    for name in ("prompt_tokens", "output_tokens", "vocab"):
-        low, high = getattr(args, name)
-        if not 1 <= low <= high:
-            raise ValueError(f"--{name} {low} {high}: need 1 <= MIN <= MAX")
+    check_min_max(args, "prompt_tokens", "output_tokens", "vocab")
     check_output_path(args.json, "--json")
     if args.prompt_file and args.text_prompts:
         raise ValueError("--prompt_file and --text_prompts are two sources of prompts: give one")

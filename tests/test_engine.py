@@ -808,14 +808,15 @@ def test_bench_engine_times_every_token_of_a_closed_loop(hf_checkpoint, load_our
     """scripts/bench_engine.py keeps N requests in flight and times each token where the engine hands it out: every
     request gets all of its max_tokens (no stop at EOS), and the steps it records computed every prompt token and
     every output token but the last, once (random prompts: no cached prefix)."""
-    from scripts.bench_engine import build_parser, report, run_closed_loop, workload
+    from scripts.bench_engine import build_parser, random_workload, report, run_closed_loop
     _, d = hf_checkpoint("gqa")
     model = load_ours(d)
     args = build_parser().parse_args(["--checkpoint_path", "unused", "--num_requests", "7", "--prompt_tokens", "5",
                                       "40", "--output_tokens", "3", "12", "--seed", "3"])
-    jobs = workload(args, model.config.vocab_size)
+    workload = random_workload(args, model.config.vocab_size)
+    jobs = [(job["prompt"], job["max_tokens"]) for job in workload]
     engine = Engine(model, None, EngineConfig(max_batch_size=3, block_size=8))
-    seconds, arrival, times, steps = run_closed_loop(engine, jobs, 3)
+    seconds, arrival, times, steps = run_closed_loop(engine, workload, 3)
     assert sorted(map(len, times.values())) == sorted(max_tokens for _, max_tokens in jobs)
     # every prompt token and every output token but the last is computed once, as a decoding row (one token: as the
     # engine's own step times count, a prompt's last chunk of one token too) or in a longer row

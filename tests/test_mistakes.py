@@ -521,7 +521,7 @@ MISTAKES = {
     "tp/run_as_a_command": ("tp.py", lambda u, w: [], "tp.py is the tensor-parallelism library, not a command"),
     # ---- scripts/bench_engine.py
     "bench_engine/prompt_range_reversed": ("scripts/bench_engine.py", lambda u, w: [
-        "--checkpoint_path", u["model"], "--prompt_tokens", "40", "10"], "--prompt_tokens must be MIN MAX"),
+        "--checkpoint_path", u["model"], "--prompt_tokens", "40", "10"], "--prompt_tokens 40 10: need 1 <= MIN"),
     "bench_engine/longer_than_the_context": ("scripts/bench_engine.py", lambda u, w: [
         "--checkpoint_path", u["model"], "--output_tokens", "64", "100000"], "exceed the model's context"),
     "bench_engine/concurrency_0": ("scripts/bench_engine.py", lambda u, w: [
