@@ -90,16 +90,23 @@ def check_port(host: str, port: int):
         raise ValueError(f"cannot listen on {host}:{port}: {e.strerror or e}") from None
 
 
-def start(args):
-    """(model, tokenizer, chat template or None, engine): the checkpoint loaded and the engine built, compiled and
-    warmed up if asked."""
-    t0 = time.perf_counter()
+def load(args):
+    """(tokenizer, chat template or None, model) of args.checkpoint_path; with --compile, the model has the CPU
+    kernels of compiled steps (on a small model, inductor's loop for one token: choice.default_kernels)."""
     check_is_file(args.checkpoint_path, "checkpoint")
     tokenizer = load_tokenizer(tokenizer_file(args.checkpoint_path, args.tokenizer_path))
     template = chat_template(tokenizer, args.chat_template)
     model = load_model(args.checkpoint_path, args.device, PRECISIONS[args.precision], tp.world_size() > 1,
-                       args.cpu_kernels, cpu_gemm=args.cpu_gemm)
+                       args.cpu_kernels, args.compile, cpu_gemm=args.cpu_gemm)
     check_vocab(tokenizer, model)
+    return tokenizer, template, model
+
+
+def start(args):
+    """(model, tokenizer, chat template or None, engine): the checkpoint loaded and the engine built, compiled and
+    warmed up if asked."""
+    t0 = time.perf_counter()
+    tokenizer, template, model = load(args)
     check_kv_cache_memory(args, model)
     config = EngineConfig(max_batch_size=args.max_batch_size, block_size=args.block_size,
                           max_model_len=args.max_model_len,

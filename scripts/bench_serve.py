@@ -87,6 +87,22 @@ def read_prompt_file(path: Path) -> list[str]:
     return texts
 
 
+async def sse_lines(chunks):
+    """The lines of a server-sent event stream: ended by \\n, \\r\\n or \\r only, as the SSE format says, so that a
+    U+2028 or U+0085 inside an event's JSON (llama-server writes them raw) does not cut it in two, as httpx's
+    aiter_lines (str.splitlines) does."""
+    rest = ""
+    async for chunk in chunks:
+        text = rest + chunk
+        held = "\r" if text.endswith("\r") else ""  # perhaps half of a \r\n
+        *lines, rest = text.removesuffix(held).replace("\r\n", "\n").replace("\r", "\n").split("\n")
+        rest += held
+        for line in lines:
+            yield line
+    if rest.removesuffix("\r"):
+        yield rest.removesuffix("\r")
+
+
 async def one_request(client: httpx.AsyncClient, args, job: dict) -> dict:
     body = {"model": args.model, "prompt": job["prompt"], "max_tokens": job["max_tokens"], "temperature": 0,
             "stream": True, "ignore_eos": True, "stream_options": {"include_usage": True}}
@@ -96,7 +112,7 @@ async def one_request(client: httpx.AsyncClient, args, job: dict) -> dict:
     async with client.stream("POST", args.url + "/completions", json=body) as r:
         if r.status_code != 200:
             raise ValueError(f"{args.url}/completions answered {r.status_code}: {(await r.aread())[:300]!r}")
-        async for line in r.aiter_lines():
+        async for line in sse_lines(r.aiter_text()):
             if not line.startswith("data:") or line.strip() == "data: [DONE]":
                 continue
             event = json.loads(line[5:])

@@ -46,12 +46,13 @@ CPUS = {
 }
 # The rule, written out per CPU kind, for 16-bit float linears: the eager kernel, the compiled one for layers of
 # at most LOOP_MAX_BYTES on average ("small") and for larger ones, whether several-token GEMMs run in float32, and
-# the int8 layers' kernel in compiled steps. ("onednn" reads "addmv" where this torch cannot pack the dtype.)
-RULE = {  # cpu: (eager, compiled small, compiled large, float32 GEMMs, compiled int8)
-    "zen3_avx2": ("addmv", "inductor", "inductor", True, "int8pack"),
-    "epyc_avx512_bf16": ("onednn", "inductor", "onednn", False, "inductor"),
-    "xeon_amx": ("addmv", "inductor", "addmv", False, "inductor"),
-    "xeon_vnni_no_bf16": ("onednn", "inductor", "onednn", True, "inductor"),
+# the int8 layers' kernel in compiled steps, and the small layers' several-token kernel beside the compiled loop
+# (on a prepacked copy). ("onednn" reads "addmv" where this torch cannot pack the dtype, and None as the last.)
+RULE = {  # cpu: (eager, compiled small, compiled large, float32 GEMMs, compiled int8, several beside the loop)
+    "zen3_avx2": ("addmv", "inductor", "inductor", True, "int8pack", None),
+    "epyc_avx512_bf16": ("onednn", "inductor", "onednn", False, "inductor", "onednn"),
+    "xeon_amx": ("addmv", "inductor", "addmv", False, "inductor", None),
+    "xeon_vnni_no_bf16": ("onednn", "inductor", "onednn", True, "inductor", "onednn"),
 }
 
 
@@ -88,14 +89,15 @@ def test_default_kernels_follow_the_cpu_flags(hf_checkpoint, quantized_copy, mon
     its oneDNN packs bf16) does not enter the expectation."""
     monkeypatch.setattr(choice, "candidates", lambda dtype: ["addmv", "onednn"] if onednn else ["addmv"])
     flags = cpu_flags(CPUS[cpu])
-    eager, small, large, in_float32, int8 = (k if k != "onednn" or onednn else "addmv" for k in RULE[cpu])
+    eager, small, large, in_float32, int8, several = (k if k != "onednn" or onednn else "addmv" for k in RULE[cpu])
+    several = several if onednn else None
     float32_from = FLOAT32_FROM if in_float32 else None
     path = hf_checkpoint("gqa")[1] / "model.pth"
     tiny, big = loaded(path, cpu_kernels="none"), large_model()
     assert mean_linear_bytes(tiny) <= LOOP_MAX_BYTES < mean_linear_bytes(big)
-    for model, compiled_linear in ((tiny, small), (big, large)):
+    for model, compiled_linear, beside in ((tiny, small, several), (big, large, None)):
         assert default_kernels(model, False, flags) == CpuKernels(eager, "int8pack", float32_from)
-        assert default_kernels(model, True, flags) == CpuKernels(compiled_linear, "int8pack", float32_from)
+        assert default_kernels(model, True, flags) == CpuKernels(compiled_linear, "int8pack", float32_from, beside)
     # the threshold itself: layers of exactly LOOP_MAX_BYTES on average are small, a byte less makes them large
     monkeypatch.setattr(choice, "LOOP_MAX_BYTES", mean_linear_bytes(tiny))
     assert default_kernels(tiny, True, flags).linear == small
@@ -125,8 +127,10 @@ def test_forced_kernels_and_their_errors(hf_checkpoint, quantized_copy, monkeypa
     model = loaded(path, cpu_kernels="none")
     auto = default_kernels(model, False)
     for kernel in cpu_kernels.forcible(BF16):
+        # the loop forced keeps auto's several-token kernel where that is oneDNN (on its prepacked copy)
+        beside = "onednn" if kernel == "inductor" and auto.linear == "onednn" else None
         assert choose_kernels(model, kernel) == CpuKernels(kernel, "inductor" if kernel == "inductor" else "int8pack",
-                                                           auto.float32_from)
+                                                           auto.float32_from, beside)
     # the several-token GEMMs: forced, or rank 0's answer passed on under tensor parallelism
     assert choose_kernels(model, "addmv", "native").float32_from is None
     assert choose_kernels(model, "addmv", "float32").float32_from == 2
@@ -229,7 +233,7 @@ def test_auto_model_on_each_cpu_kind(hf_checkpoint, prompt_ids, monkeypatch, cpu
     _, d = hf_checkpoint("gqa")
     idx = torch.tensor([prompt_ids(24, seed=5)])
     reference = loaded(d / "model.pth", torch.float32)(idx)
-    eager, _, _, in_float32, _ = RULE[cpu]
+    eager, _, _, in_float32, _, _ = RULE[cpu]
     eager = eager if eager in cpu_kernels.candidates(BF16) else "addmv"
     float32_from = FLOAT32_FROM if in_float32 else None
     model = loaded(d / "model.pth")
@@ -245,16 +249,20 @@ def test_off_cpu_nothing_is_swapped():
         model = Transformer(ModelArgs(dim=64, n_layers=1, n_heads=4, vocab_size=400))
     assert use_cpu_kernels(model, CpuKernels("inductor", "inductor", 2)) is model
     assert model.cpu_kernels is None and not cpu_linears(model) and model.kv_cache_class is KVCache
-    assert metrics(model, True) == {"cpu_kernel": None, "float32_from": None, "inductor_build": None}
+    assert metrics(model, True) == dict.fromkeys(("cpu_kernel", "cpu_kernel_several", "float32_from", "inductor_build"))
 
 
 def test_metrics(hf_checkpoint, quantized_copy):
     path = hf_checkpoint("gqa")[1] / "model.pth"
     model = loaded(path, cpu_kernels="addmv", cpu_gemm="float32")
-    assert metrics(model, False) == {"cpu_kernel": "addmv", "float32_from": 2, "inductor_build": None}
-    assert metrics(model, True) == {"cpu_kernel": "addmv", "float32_from": 2, "inductor_build": inductor_build()}
+    assert metrics(model, False) == {"cpu_kernel": "addmv", "cpu_kernel_several": None, "float32_from": 2,
+                                     "inductor_build": None}
+    assert metrics(model, True) == {"cpu_kernel": "addmv", "cpu_kernel_several": None, "float32_from": 2,
+                                    "inductor_build": inductor_build()}
+    assert metrics(use_cpu_kernels(loaded(path, cpu_kernels="none"), CpuKernels("inductor", several="onednn")),
+                   True)["cpu_kernel_several"] == "onednn"
     assert metrics(loaded(path, cpu_kernels="none"), False) == dict.fromkeys(
-        ("cpu_kernel", "float32_from", "inductor_build"))
+        ("cpu_kernel", "cpu_kernel_several", "float32_from", "inductor_build"))
     # int8 layers: their own kernel where it is not ATen's weight-only one, else the float linears'
     q = loaded(quantized_copy("gqa", "--mode", "int8") / "model_int8.pth", cpu_kernels="none")
     use_cpu_kernels(q, CpuKernels("addmv", "int8pack", None))
@@ -299,6 +307,24 @@ def test_cli_refuses_a_kernel_the_precision_has_not(hf_checkpoint):
     proc = run_generate(hf_checkpoint("gqa")[1] / "model.pth", "--precision", "float32", "--cpu_kernels", "onednn")
     assert proc.returncode == 1 and proc.stderr.strip().splitlines() == [
         "error: --cpu_kernels onednn: not available for float32 weights here; choose from auto, tune, addmv"]
+
+
+def test_serve_compile_loads_the_compiled_steps_kernels(hf_checkpoint, monkeypatch):
+    """serve.py --compile gives the model the kernels of compiled steps (the rule with compiled=True: on a small
+    bf16 model on an AVX-512 EPYC, inductor's loop for one token and oneDNN for several), and without it the eager
+    ones: the rule on each CPU kind, whatever runs the test."""
+    import serve
+    path = hf_checkpoint("gqa")[1] / "model.pth"
+    as_loaded = loaded(path, cpu_kernels="none")
+    for cpu in ("epyc_avx512_bf16", "zen3_avx2"):
+        monkeypatch.setattr(choice, "cpu_flags", lambda cpuinfo=None: cpu_flags(CPUS[cpu]))
+        for compiled in (True, False):
+            args = serve.build_parser().parse_args(["--checkpoint_path", str(path), "--precision", "bfloat16",
+                                                    *(["--compile"] if compiled else [])])
+            model = serve.load(args)[2]
+            assert model.cpu_kernels == choose_kernels(as_loaded, compiled=compiled)
+    assert model.cpu_kernels.linear == "addmv" and serve.load(serve.build_parser().parse_args(
+        ["--checkpoint_path", str(path), "--precision", "bfloat16", "--compile"]))[2].cpu_kernels.linear == "inductor"
 
 
 # ------------------------------------------------------------------ int8 models: inductor and w8a8

@@ -55,6 +55,28 @@ def test_every_candidate_is_a_correct_linear(kernel, tokens):
         check_close(compiled(x), ref)
 
 
+@pytest.mark.skipif("onednn" not in cpu_kernels.candidates(torch.bfloat16), reason="oneDNN cannot pack bf16 here")
+def test_a_several_token_kernel_beside_the_loop():
+    """CpuLinear(kernel="inductor", several="onednn") (choice.several_for): one token runs the loop on the loaded
+    weight, several run oneDNN on a prepacked copy that the state dict leaves out, and float32_from still comes
+    first. Each path gives bit for bit what the layer of that one kernel gives."""
+    torch.manual_seed(0)
+    linear = bf16_linear(96, 80)
+    one, several = torch.randn(1, 1, 96, dtype=torch.bfloat16), torch.randn(2, 5, 96, dtype=torch.bfloat16)
+    layer = CpuLinear(linear, "inductor", several="onednn")
+    assert layer.weight is linear.weight and layer.several_weight.is_mkldnn
+    assert set(layer.state_dict()) == {"weight"}
+    with torch.no_grad():
+        loop = torch.compile(CpuLinear(linear, "inductor"), fullgraph=True, backend=cpu_inductor())(one)
+        compiled = torch.compile(layer, fullgraph=True, backend=cpu_inductor(), dynamic=True)
+        assert torch.equal(compiled(one), loop)
+        onednn = CpuLinear(linear, "onednn")(several)
+        assert torch.equal(layer(several), onednn) and torch.equal(compiled(several), onednn)
+        check_close(onednn, F.linear(several.float(), linear.weight.float()))
+        in_float32 = CpuLinear(linear, "inductor", float32_from=4)(several)
+        assert torch.equal(CpuLinear(linear, "inductor", float32_from=4, several="onednn")(several), in_float32)
+
+
 @pytest.mark.parametrize("K", [4096, 5632, 4099])
 def test_generated_loop_sums_long_rows_in_parts(K):
     """Rows longer than kernels.SUM_CHUNK are summed in equal parts (5632: 2 x 2816; 4099, a prime: 4099 x 1),

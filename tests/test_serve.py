@@ -548,6 +548,29 @@ def test_bench_serve_measures_a_workload(server, tmp_path):
     assert "output tokens/s" in proc.stdout
 
 
+def test_bench_serve_splits_events_only_where_sse_ends_a_line():
+    """A streamed event whose JSON holds U+2028, U+0085 or a form feed raw (llama-server writes them so; httpx's
+    aiter_lines cut such events in two: "Unterminated string") is read whole, however the stream is cut into
+    chunks, with \\n, \\r\\n (cut between its two characters too) and \\r line ends."""
+    import asyncio
+    from scripts.bench_serve import sse_lines
+    events = [{"choices": [{"text": t}]} for t in ("a\u2028b", "\x85", "c\x0cd\u2029", "plain")]
+    stream = "".join(f"data: {json.dumps(e, ensure_ascii=False)}{end}{end}"
+                     for e, end in zip(events, ("\n", "\r\n", "\r", "\r\n"))) + "data: [DONE]"
+
+    async def read(size):
+        chunks = [stream[i:i + size] for i in range(0, len(stream), size)]
+
+        async def aiter():
+            for c in chunks:
+                yield c
+        return [line async for line in sse_lines(aiter())]
+    for size in (1, 2, 3, 7, len(stream)):
+        lines = asyncio.run(read(size))
+        assert [json.loads(line[5:]) for line in lines if line.startswith("data: {")] == events
+        assert lines[-1] == "data: [DONE]" and lines.count("") == 4
+
+
 def test_bench_serve_takes_prompts_from_a_file(server, tmp_path, sp_tokenizer):
     """--prompt_file: the texts of a JSON-lines file, in turn; each request's prompt length is what the server's
     usage says, checked against the tokenizer."""

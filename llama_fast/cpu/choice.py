@@ -10,6 +10,7 @@ compiled steps where the layers are small or the CPU has no AVX-512, float32 GEM
 has no 16-bit GEMM instructions. --cpu_kernels tune measures instead, on this machine (tune.py), and caches what it
 found; a kernel's name forces it. --cpu_gemm native / float32 forces the several-token half.
 """
+import dataclasses
 import functools
 from dataclasses import dataclass
 from pathlib import Path
@@ -38,6 +39,7 @@ class CpuKernels:
     linear: str = "addmv"  # the float linears' one-token matmul: a name in kernels.KERNELS
     int8: str = "int8pack"  # the int8 layers': int8pack (ATen's weight-only kernel), inductor or w8a8
     float32_from: int | None = None  # several tokens: from this many, a 16-bit model's matmuls run in float32
+    several: str | None = None  # the float linears' matmul of several tokens, where not linear's own (several_for)
 
 
 @functools.cache
@@ -77,12 +79,23 @@ def default_kernels(model: Transformer, compiled: bool, flags: frozenset | None 
     sixteen_bit = dtype in ONEDNN_DTYPES
     linear = "onednn" if sixteen_bit and avx512 and not amx and "onednn" in candidates(dtype) else "addmv"
     mean_bytes = sum(m.weight.nbytes for m in linears) / max(1, len(linears))
+    eager = linear
     if compiled and sixteen_bit and (not avx512 or mean_bytes <= LOOP_MAX_BYTES):
         linear = "inductor"
     int8 = "inductor" if compiled and avx512 and int8_layers(model) else "int8pack"
     sixteen_bit_model = model.tok_embeddings.weight.dtype in ONEDNN_DTYPES
     float32_from = FLOAT32_FROM if sixteen_bit_model and not has_16bit_gemm(flags) else None
-    return CpuKernels(linear, int8, float32_from)
+    return CpuKernels(linear, int8, float32_from, several_for(linear, eager))
+
+
+def several_for(linear: str, eager: str) -> str | None:
+    """The several-token matmul of layers whose one-token matmul is `linear`, where `eager` is this CPU's eager
+    kernel: oneDNN beside inductor's loop where oneDNN is the eager kernel, on a second, prepacked copy of the
+    weights. The loop is for one token; several went to F.linear, which packs the weight again at every call:
+    stories110M's layers at 4-16 tokens took 1.4-1.5x as long as on the prepacked copy (2-core Zen 5), and the
+    serving engine's steps of 4 and 16 rows 1.2-1.5x and 1.07x. The copy doubles the layers' memory, which the loop
+    is only chosen for where they are small (LOOP_MAX_BYTES)."""
+    return "onednn" if linear == "inductor" and eager == "onednn" else None
 
 
 def choose_kernels(model: Transformer, kernels: str = "auto", gemm: str | int = "auto", compiled: bool = False,
@@ -94,7 +107,7 @@ def choose_kernels(model: Transformer, kernels: str = "auto", gemm: str | int = 
     choice = auto or default_kernels(model, compiled)
     if kernels != "auto":
         choice = forced(model, kernels, choice)
-    return CpuKernels(choice.linear, choice.int8, gemm_threshold(model, gemm, choice.float32_from))
+    return dataclasses.replace(choice, float32_from=gemm_threshold(model, gemm, choice.float32_from))
 
 
 def forced(model: Transformer, kernel: str, auto: CpuKernels) -> CpuKernels:
@@ -111,11 +124,13 @@ def forced(model: Transformer, kernel: str, auto: CpuKernels) -> CpuKernels:
                              "FBGEMM's integer kernel is exact here)")
         return CpuKernels(auto.linear, "w8a8", auto.float32_from)
     if kernel == "inductor" and int8 and kernel not in forcible(dtype):
-        return CpuKernels(auto.linear, "inductor", auto.float32_from)
+        return CpuKernels(auto.linear, "inductor", auto.float32_from, auto.several)
     if kernel not in forcible(dtype):
         raise ValueError(f"--cpu_kernels {kernel}: not available for {str(dtype).removeprefix('torch.')} weights "
                          f"here; choose from auto, tune, {', '.join(forcible(dtype))}")
-    return CpuKernels(kernel, "inductor" if kernel == "inductor" else "int8pack", auto.float32_from)
+    eager = auto.several or auto.linear  # the several-token kernel is auto's (the loop is for one token)
+    return CpuKernels(kernel, "inductor" if kernel == "inductor" else "int8pack", auto.float32_from,
+                      several_for(kernel, eager))
 
 
 def gemm_threshold(model: Transformer, gemm: str | int, auto: int | None) -> int | None:
@@ -139,7 +154,8 @@ def use_cpu_kernels(model: Transformer, choice: CpuKernels) -> Transformer:
             tied = m.weight is model.tok_embeddings.weight
             kernel = "addmv" if tied or m.weight.dtype not in ONEDNN_DTYPES else choice.linear
             # a prepacked (oneDNN) weight cannot be sliced into float32 rows: such layers keep their 16-bit GEMM
-            swap_module(model, name, CpuLinear(m, kernel, None if kernel == "onednn" else choice.float32_from))
+            swap_module(model, name, CpuLinear(m, kernel, None if kernel == "onednn" else choice.float32_from,
+                                               choice.several if kernel == choice.linear else None))
         elif isinstance(m, Int8Linear):
             m.use_kernel(choice.int8)
     for m in model.modules():
@@ -152,11 +168,12 @@ def use_cpu_kernels(model: Transformer, choice: CpuKernels) -> Transformer:
 
 def metrics(model: Transformer, compiled: bool) -> dict:
     """What --metrics_json reports of the CPU kernels a model runs (None for each off CPU): the one-token kernel (of
-    the int8 layers where they have one of their own), the float32-GEMM threshold and, with compiled steps, who
-    builds inductor's loops."""
+    the int8 layers where they have one of their own), the float linears' several-token kernel where it is another,
+    the float32-GEMM threshold and, with compiled steps, who builds inductor's loops."""
     choice = getattr(model, "cpu_kernels", None)
     if choice is None:
-        return {"cpu_kernel": None, "float32_from": None, "inductor_build": None}
+        return {"cpu_kernel": None, "cpu_kernel_several": None, "float32_from": None, "inductor_build": None}
     int8_own = choice.int8 != "int8pack" and int8_layers(model)
-    return {"cpu_kernel": choice.int8 if int8_own else choice.linear, "float32_from": choice.float32_from,
+    return {"cpu_kernel": choice.int8 if int8_own else choice.linear,
+            "cpu_kernel_several": None if int8_own else choice.several, "float32_from": choice.float32_from,
             "inductor_build": inductor_build() if compiled else None}

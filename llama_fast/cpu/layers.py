@@ -10,23 +10,32 @@ from model import KVCache
 
 class CpuLinear(nn.Linear):
     """nn.Linear without bias whose one-token matmul is `kernel`, one of kernels.KERNELS (addmv, oneDNN on a prepacked
-    weight, or inductor's generated loop), and whose matmuls of float32_from tokens or more run in float32 (where this
-    CPU's 16-bit GEMM is the slow one: kernels.float32_gemm). Made from a loaded nn.Linear, sharing its weight unless
-    the kernel prepares (prepacks) it."""
+    weight, or inductor's generated loop), whose matmuls of float32_from tokens or more run in float32 (where this
+    CPU's 16-bit GEMM is the slow one: kernels.float32_gemm), and whose other several-token matmuls are `several`'s
+    (another kernel, on a copy of the weight prepared for it: choice.several_for) or the one-token kernel's. Made
+    from a loaded nn.Linear, sharing its weight unless the kernel prepares (prepacks) it."""
 
-    def __init__(self, linear: nn.Linear, kernel: str = "addmv", float32_from: int | None = None):
+    def __init__(self, linear: nn.Linear, kernel: str = "addmv", float32_from: int | None = None,
+                 several: str | None = None):
         nn.Module.__init__(self)
         self.in_features, self.out_features = linear.in_features, linear.out_features
         prepare, self.multiply = KERNELS[kernel]
         self.weight = linear.weight if prepare is None else \
             nn.Parameter(prepare(linear.weight.detach()), requires_grad=False)
+        # not in the state dict: a copy that only several-token steps read (weight_bytes counts what decoding reads)
+        prepare, self.multiply_several = KERNELS[several] if several else (None, None)
+        self.register_buffer("several_weight", prepare(linear.weight.detach()) if prepare else None, persistent=False)
         self.register_parameter("bias", None)
-        self.kernel, self.float32_from = kernel, float32_from
+        self.kernel, self.float32_from, self.several = kernel, float32_from, several
 
     def forward(self, x: Tensor) -> Tensor:
-        if self.float32_from and x.shape[:-1].numel() >= self.float32_from:
+        tokens = x.shape[:-1].numel()
+        if self.float32_from and tokens >= self.float32_from:
             return float32_gemm(x, lambda i, j: self.weight[i:j].float(), len(self.weight))
+        if self.several and tokens > 1:
+            return self.multiply_several(x, self.weight if self.several_weight is None else self.several_weight)
         return self.multiply(x, self.weight)
+
 
 
 class CpuKVCache(KVCache):

@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 
 from decoding import Steps, compile_static, decode_one_token, generate
-from llama_fast.cpu.choice import CpuKernels, float_linears, int8_layers, use_cpu_kernels
+from llama_fast.cpu.choice import CpuKernels, float_linears, int8_layers, several_for, use_cpu_kernels
 from llama_fast.cpu.kernels import KERNELS, ONEDNN_DTYPES, candidates, float32_gemm
 from llama_fast.cpu.toolchain import inductor_build
 from llama_fast.quant.qlinear import (Int4Experts, Int4Linear, Int8Experts, Int8Linear, pack_for_device,
@@ -53,8 +53,9 @@ def tuned_kernels(model: Transformer, compiled: bool) -> CpuKernels:
     eager = CpuKernels(linear, "int8pack", tuned_float32_from(model.tok_embeddings.weight.dtype))
     if not compiled or not loops_apply(model):
         return eager
-    loops = CpuKernels("inductor" if linears and linears[0].weight.dtype in ONEDNN_DTYPES else linear,
-                       "inductor" if int8_layers(model) else "int8pack", eager.float32_from)
+    loop = "inductor" if linears and linears[0].weight.dtype in ONEDNN_DTYPES else linear
+    loops = CpuKernels(loop, "inductor" if int8_layers(model) else "int8pack", eager.float32_from,
+                       several_for(loop, linear))
     formats = sorted({(type(m).__name__, str(m.weight.dtype).removeprefix("torch."), getattr(m, "groupsize", 0))
                       for m in model.modules() if isinstance(m, (torch.nn.Linear, Int8Linear, Int4Linear))})
     step = f"compiled one-token step, loops v{LOOP_VERSION}"
@@ -174,7 +175,9 @@ def measure_gemm(dtype, tokens: int, shape=(4096, 2048), repeats: int = 3) -> di
 def step_rates(model: Transformer, ways: dict) -> dict:
     """Decode tokens/s of a compiled stand-in of `model` with each way's kernels ({name: CpuKernels}): the median of
     ROUNDS alternating timings, or of fewer once one way is more than twice as fast (no need to know how much)."""
-    stand_ins = {name: use_cpu_kernels(stand_in(model), kernels) for name, kernels in ways.items()}
+    # one-token steps: a several-token kernel's copy of the weights would only take memory
+    stand_ins = {name: use_cpu_kernels(stand_in(model), dataclasses.replace(kernels, several=None))
+                 for name, kernels in ways.items()}
     steps = {name: private_steps() for name in stand_ins}
     for name, m in stand_ins.items():
         decode(m, steps[name], 2)  # compiles
