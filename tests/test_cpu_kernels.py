@@ -77,30 +77,6 @@ def test_a_several_token_kernel_beside_the_loop():
         assert torch.equal(CpuLinear(linear, "inductor", float32_from=4, several="onednn")(several), in_float32)
 
 
-@pytest.mark.parametrize("n_rep", [1, 2])
-def test_values_summed_in_chunks_of_keys(n_rep):
-    """attend_one(key_chunk=16), compiled (layers.sum_in_chunks): where S is a multiple of the chunk and each KV head
-    has one query head, the same attention as summing over every key at once (float32: the order of the sums
-    only), the masked keys included; otherwise exactly the plain sum."""
-    from llama_fast.cpu.layers import attend_one
-    torch.manual_seed(0)
-    B, H, D = 3, 4, 64
-    for S in (48, 40):
-        q = torch.randn(B, H, n_rep, D)
-        keys, values = torch.randn(B, S, H, D), torch.randn(B, S, H, D)
-        mask = torch.rand(B, S) < 0.7
-        mask[:, 0] = True
-        attend = torch.compile(attend_one, fullgraph=True, backend=cpu_inductor())
-        plain, chunked = attend(q, keys, values, mask), attend(q, keys, values, mask, key_chunk=16)
-        scores = torch.einsum("bhrd,bshd->bhrs", q.double(), keys.double()) / D ** 0.5
-        probs = scores.masked_fill(~mask[:, None, None], float("-inf")).softmax(-1)
-        ref = torch.einsum("bhrs,bshd->bhrd", probs, values.double())
-        check_close(plain, ref, 1e-6)
-        check_close(chunked, ref, 1e-6)
-        if S % 16 or n_rep > 1:
-            assert torch.equal(chunked, plain)
-
-
 @pytest.mark.parametrize("K", [4096, 5632, 4099])
 def test_generated_loop_sums_long_rows_in_parts(K):
     """Rows longer than kernels.SUM_CHUNK are summed in equal parts (5632: 2 x 2816; 4099, a prime: 4099 x 1),

@@ -50,7 +50,7 @@ class CpuKVCache(KVCache):
 
 
 def attend_one(q: Tensor, keys: Tensor, values: Tensor, mask: Tensor, key_scale: Tensor | None = None,
-               value_scale: Tensor | None = None, key_chunk: int | None = None) -> Tensor:
+               value_scale: Tensor | None = None) -> Tensor:
     """Attention of one new token per row, for compiled CPU graphs: q (B, n_kv_heads, n_rep, head_dim), keys and
     values (B, S, n_kv_heads, head_dim) (views: a static cache transposed, or a paged pool indexed), mask (B, S),
     or (B, S, 1, n_rep) when each query row sees its own keys (attend_several). Written as products and sums,
@@ -60,8 +60,7 @@ def attend_one(q: Tensor, keys: Tensor, values: Tensor, mask: Tensor, key_scale:
     are even and with 8 SDPA wins (scripts/bench_attention.py). Eager, it would materialise every product: the
     eager path is SDPA. Keys and values stored as integers (an int8 KV cache) come with a scale per vector,
     key_scale and value_scale (B, S, n_kv_heads), applied outside the sums over head_dim: once per (key, query
-    head), not once per number. key_chunk: the values are summed key_chunk keys at a time, then the chunks
-    (sum_in_chunks), where S is a multiple of it and n_rep = 1."""
+    head), not once per number."""
     scores = (q[:, None] * keys[:, :, :, None]).sum(-1, dtype=torch.float32) * q.shape[-1] ** -0.5
     if key_scale is not None:
         scores = scores * key_scale[..., None].float()
@@ -69,22 +68,7 @@ def attend_one(q: Tensor, keys: Tensor, values: Tensor, mask: Tensor, key_scale:
     probs = scores.masked_fill(~visible, float("-inf")).softmax(1)  # (B, S, n_kv_heads, n_rep)
     if value_scale is not None:
         probs = probs * value_scale[..., None].float()
-    weighted = probs[..., None] * values[:, :, :, None].float()  # (B, S, n_kv_heads, n_rep, head_dim)
-    if key_chunk and q.shape[2] == 1 and values.shape[1] % key_chunk == 0:
-        return sum_in_chunks(weighted, key_chunk).to(q.dtype)
-    return weighted.sum(1).to(q.dtype)
-
-
-def sum_in_chunks(weighted: Tensor, chunk: int) -> Tensor:
-    """weighted (B, S, ...) summed over S, `chunk` keys at a time, then the chunks. For keys gathered from a paged
-    pool: inductor sums over the keys in its innermost loop, for each head and 32 of head_dim in turn, so over a
-    whole context each pass reads 64 bytes of every key's 1.5 KB of values (stories110M) and the next pass finds
-    them gone from cache; over a chunk of 16 consecutive slots (a block) the rest of each key's values is still in
-    cache for the next pass. stories110M bf16, 2-core Zen 5, the serving engine's decode step, one process
-    alternating: 0.96x the time for 1 row, 0.92x for 4 and 16. Not with grouped-query heads (n_rep > 1, e.g.
-    tinyllama: 1.05x): their partial sums per chunk are as large as the values they sum."""
-    B, S = weighted.shape[:2]
-    return weighted.view(B, S // chunk, chunk, *weighted.shape[2:]).sum(2).sum(1)
+    return (probs[..., None] * values[:, :, :, None].float()).sum(1).to(q.dtype)
 
 
 def attend_several(q: Tensor, keys: Tensor, values: Tensor, mask: Tensor, key_scale: Tensor | None = None,

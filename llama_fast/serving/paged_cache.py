@@ -17,9 +17,6 @@ from llama_fast.cpu.layers import attend_one
 from model import Transformer, attention, causal_mask, precompute_freqs_cis
 
 
-VALUE_CHUNK = 16  # a compiled CPU decode step sums a row's values this many keys at a time (layers.sum_in_chunks)
-
-
 class PagedIndex(NamedTuple):
     """What every layer's PagedKVCache is told about a step's batch (the model's cache_index). The batch is ragged:
     its N new tokens lie in one row, (1, N), the tokens of rows decoding one token first (Bd of them), then the
@@ -88,7 +85,7 @@ class PagedKVCache(nn.Module):
         q = q.permute(2, 0, 1, 3)  # (B, n_kv_heads, n_rep, head_dim)
         if q.is_cpu and torch.compiler.is_compiling():
             keys, values, key_scale, value_scale = self.read_stored(key_slots)
-            y = attend_one(q, keys, values, mask, key_scale, value_scale, key_chunk=VALUE_CHUNK)
+            y = attend_one(q, keys, values, mask, key_scale, value_scale)
         else:
             keys, values = (x.transpose(1, 2) for x in self.read(key_slots))
             y = attention(q, keys, values, mask[:, None, None])
