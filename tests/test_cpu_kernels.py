@@ -75,6 +75,8 @@ def test_a_several_token_kernel_beside_the_loop():
         check_close(onednn, F.linear(several.float(), linear.weight.float()))
         in_float32 = CpuLinear(linear, "inductor", float32_from=4)(several)
         assert torch.equal(CpuLinear(linear, "inductor", float32_from=4, several="onednn")(several), in_float32)
+    with pytest.raises(ValueError, match="reads a copy it prepares"):
+        CpuLinear(linear, "inductor", several="addmv")
 
 
 @pytest.mark.parametrize("K", [4096, 5632, 4099])

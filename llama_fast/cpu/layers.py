@@ -24,7 +24,9 @@ class CpuLinear(nn.Linear):
             nn.Parameter(prepare(linear.weight.detach()), requires_grad=False)
         # not in the state dict: a copy that only several-token steps read (weight_bytes counts what decoding reads)
         prepare, self.multiply_several = KERNELS[several] if several else (None, None)
-        self.register_buffer("several_weight", prepare(linear.weight.detach()) if prepare else None, persistent=False)
+        if several and prepare is None:
+            raise ValueError(f"several={several!r}: the several-token kernel reads a copy it prepares (onednn)")
+        self.register_buffer("several_weight", prepare(linear.weight.detach()) if several else None, persistent=False)
         self.register_parameter("bias", None)
         self.kernel, self.float32_from, self.several = kernel, float32_from, several
 
@@ -33,9 +35,8 @@ class CpuLinear(nn.Linear):
         if self.float32_from and tokens >= self.float32_from:
             return float32_gemm(x, lambda i, j: self.weight[i:j].float(), len(self.weight))
         if self.several and tokens > 1:
-            return self.multiply_several(x, self.weight if self.several_weight is None else self.several_weight)
+            return self.multiply_several(x, self.several_weight)
         return self.multiply(x, self.weight)
-
 
 
 class CpuKVCache(KVCache):
